@@ -1,0 +1,142 @@
+"""The FPO objective: pure tensor functions, no model code.
+
+Notation (DESIGN.md, "The objective"):
+
+* ``l_old[b, i]``: per-sample CFM loss of the rollout policy at the pair ``(t_i, eps_i)``
+  of sample ``b``, computed without grad right after the rollout;
+* ``l_new[b, i]``: the same loss under the current parameters, same ``(t_i, eps_i)``;
+* ``advantages[b]``: group-normalised advantage of sample ``b``.
+
+Two ratio modes:
+
+* ``"mean"`` (FPO paper): ``rho_b = exp(beta * clamp(mean_i l_old - mean_i l_new, -delta, delta))``;
+* ``"per_sample"`` (FPO++): ``rho_bi = exp(beta * clamp(l_old_bi - l_new_bi, -delta, delta))``,
+  one PPO term per ``(b, i)``, averaged.
+
+Surrogate (to minimise): ``-mean(min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A))``.
+With ``negative_adv="spo"`` samples with ``A < 0`` use the SPO penalty instead of the
+clip (FPO++'s asymmetric trust region):
+``rho A - |A| / (2 eps_low) * (rho - 1)^2``, whose optimum in ``rho`` sits exactly at the
+clip boundary ``1 - eps_low`` but whose gradient never vanishes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+RATIO_MODES = ("mean", "per_sample")
+NEGATIVE_ADV_MODES = ("clip", "spo")
+
+
+@dataclass(frozen=True)
+class FPOObjective:
+    """Hyper-parameters of the FPO surrogate (see the module docstring)."""
+
+    ratio_mode: str = "mean"
+    """``"mean"`` (FPO paper: average the N_mc losses, then exp) or ``"per_sample"`` (FPO++)."""
+    beta: float = 1.0
+    """Scale on the loss difference before the exp: makes the clip range meaningful."""
+    delta: float = math.inf
+    """Clamp on ``beta``-free loss difference before the exp (``inf``: no clamp)."""
+    eps_clip: float = 0.2
+    """PPO clip range below 1 (and above 1 unless ``eps_clip_high`` is set)."""
+    eps_clip_high: float | None = None
+    """Optional separate upper clip range (``1 + eps_clip_high``); ``None``: same as ``eps_clip``."""
+    negative_adv: str = "clip"
+    """``"clip"``: PPO clip for every sample; ``"spo"``: SPO penalty for ``A < 0``."""
+
+    def __post_init__(self):
+        if self.ratio_mode not in RATIO_MODES:
+            raise ValueError(f"fpo.ratio_mode must be one of {RATIO_MODES}, got {self.ratio_mode!r}")
+        if self.negative_adv not in NEGATIVE_ADV_MODES:
+            raise ValueError(f"fpo.negative_adv must be one of {NEGATIVE_ADV_MODES}, got {self.negative_adv!r}")
+        if not self.beta > 0:
+            raise ValueError(f"fpo.beta must be > 0, got {self.beta}")
+        if not self.delta > 0:
+            raise ValueError(f"fpo.delta must be > 0, got {self.delta}")
+        if not 0 < self.eps_clip < 1:
+            raise ValueError(f"fpo.eps_clip must be in (0, 1), got {self.eps_clip}")
+
+
+def fpo_log_ratio(l_old: torch.Tensor, l_new: torch.Tensor, *, ratio_mode: str = "mean",
+                  beta: float = 1.0, delta: float = math.inf) -> torch.Tensor:
+    """Log of the FPO ratio.
+
+    ``l_old``/``l_new`` are ``[B, N]``. Returns ``[B, 1]`` for ``"mean"`` and ``[B, N]`` for
+    ``"per_sample"``. ``l_old`` is treated as a constant.
+    """
+    if l_old.shape != l_new.shape or l_old.dim() != 2:
+        raise ValueError(f"l_old and l_new must both be [B, N]; got {tuple(l_old.shape)} and {tuple(l_new.shape)}")
+    diff = l_old.detach() - l_new
+    if ratio_mode == "mean":
+        diff = diff.mean(dim=1, keepdim=True)
+    elif ratio_mode != "per_sample":
+        raise ValueError(f"unknown ratio_mode {ratio_mode!r}; expected one of {RATIO_MODES}")
+    if math.isfinite(delta):
+        diff = diff.clamp(-delta, delta)
+    return beta * diff
+
+
+def fpo_loss(l_old: torch.Tensor, l_new: torch.Tensor, advantages: torch.Tensor,
+             objective: FPOObjective = FPOObjective()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The FPO clipped surrogate (a scalar to minimise) and its diagnostics.
+
+    Args:
+        l_old: ``[B, N]`` CFM losses at rollout time (no grad needed).
+        l_new: ``[B, N]`` CFM losses under the current parameters, same ``(t, eps)``.
+        advantages: ``[B]`` advantages.
+        objective: hyper-parameters.
+
+    Returns:
+        ``(loss, stats)`` where ``stats`` holds detached scalars: ``ratio_mean``,
+        ``ratio_min``, ``ratio_max``, ``clip_frac``, ``approx_kl`` (k3 estimator
+        ``(rho - 1) - log rho``), ``loss_diff_mean``, ``loss_diff_std``,
+        ``loss_diff_absmax`` (of ``l_old - l_new``, before ``beta``) and
+        ``delta_clamp_frac``.
+    """
+    o = objective
+    log_ratio = fpo_log_ratio(l_old, l_new, ratio_mode=o.ratio_mode, beta=o.beta, delta=o.delta)
+    ratio = log_ratio.exp()
+    adv = advantages.to(ratio.dtype).reshape(-1, 1).expand_as(ratio)
+    lo, hi = 1.0 - o.eps_clip, 1.0 + (o.eps_clip if o.eps_clip_high is None else o.eps_clip_high)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(lo, hi) * adv
+    objective_terms = torch.minimum(unclipped, clipped)
+    if o.negative_adv == "spo":
+        spo = ratio * adv - adv.abs() / (2.0 * o.eps_clip) * (ratio - 1.0) ** 2
+        objective_terms = torch.where(adv < 0, spo, objective_terms)
+    loss = -objective_terms.mean()
+
+    with torch.no_grad():
+        diff = (l_old.detach() - l_new.detach()).float()
+        if o.ratio_mode == "mean":
+            diff_r = diff.mean(dim=1, keepdim=True)
+        else:
+            diff_r = diff
+        r = ratio.detach().float()
+        stats = {
+            "ratio_mean": r.mean(),
+            "ratio_min": r.min(),
+            "ratio_max": r.max(),
+            "clip_frac": ((r < lo) | (r > hi)).float().mean(),
+            "approx_kl": ((r - 1.0) - log_ratio.detach().float()).mean(),
+            "loss_diff_mean": diff.mean(),
+            "loss_diff_std": diff.std(unbiased=False),
+            "loss_diff_absmax": diff.abs().max(),
+            "delta_clamp_frac": (diff_r.abs() > o.delta).float().mean(),
+        }
+    return loss, stats
+
+
+def kl_penalty(pred: torch.Tensor, pred_ref: torch.Tensor) -> torch.Tensor:
+    """``mean((v_theta - v_ref)^2)`` per sample: the KL anchor to the frozen base model.
+
+    For Gaussian transition kernels with a shared variance, the KL between the policy and
+    reference one-step distributions at the same ``x_t`` is proportional to the squared
+    difference of their predictions; the constant is absorbed into ``kl_beta``.
+    Shapes ``[B, N, ...]`` (or any ``[B, ...]``); returns ``[B]``.
+    """
+    d = (pred.float() - pred_ref.detach().float()) ** 2
+    return d.flatten(1).mean(dim=1)

@@ -1,0 +1,85 @@
+"""Drawing the ``(t_i, eps_i)`` pairs of the CFM loss.
+
+``t`` lives in ``(0, 1)`` for every family: ``t -> 1`` is pure noise. Flow policies use it as
+the rectified-flow time; VP policies map it to a discrete training timestep
+(``policies.base``). Pairs are drawn **once per sample** from a generator seeded by the
+sample's global identity (run seed, iteration, global sample index), so the same pairs are
+used for the old and new losses and the draw does not depend on how samples are spread
+over ranks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+TIME_SAMPLERS = ("uniform", "logit_normal", "grid")
+
+
+@dataclass
+class TimeSampling:
+    """How ``t`` is drawn for the CFM loss."""
+
+    kind: str = "uniform"
+    """``"uniform"`` on ``[t_min, t_max]``, ``"logit_normal"`` (SD3's training density) or
+    ``"grid"`` (``grid_size`` evenly spaced points strictly inside ``(t_min, t_max)``)."""
+    t_min: float = 0.02
+    """Smallest ``t``; keeps away from ``t = 0`` where the VP eps-loss weight vanishes."""
+    t_max: float = 0.98
+    """Largest ``t``; keeps away from ``t = 1`` (pure noise, no signal about ``x0``)."""
+    logit_mean: float = 0.0
+    """Mean of the normal before the sigmoid (``logit_normal``)."""
+    logit_std: float = 1.0
+    """Std of the normal before the sigmoid (``logit_normal``)."""
+    grid_size: int = 10
+    """Number of grid points (``grid``)."""
+
+    def __post_init__(self):
+        if self.kind not in TIME_SAMPLERS:
+            raise ValueError(f"fpo.time_sampling.kind must be one of {TIME_SAMPLERS}, got {self.kind!r}")
+        if not 0.0 < self.t_min < self.t_max < 1.0:
+            raise ValueError(f"need 0 < t_min < t_max < 1, got t_min={self.t_min}, t_max={self.t_max}")
+
+
+def sample_t(n: int, cfg: TimeSampling, generator: torch.Generator) -> torch.Tensor:
+    """``n`` times in ``[t_min, t_max]`` (float32, CPU)."""
+    if cfg.kind == "uniform":
+        u = torch.rand(n, generator=generator)
+        t = cfg.t_min + (cfg.t_max - cfg.t_min) * u
+    elif cfg.kind == "logit_normal":
+        z = torch.randn(n, generator=generator) * cfg.logit_std + cfg.logit_mean
+        t = torch.sigmoid(z).clamp(cfg.t_min, cfg.t_max)
+    else:
+        grid = torch.linspace(cfg.t_min, cfg.t_max, cfg.grid_size)
+        t = grid[torch.randint(0, cfg.grid_size, (n,), generator=generator)]
+    return t
+
+
+def sample_generator(seed: int, iteration: int, sample_index: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for one global sample of one iteration (stream separates uses)."""
+    g = torch.Generator(device="cpu")
+    # A fixed mixing of the identity into 63 bits; independent of rank layout.
+    key = (seed * 1_000_003 + iteration) * 2_000_029 + sample_index
+    key = (key * 4 + stream) % (2**63 - 1)
+    g.manual_seed(key)
+    return g
+
+
+def draw_tau_eps(latent_shape: tuple[int, ...], n_mc: int, cfg: TimeSampling, seed: int,
+                 iteration: int, sample_indices: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``t [B, N]`` and ``eps [B, N, *latent_shape]`` for the given global samples."""
+    if n_mc < 1:
+        raise ValueError(f"fpo.n_mc must be >= 1, got {n_mc}")
+    ts, eps = [], []
+    for idx in (sample_indices.tolist() if torch.is_tensor(sample_indices) else sample_indices):
+        g = sample_generator(seed, iteration, int(idx), stream=1)
+        ts.append(sample_t(n_mc, cfg, g))
+        eps.append(torch.randn((n_mc, *latent_shape), generator=g))
+    return torch.stack(ts), torch.stack(eps)
+
+
+def logit_normal_density(t: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Density of the logit-normal distribution (for tests and plots)."""
+    z = torch.log(t / (1 - t))
+    return torch.exp(-0.5 * ((z - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi) * t * (1 - t))

@@ -1,0 +1,43 @@
+"""Rewards by name: ``@register_reward("name")`` and ``build_reward(name, **options)``."""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from .base import Reward
+
+_REGISTRY: dict[str, type[Reward]] = {}
+
+# Modules imported on first lookup so that ``build_reward`` sees every built-in reward.
+_BUILTIN_MODULES = ["rewards.builtin"]
+
+
+def register_reward(name: str) -> Callable[[type[Reward]], type[Reward]]:
+    def deco(cls: type[Reward]) -> type[Reward]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"reward {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def available_rewards() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def build_reward(name: str, **options) -> Reward:
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY)) or '(none)'}")
+    return _REGISTRY[name](**options)
