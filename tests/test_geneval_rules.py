@@ -1,0 +1,222 @@
+"""GenEval rules engine on synthetic detections (official evaluator semantics)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rewards.geneval.detection import Detection
+from rewards.geneval.rules import (
+    RuleResult, Thresholds, compute_iou, evaluate, filter_detections, relative_position,
+)
+
+
+def det(label, box=(0, 0, 10, 10), score=0.95, color=None, mask=None):
+    return Detection(label=label, box=tuple(float(c) for c in box), score=score, mask=mask, color=color)
+
+
+def dets(*ds):
+    out = {}
+    for d in ds:
+        out.setdefault(d.label, []).append(d)
+    return out
+
+
+SINGLE = {"tag": "single_object", "include": [{"class": "cow", "count": 1}], "prompt": "a photo of a cow"}
+TWO = {"tag": "two_object", "include": [{"class": "bench", "count": 1}, {"class": "sports ball", "count": 1}],
+       "prompt": "a photo of a bench and a sports ball"}
+COUNT = {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}],
+         "prompt": "a photo of two clocks"}
+COLORS = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "pink"}], "prompt": "a photo of a pink car"}
+POS = {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
+                                      {"class": "dog", "count": 1, "position": ["right of", 0]}],
+       "prompt": "a photo of a dog right of a teddy bear"}
+ATTR = {"tag": "color_attr", "include": [{"class": "bus", "count": 1, "color": "green"},
+                                         {"class": "microwave", "count": 1, "color": "purple"}],
+        "prompt": "a photo of a green bus and a purple microwave"}
+
+
+# --- single / two objects -------------------------------------------------------------------
+
+def test_single_object_pass_and_fail():
+    r = evaluate(dets(det("cow", score=0.5)), SINGLE)
+    assert r.correct and r.reason == "" and r.clauses == [True] and r.partial == 1.0
+    assert r.details == {"cow": [[0.0, 0.0, 10.0, 10.0, 0.5]]}
+    r = evaluate(dets(det("dog")), SINGLE)
+    assert not r.correct and r.reason == "expected cow>=1, found 0" and r.partial == 0.0
+
+
+def test_detection_threshold_is_strict_0_3():
+    assert not evaluate(dets(det("cow", score=0.3)), SINGLE).correct  # official: score > 0.3
+    assert evaluate(dets(det("cow", score=0.3001)), SINGLE).correct
+
+
+def test_two_object_partial_credit():
+    r = evaluate(dets(det("bench")), TWO)
+    assert not r.correct and r.clauses == [True, False] and r.partial == 0.5
+    assert r.reason == "expected sports ball>=1, found 0"
+    assert evaluate(dets(det("bench"), det("sports ball")), TWO).correct
+
+
+# --- counting ---------------------------------------------------------------------------------
+
+def test_counting_pass_and_fail():
+    assert evaluate(dets(det("clock"), det("clock")), COUNT).correct
+    r = evaluate(dets(det("clock")), COUNT)
+    assert not r.correct and r.reason == "expected clock>=2, found 1"
+    r = evaluate(dets(det("clock"), det("clock"), det("clock")), COUNT)
+    assert not r.correct and r.reason == "expected clock<3, found 3" and r.clauses == [True, False]
+
+
+def test_counting_uses_0_9_for_include_and_exclude():
+    # a third clock at 0.85 passes 0.3 but not the counting threshold: not counted, not excluded
+    r = evaluate(dets(det("clock"), det("clock", score=0.91), det("clock", score=0.85)), COUNT)
+    assert r.correct and len(r.details["clock"]) == 2
+    # the same scores under a non-counting tag would count all three
+    meta = dict(COUNT, tag="single_object")
+    assert not evaluate(dets(det("clock"), det("clock", score=0.91), det("clock", score=0.85)), meta).correct
+    # exactly 0.9 is not above the counting threshold
+    assert not evaluate(dets(det("clock"), det("clock", score=0.9)), COUNT).correct
+
+
+def test_exclude_counts_after_the_16_cap():
+    meta = {"tag": "counting", "include": [{"class": "cup", "count": 1}], "exclude": [{"class": "cup", "count": 17}]}
+    r = evaluate(dets(*[det("cup", score=0.95 + i * 1e-3) for i in range(20)]), meta)
+    assert r.correct and len(r.details["cup"]) == 16
+    # the 16 kept are the 16 best
+    assert min(b[4] for b in r.details["cup"]) == pytest.approx(0.95 + 4e-3)
+    r = evaluate(dets(*[det("cup") for _ in range(20)]), dict(meta, exclude=[{"class": "cup", "count": 16}]))
+    assert not r.correct and r.reason == "expected cup<16, found 16"
+
+
+def test_max_objects_and_nms_options():
+    many = dets(*[det("cup", box=(0, 0, 10, 10), score=0.5 + i / 100) for i in range(5)])
+    assert len(filter_detections(many, "x", Thresholds(max_objects=3))["cup"]) == 3
+    # NMS off by default (1.0): identical boxes all survive; with 0.5 only the best survives
+    assert len(filter_detections(many, "x")["cup"]) == 5
+    kept = filter_detections(many, "x", Thresholds(nms=0.5))["cup"]
+    assert len(kept) == 1 and kept[0].score == pytest.approx(0.54)
+
+
+def test_compute_iou_official_plus_one():
+    assert compute_iou((0, 0, 9, 9), (0, 0, 9, 9)) == 1.0
+    # areas 10x10=100 each, intersection 5x10=50 -> 50/150
+    assert compute_iou((0, 0, 9, 9), (5, 0, 14, 9)) == pytest.approx(50 / 150)
+    assert compute_iou((0, 0, 9, 9), (20, 20, 29, 29)) == 0.0
+
+
+# --- colours ----------------------------------------------------------------------------------
+
+def test_colors_with_detector_colour():
+    assert evaluate(dets(det("car", color="pink")), COLORS).correct
+    r = evaluate(dets(det("car", color="red")), COLORS)
+    assert not r.correct and r.reason == "expected pink car>=1, found 0 pink; and 1 red"
+
+
+def test_colors_with_color_fn_sees_image_and_detection():
+    seen = []
+
+    def color_fn(image, d):
+        seen.append((image.size, d.label, d.box))
+        return "pink"
+
+    img = Image.new("RGB", (32, 32))
+    assert evaluate(dets(det("car")), COLORS, image=img, color_fn=color_fn).correct
+    assert seen == [((32, 32), "car", (0.0, 0.0, 10.0, 10.0))]
+    with pytest.raises(ValueError, match="colour"):
+        evaluate(dets(det("car")), COLORS)
+
+
+def test_colour_counting_on_top_count_only():
+    meta = {"tag": "colors", "include": [{"class": "car", "count": 2, "color": "red"}]}
+    # top-2 by score are red+blue; a red third is ignored -> fail, official reason order
+    d = dets(det("car", score=0.9, color="red"), det("car", score=0.8, color="blue"), det("car", score=0.7, color="red"))
+    r = evaluate(d, meta)
+    assert not r.correct and r.reason == "expected red car>=2, found 1 red; and 1 red, 1 blue"
+    d = dets(det("car", score=0.9, color="red"), det("car", score=0.8, color="red"), det("car", score=0.7, color="blue"))
+    assert evaluate(d, meta).correct
+
+
+def test_color_attr():
+    assert evaluate(dets(det("bus", color="green"), det("microwave", color="purple")), ATTR).correct
+    r = evaluate(dets(det("bus", color="green"), det("microwave", color="white")), ATTR)
+    assert not r.correct and r.clauses == [True, False]
+    assert r.reason == "expected purple microwave>=1, found 0 purple; and 1 white"
+
+
+# --- position ---------------------------------------------------------------------------------
+
+def test_position_pass_and_fail():
+    bear, dog_right, dog_left = (0, 0, 10, 10), (50, 0, 60, 10), (-50, 0, -40, 10)
+    assert evaluate(dets(det("teddy bear", bear), det("dog", dog_right)), POS).correct
+    r = evaluate(dets(det("teddy bear", bear), det("dog", dog_left)), POS)
+    assert not r.correct and r.reason == "expected dog right of target, found left of target"
+    r = evaluate(dets(det("teddy bear", bear), det("dog", (2, 0, 12, 10))), POS)  # overlapping: no relation
+    assert r.reason == "expected dog right of target, found  target"
+
+
+def test_position_without_target():
+    r = evaluate(dets(det("dog", (50, 0, 60, 10))), POS)
+    assert not r.correct and r.clauses == [False, False]
+    assert r.reason == "expected teddy bear>=1, found 0\nno target for dog to be right of"
+
+
+def test_position_uses_top_count_and_all_targets():
+    meta = {"tag": "position", "include": [{"class": "cat", "count": 2},
+                                           {"class": "dog", "count": 1, "position": ["below", 0]}]}
+    cats = [det("cat", (0, 0, 10, 10), 0.9), det("cat", (20, 0, 30, 10), 0.8)]
+    # dog below both cats passes; a low-score third cat far below is not a target
+    d = dets(*cats, det("cat", (0, 200, 10, 210), 0.5), det("dog", (10, 100, 20, 110)))
+    assert evaluate(d, meta).correct
+    # dog below the first cat only
+    d = dets(*cats, det("dog", (0, 5, 10, 15), 0.99))
+    r = evaluate(d, meta)
+    assert not r.correct
+
+
+def test_position_target_must_be_earlier():
+    meta = {"tag": "position", "include": [{"class": "dog", "count": 1, "position": ["below", 1]},
+                                           {"class": "cat", "count": 1}]}
+    with pytest.raises(ValueError, match="earlier"):
+        evaluate(dets(det("dog"), det("cat")), meta)
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ((100, 0, 110, 10), (0, 0, 10, 10), {"right of"}),
+    ((0, 0, 10, 10), (100, 0, 110, 10), {"left of"}),
+    ((0, 0, 10, 10), (0, 100, 10, 110), {"above"}),
+    ((0, 100, 10, 110), (0, 0, 10, 10), {"below"}),
+    ((100, 100, 110, 110), (0, 0, 10, 10), {"right of", "below"}),   # diagonal: dx = dy = 0.98/sqrt2*... > 0.5
+    ((0, 0, 10, 10), (100, 100, 110, 110), {"left of", "above"}),
+    ((0, 0, 10, 10), (0, 0, 10, 10), set()),                           # zero offset
+    ((0, 0, 10, 10), (1.5, 1.5, 11.5, 11.5), set()),                    # offset swallowed by the 0.1*(dims) margin
+    ((100, 30, 110, 40), (0, 0, 10, 10), {"right of"}),                # mostly right, a bit below
+])
+def test_relative_position_branches(a, b, expected):
+    assert relative_position(a, b, 0.1) == expected
+
+
+def test_relative_position_by_hand():
+    # centres (30, 5) and (5, 5): offset (25, 0); dims (10,10)+(10,10); margin 0.1*20=2 -> revised (23, 0)
+    # dx = 23/25 = 0.92 > 0.5 -> right of
+    assert relative_position(det("a", (25, 0, 35, 10)), det("b", (0, 0, 10, 10)), 0.1) == {"right of"}
+    # offset (2.5, 0) vs margin 2: revised 0.5 -> dx = 0.2: not a relation, but not the empty-offset case
+    assert relative_position((2.5, 0, 12.5, 10), (0, 0, 10, 10), 0.1) == set()
+    # near-zero: revised offset 0.0005 < 1e-3 on both axes -> empty set before normalising
+    assert relative_position((2.0005, 0, 12.0005, 10), (0, 0, 10, 10), 0.1) == set()
+    # threshold 0 turns the same small offset into a relation
+    assert relative_position((2.0005, 0, 12.0005, 10), (0, 0, 10, 10), 0.0) == {"right of"}
+    # accepts official (box-with-score, mask) pairs
+    assert relative_position((np.array([25, 0, 35, 10, 0.9]), None), (np.array([0, 0, 10, 10, 0.9]), None)) == {"right of"}
+
+
+def test_relative_position_diagonal_threshold_boundary():
+    # offset (10, 10): norm 14.14; margin 0.1*(4+4)=0.8 -> revised (9.2, 9.2) / 14.14 = 0.65 > 0.5 each
+    assert relative_position((10, 10, 14, 14), (0, 0, 4, 4)) == {"right of", "below"}
+    # a steep offset (1, 10): dx = (1-0.8)/10.05 = 0.02 -> only below
+    assert relative_position((1, 10, 5, 14), (0, 0, 4, 4)) == {"below"}
+
+
+def test_rule_result_partial_without_clauses():
+    assert RuleResult(True, "").partial == 1.0
+    assert RuleResult(False, "x").partial == 0.0
