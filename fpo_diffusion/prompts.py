@@ -1,0 +1,100 @@
+"""Training prompts (with optional per-prompt metadata) and the distributed k-repeat sampler."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, PromptConfig
+
+TINY_PROMPTS = [
+    "a red circle", "a blue square", "two green triangles", "a yellow circle left of a red square",
+    "a purple square", "three blue circles", "a green circle above a blue triangle", "an orange triangle",
+]
+
+
+@dataclass
+class PromptItem:
+    prompt: str
+    metadata: dict = field(default_factory=dict)
+
+
+def _read_jsonl(path: Path) -> list[PromptItem]:
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"prompt file {path}, line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ConfigError(f"prompt file {path}, line {n}: expected an object with a non-empty \"prompt\" string")
+        items.append(PromptItem(row["prompt"], row))
+    return items
+
+
+def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
+    """The prompt list named by ``cfg.source``; an empty or unreadable source is a :class:`ConfigError`."""
+    src = cfg.source
+    if src == "embedded:tiny":
+        items = [PromptItem(p) for p in TINY_PROMPTS]
+    elif src == "embedded:shapes":
+        from .shapes.scenes import training_metadata
+
+        items = [PromptItem(m["prompt"], m) for m in training_metadata()]
+    elif src.startswith("hf:") or (Path(src).is_dir() and (Path(src) / "dataset_info.json").exists()
+                                   or (Path(src) / "dataset_dict.json").exists()):
+        items = _load_dataset(src, cfg.column)
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise ConfigError(f"prompt source {src} does not exist")
+        if path.suffix == ".jsonl":
+            items = _read_jsonl(path)
+        else:
+            items = [PromptItem(line.strip()) for line in path.read_text().splitlines() if line.strip()]
+    if not items:
+        raise ConfigError(f"prompt source {src} holds no prompts")
+    return items
+
+
+def _load_dataset(src: str, column: str) -> list[PromptItem]:
+    import datasets
+
+    if src.startswith("hf:"):
+        name, _, split = src[3:].partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
+    else:
+        ds = datasets.load_from_disk(src)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    if column not in ds.column_names:
+        raise ConfigError(f"dataset {src} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+    return [PromptItem(row[column], {k: v for k, v in row.items()}) for row in ds]
+
+
+def iteration_plan(n_prompts: int, iteration: int, *, prompts_per_iteration: int, group_size: int,
+                   seed: int) -> torch.Tensor:
+    """Prompt index of every global sample of an iteration: P prompts, each repeated K times.
+
+    Prompts are drawn without replacement (with replacement only if ``P > n_prompts``) from
+    a generator seeded by ``(seed, iteration)``: the plan depends on nothing else, so every
+    rank computes the same plan, and resuming at an iteration resumes the sampler exactly.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + iteration + 7)
+    if prompts_per_iteration <= n_prompts:
+        chosen = torch.randperm(n_prompts, generator=g)[:prompts_per_iteration]
+    else:
+        chosen = torch.randint(0, n_prompts, (prompts_per_iteration,), generator=g)
+    return chosen.repeat_interleave(group_size)
+
+
+def rank_slice(n_total: int, rank: int, world: int) -> slice:
+    """Contiguous share of the global samples held by ``rank`` (groups may span ranks)."""
+    if n_total % world:
+        raise ConfigError(f"prompts_per_iteration x group_size = {n_total} samples do not divide over {world} ranks")
+    per = n_total // world
+    return slice(rank * per, (rank + 1) * per)

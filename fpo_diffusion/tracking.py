@@ -1,0 +1,76 @@
+"""Run logging: a JSONL metrics file always, TensorBoard by default, W&B on request."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from PIL import Image
+
+
+class RunLogger:
+    """Writes scalars and images for the main process (other ranks get a no-op logger)."""
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 wandb: bool = False, wandb_project: str = "fpo-diffusion", config: dict | None = None):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out_dir / "tb"))
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError:
+                raise RuntimeError("log.wandb=true needs Weights & Biases: pip install 'fpo-diffusion[wandb]'") from None
+            self.wandb = wb.init(project=wandb_project, dir=str(self.out_dir), config=config or {})
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop rows of iterations after ``iteration`` (they are re-run after a resume)."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        keep = [l for l in self.metrics_path.read_text().splitlines()
+                if l.strip() and json.loads(l).get("iteration", 0) <= iteration]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        tmp.replace(self.metrics_path)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"iteration": step, **{k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in scalars.items()}}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, float(v), step)
+        if self.wandb is not None:
+            self.wandb.log(dict(scalars), step=step)
+
+    def log_image(self, tag: str, image: Image.Image, step: int) -> None:
+        if not self.enabled:
+            return
+        img_dir = self.out_dir / "images"
+        img_dir.mkdir(parents=True, exist_ok=True)
+        image.save(img_dir / f"{tag.replace('/', '_')}_{step:06d}.png")
+        if self.tb is not None:
+            import numpy as np
+
+            self.tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb as wb
+
+            self.wandb.log({tag: wb.Image(image)}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
