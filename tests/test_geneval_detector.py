@@ -148,3 +148,86 @@ def test_tiny_random_mask2former_through_from_pretrained(tmp_path):
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="cannot load Mask2Former"):
         Mask2FormerDetector(str(tmp_path / "nope"))([Image.new("RGB", (8, 8))])
+
+
+# --- CLIP colour classifier ---------------------------------------------------------------------
+
+from rewards.geneval.color import ClipColorClassifier, object_crop, templates_for  # noqa: E402
+from rewards.geneval.detection import Detection  # noqa: E402
+from rewards.geneval.rules import COLORS, evaluate  # noqa: E402
+
+
+def test_official_templates():
+    assert [t.format(c="red") for t in templates_for("fire hydrant")] == [
+        "a photo of a red fire hydrant", "a photo of a red-colored fire hydrant", "a photo of a red object"]
+
+
+def test_object_crop_composites_on_999_through_the_mask():
+    img = Image.new("RGB", (20, 10), (0, 0, 255))
+    mask = np.zeros((10, 20), bool)
+    mask[2:5, 3:7] = True
+    d = Detection("cup", (3.0, 2.0, 8.0, 6.0), 0.9, mask=mask)   # box one pixel wider/taller than the mask
+    crop = np.asarray(object_crop(img, d))
+    assert crop.shape == (4, 5, 3)
+    assert (crop[:3, :4] == (0, 0, 255)).all()
+    assert (crop[3, :] == 153).all() and (crop[:, 4] == 153).all()
+    assert np.asarray(object_crop(img, Detection("cup", (3.0, 2.0, 8.0, 6.0), 0.9))).tolist() == \
+        np.asarray(img.crop((3, 2, 8, 6))).tolist()
+    with pytest.raises(ValueError, match="mask shape"):
+        object_crop(img, Detection("cup", (0, 0, 1, 1), 0.9, mask=np.zeros((3, 3), bool)))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    import json
+
+    import open_clip
+
+    d = tmp_path_factory.mktemp("clip")
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (d / "geneval-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(d / "geneval-tiny-clip.json"))
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms("geneval-tiny-clip", pretrained=None)
+    torch.save(model.state_dict(), d / "weights.pt")
+    # the real loading path: model name + a local weights file
+    return ClipColorClassifier("geneval-tiny-clip", pretrained=str(d / "weights.pt"), batch_size=2)
+
+
+def test_clip_head_is_the_clip_benchmark_zero_shot_classifier(tiny_clip):
+    head = tiny_clip.head("car")
+    assert head.shape == (16, 10) and torch.allclose(head.norm(dim=0), torch.ones(10), atol=1e-5)
+    assert tiny_clip.head("car") is head
+    m, tok = tiny_clip._model, tiny_clip._tokenizer
+    with torch.no_grad():
+        e = F.normalize(m.encode_text(tok(["a photo of a blue car", "a photo of a blue-colored car",
+                                          "a photo of a blue object"])), dim=-1).mean(0)
+    assert torch.allclose(head[:, COLORS.index("blue")], e / e.norm(), atol=1e-6)
+
+
+def test_clip_colour_matches_manual_pipeline_and_feeds_the_rules(tiny_clip):
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    masks = [np.zeros((40, 60), bool) for _ in range(3)]
+    masks[0][5:20, 5:30] = True
+    masks[1][10:40, 30:60] = True
+    masks[2][0:8, 0:8] = True
+    dets = [Detection("car", (5.0, 5.0, 30.0, 20.0), 0.9, mask=masks[0]),
+            Detection("car", (30.0, 10.0, 60.0, 40.0), 0.8, mask=masks[1]),
+            Detection("car", (0.0, 0.0, 8.0, 8.0), 0.7, mask=masks[2])]
+    logits = tiny_clip.logits(img, dets)
+    with torch.no_grad():
+        batch = torch.stack([tiny_clip._transform(object_crop(img, d)) for d in dets])
+        want = 100.0 * F.normalize(tiny_clip._model.encode_image(batch), dim=-1) @ tiny_clip.head("car")
+    assert torch.allclose(logits, want, atol=1e-4)
+    colors = tiny_clip.classify_many(img, dets)
+    assert colors == [tiny_clip(img, d) for d in dets] and set(colors) <= set(COLORS)
+    meta = {"tag": "colors", "include": [{"class": "car", "count": 2, "color": colors[0]}]}
+    r = evaluate({"car": dets}, meta, image=img, color_fn=tiny_clip)
+    assert r.correct == (colors[:2].count(colors[0]) >= 2)
+
+
+def test_clip_load_failure_is_clear():
+    with pytest.raises(RuntimeError, match="cannot load CLIP"):
+        ClipColorClassifier("no-such-model", pretrained=None).head("car")

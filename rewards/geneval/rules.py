@@ -177,6 +177,16 @@ def official_details(detections: Detections) -> dict[str, list[list[float]]]:
 # --------------------------------------------------------------------------------------------
 
 def _colors_of(found: list[Detection], image: Image.Image | None, color_fn: ColorFn | None) -> list[str]:
+    """Colours of ``found``: ``det.color`` where set, else ``color_fn``.
+
+    A ``color_fn`` with a ``classify_many(image, dets)`` method gets the unknown ones in one
+    batch (the official code classifies one class's objects in batches of 16).
+    """
+    many = getattr(color_fn, "classify_many", None)
+    unknown = [d for d in found if d.color is None]
+    if unknown and many is not None and image is not None:
+        predicted = iter(many(image, unknown))
+        return [d.color if d.color is not None else next(predicted) for d in found]
     colors = []
     for det in found:
         if det.color is not None:
