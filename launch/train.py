@@ -1,0 +1,35 @@
+"""Train a LoRA with FPO.
+
+    accelerate launch launch/train.py [--config launch/configs/<name>.yaml] [--resume latest|PATH] [a.b=value ...]
+
+With no arguments it trains the embedded shapes model (see README).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fpo_diffusion.cli import run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (fields of fpo_diffusion.config.Config)")
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder of this run's output_dir")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 fpo.beta=5")
+    args = parser.parse_args(argv)
+
+    from fpo_diffusion.config import load_config
+    from fpo_diffusion.trainer import TrainingError, run
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        run(cfg, resume=args.resume)
+    except TrainingError as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="train"))

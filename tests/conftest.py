@@ -1,0 +1,13 @@
+"""Test-wide settings: offline, deterministic, a private cache for the tiny models."""
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("FPO_DIFFUSION_CACHE", tempfile.mkdtemp(prefix="fpo-test-cache-"))
+
+import torch  # noqa: E402
+
+torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,92 @@
+"""Configs (YAML + dotted overrides), advantages, the k-repeat plan and the noise draws."""
+import torch
+import pytest
+
+from fpo_diffusion.advantages import group_advantages, zero_variance_share
+from fpo_diffusion.config import Config, ConfigError, config_to_dict, load_config, save_config
+from fpo_diffusion.noise import TimeSampling, draw_tau_eps, sample_t
+from fpo_diffusion.prompts import iteration_plan, rank_slice
+
+
+def test_yaml_and_overrides_round_trip(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 3e-4\n  iterations: 7\nreward:\n  weights: {pickscore: 0.5, jpeg_compressibility: 0.5}\n")
+    cfg = load_config(f, ["fpo.beta=2.5", "fpo.time_sampling.kind=logit_normal", "sampling.scheduler=unipc"])
+    assert cfg.train.lr == 3e-4 and cfg.train.iterations == 7 and cfg.fpo.beta == 2.5
+    assert cfg.fpo.time_sampling.kind == "logit_normal" and cfg.sampling.scheduler == "unipc"
+    assert cfg.reward.weights == {"pickscore": 0.5, "jpeg_compressibility": 0.5}
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert config_to_dict(load_config(tmp_path / "saved.yaml")) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("train:\n  lr: [1, 2\n", "not valid YAML at line"),
+    ("train:\n  learning_rate: 1\n", "unknown config field train.learning_rate"),
+    ("- a\n- b\n", "mapping at the top level"),
+    ("train:\n  iterations: many\n", "train.iterations: expected an integer"),
+    ("fpo:\n  ratio_mode: geometric\n", "ratio_mode"),
+    ("advantage:\n  std: batch\n", "advantage.std"),
+])
+def test_bad_config_files_get_one_clear_error(tmp_path, text, needle):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+        load_config(f)
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match="unknown config field train.foo"):
+        load_config(None, ["train.foo=1"])
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config("missing.yaml")
+
+
+def test_group_advantages_exact():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    g = torch.tensor([0, 0, 0, 7, 7, 7])
+    a = group_advantages(r, g, std="group", eps=0.0 + 1e-4)
+    std0 = torch.tensor([1.0, 2.0, 3.0]).std(unbiased=False)
+    assert torch.allclose(a[:3], torch.tensor([-1.0, 0.0, 1.0]) / (std0 + 1e-4))
+    assert torch.equal(a[3:], torch.zeros(3))  # a flat group carries no signal
+    assert zero_variance_share(r, g) == 0.5
+    ag = group_advantages(r, g, std="global")
+    assert torch.allclose(ag[:3], torch.tensor([-1.0, 0.0, 1.0]) / (r.std(unbiased=False) + 1e-4))
+    big = group_advantages(torch.tensor([0.0, 0.0, 0.0, 100.0]), torch.zeros(4, dtype=torch.long), clip=1.0)
+    assert big.max() == 1.0 and big.min() == pytest.approx(-1 / 3**0.5, rel=1e-3)  # 1.73 clipped, -0.58 kept
+
+
+def test_group_advantages_do_not_depend_on_order():
+    r = torch.randn(24, generator=torch.Generator().manual_seed(0))
+    g = torch.arange(6).repeat_interleave(4)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(group_advantages(r, g)[perm], group_advantages(r[perm], g[perm]))
+
+
+def test_iteration_plan_is_a_deterministic_k_repeat_spread_over_ranks():
+    plan = iteration_plan(50, 3, prompts_per_iteration=6, group_size=4, seed=1)
+    assert torch.equal(plan, iteration_plan(50, 3, prompts_per_iteration=6, group_size=4, seed=1))
+    assert not torch.equal(plan, iteration_plan(50, 4, prompts_per_iteration=6, group_size=4, seed=1))
+    assert len(plan) == 24 and len(set(plan.tolist())) == 6
+    assert all((plan[i * 4:(i + 1) * 4] == plan[i * 4]).all() for i in range(6))
+    parts = [plan[rank_slice(24, r, 3)] for r in range(3)]
+    assert torch.equal(torch.cat(parts), plan)
+    with pytest.raises(ConfigError, match="do not divide over 5 ranks"):
+        rank_slice(24, 0, 5)
+
+
+def test_time_sampling_never_hits_zero_weight_and_pairs_are_reproducible():
+    g = torch.Generator().manual_seed(0)
+    for kind in ("uniform", "logit_normal", "grid"):
+        cfg = TimeSampling(kind=kind, t_min=0.05, t_max=0.95)
+        t = sample_t(20000, cfg, g)
+        assert t.min() >= 0.05 and t.max() <= 0.95
+    grid = sample_t(5000, TimeSampling(kind="grid", grid_size=5), g)
+    assert len(torch.unique(grid)) == 5
+    t1, e1 = draw_tau_eps((4, 2, 2), 3, TimeSampling(), seed=0, iteration=2, sample_indices=[5, 9])
+    t2, e2 = draw_tau_eps((4, 2, 2), 3, TimeSampling(), seed=0, iteration=2, sample_indices=[9])
+    assert t1.shape == (2, 3) and e1.shape == (2, 3, 4, 2, 2)
+    assert torch.equal(t1[1:], t2) and torch.equal(e1[1:], e2)  # independent of which rank draws it
+    with pytest.raises(ValueError):
+        TimeSampling(t_min=0.0)
