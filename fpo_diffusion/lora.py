@@ -1,0 +1,123 @@
+"""LoRA through peft: attach, state dict, export in the diffusers format, merge.
+
+* :func:`add_lora` injects a peft LoRA adapter (``denoiser.add_adapter``) and freezes every
+  non-LoRA parameter of the denoiser.
+* :func:`lora_state_dict` is the adapter's peft-format state dict (keys like
+  ``down_blocks.0...to_q.lora_A.weight``), unwrapping DDP/compile wrappers.
+* :func:`export_lora` writes ``pytorch_lora_weights.safetensors`` through the family's own
+  ``Pipeline.save_lora_weights`` (with the adapter config as metadata, so ``lora_alpha``
+  survives), so a stock ``pipe.load_lora_weights(out_dir)`` reproduces the trained denoiser.
+* :func:`merge_lora` fuses the adapter into the base weights and removes the peft layers, so
+  ``policy.pipeline.save_pretrained`` writes a plain pipeline.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "sd": ("to_q", "to_k", "to_v", "to_out.0"),
+    "sdxl": ("to_q", "to_k", "to_v", "to_out.0"),
+    "sd3": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    "flux": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+}
+"""Default LoRA target module suffixes per family (attention projections)."""
+
+ADAPTER_NAME = "default"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from .policies.common import unwrap_model
+
+    return unwrap_model(model)
+
+
+def add_lora(denoiser: nn.Module, *, rank: int = 8, alpha: float | None = None,
+             target_modules: list[str] | tuple[str, ...] = DEFAULT_LORA_TARGETS["sd"], dropout: float = 0.0,
+             init: str | bool = True) -> Any:
+    """Attach a LoRA adapter (peft ``LoraConfig``) to ``denoiser``; only LoRA params stay trainable.
+
+    ``alpha`` defaults to ``rank`` (scale 1). ``init`` is peft's ``init_lora_weights``
+    (``True``: B = 0, the adapter starts as the identity; ``False``: random A and B, for tests;
+    ``"gaussian"``, ``"pissa"``...). Returns the ``LoraConfig``.
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"lora rank must be >= 1, got {rank}")
+    if not target_modules:
+        raise ValueError("lora target_modules is empty")
+    denoiser = _unwrap(denoiser)
+    if getattr(denoiser, "peft_config", None) and ADAPTER_NAME in denoiser.peft_config:
+        raise ValueError("the denoiser already has a LoRA adapter attached")
+    names = [n for n, _ in denoiser.named_modules()]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if len(missing) == len(list(target_modules)):
+        raise ValueError(f"none of the LoRA target modules {list(target_modules)} exist in {type(denoiser).__name__}")
+    config = LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
+                        target_modules=list(target_modules), lora_dropout=float(dropout),
+                        init_lora_weights=init)
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(config, adapter_name=ADAPTER_NAME)
+    for n, p in denoiser.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return config
+
+
+def lora_parameters(denoiser: nn.Module) -> list[nn.Parameter]:
+    """The LoRA parameters of ``denoiser`` (wrapped or not)."""
+    return [p for n, p in _unwrap(denoiser).named_parameters() if "lora_" in n]
+
+
+def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights in peft format (keys without the adapter name), detached."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(_unwrap(denoiser), adapter_name=ADAPTER_NAME)
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def export_lora(policy: Any, out_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """Write ``out_dir/pytorch_lora_weights.safetensors`` in the diffusers LoRA format.
+
+    ``state_dict`` (peft format, e.g. gathered by the trainer) defaults to the policy's own
+    adapter. Uses the pipeline class's ``save_lora_weights`` so that a stock pipeline of the
+    family loads it with ``pipe.load_lora_weights(out_dir)``. Returns the file path.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    den = _unwrap(policy.denoiser)
+    if not getattr(den, "peft_config", None):
+        raise ValueError("the policy has no LoRA adapter to export (call add_lora first)")
+    sd = lora_state_dict(den) if state_dict is None else dict(state_dict)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    metadata = den.peft_config[ADAPTER_NAME].to_dict()
+    os.makedirs(out_dir, exist_ok=True)
+    pipe_cls = type(policy.pipeline)
+    if policy.denoiser_attr == "unet":
+        pipe_cls.save_lora_weights(os.fspath(out_dir), unet_lora_layers=convert_state_dict_to_diffusers(sd),
+                                   unet_lora_adapter_metadata=metadata, safe_serialization=True)
+    else:
+        pipe_cls.save_lora_weights(os.fspath(out_dir), transformer_lora_layers=sd,
+                                   transformer_lora_adapter_metadata=metadata, safe_serialization=True)
+    return os.path.join(os.fspath(out_dir), "pytorch_lora_weights.safetensors")
+
+
+def merge_lora(policy: Any) -> None:
+    """Fuse the adapter into the denoiser's base weights and remove the peft layers (in place)."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    den = _unwrap(policy.denoiser)
+    for m in den.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+    recurse_remove_peft_layers(den)
+    if hasattr(den, "peft_config"):
+        del den.peft_config
+    den._hf_peft_config_loaded = False
+    policy.lora_config = None
+    den.requires_grad_(False)
