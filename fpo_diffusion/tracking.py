@@ -32,14 +32,22 @@ class RunLogger:
             self.wandb = wb.init(project=wandb_project, dir=str(self.out_dir), config=config or {})
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop rows of iterations after ``iteration`` (they are re-run after a resume)."""
-        if not self.enabled or not self.metrics_path.exists():
+        """Drop JSONL rows of iterations ``>= iteration`` (they are re-run after a resume)."""
+        if not self.enabled:
             return
-        keep = [l for l in self.metrics_path.read_text().splitlines()
-                if l.strip() and json.loads(l).get("iteration", 0) <= iteration]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
-        tmp.replace(self.metrics_path)
+        for path in (self.metrics_path, self.out_dir / "samples.jsonl"):
+            if not path.exists():
+                continue
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("iteration", 0) < iteration:
+                        keep.append(line)
+                except json.JSONDecodeError:  # a row cut short by a kill
+                    pass
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(l + "\n" for l in keep))
+            tmp.replace(path)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         if not self.enabled:

@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (fields of fpo_diffusion.config.Config)")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder of this run's output_dir")
+    parser.add_argument("--stop-after", type=int, metavar="N",
+                        help="stop after N iterations of this invocation (checkpointed; continue with --resume latest)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 fpo.beta=5")
     args = parser.parse_args(argv)
 
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, stop_after=args.stop_after)
     except TrainingError as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 1

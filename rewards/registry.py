@@ -9,7 +9,7 @@ from .base import Reward
 _REGISTRY: dict[str, type[Reward]] = {}
 
 # Modules imported on first lookup so that ``build_reward`` sees every built-in reward.
-_BUILTIN_MODULES = ["rewards.builtin", "rewards.geneval.reward", "rewards.shapes_reward"]
+_BUILTIN_MODULES = ["rewards.builtin", "rewards.simple", "rewards.geneval.reward", "rewards.shapes_reward"]
 
 
 def register_reward(name: str) -> Callable[[type[Reward]], type[Reward]]:

@@ -1,0 +1,490 @@
+"""The FPO training loop (DESIGN.md, "One FPO iteration").
+
+rollout (stock pipeline, any sampler) -> reward -> gather -> group advantages ->
+old CFM losses at fixed ``(t, eps)`` -> E epochs of clipped FPO updates.
+
+Everything random in an iteration is drawn from generators seeded by
+``(seed, iteration, global sample index)``, so a run is bit-for-bit repeatable on CPU,
+independent of how samples are spread over ranks, and a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .advantages import group_advantages, zero_variance_share
+from .checkpoint import (CheckpointError, install_lora_only_hooks, load_extra, read_state, resolve_resume,
+                         save_checkpoint)
+from .config import Config, ConfigError, config_to_dict, fpo_objective, save_config
+from .fpo import fpo_loss, kl_penalty
+from .images import foreground_share, make_grid, to_pil
+from .noise import draw_tau_eps, sample_generator
+from .policies.base import Cond, cond_cat, cond_index, cond_to
+from .prompts import PromptItem, iteration_plan, load_prompts, rank_slice
+from .tracking import RunLogger
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite updates in a row)."""
+
+
+@dataclass
+class Rollout:
+    """One iteration's samples on this rank."""
+
+    global_idx: torch.Tensor  # [n] global sample index
+    prompt_idx: torch.Tensor  # [n] prompt index (the group id)
+    cond: Cond  # [n, ...]
+    x0: torch.Tensor  # [n, *L]
+    rewards: torch.Tensor  # [n]
+    components: dict[str, torch.Tensor]  # name -> [n]
+    images: list = field(default_factory=list)  # a few PIL images for the grid
+    seconds: float = 0.0
+
+
+def _quiet_libraries() -> None:
+    """Silence the libraries' own progress bars and deprecation chatter (our tqdm shows progress)."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _chunks(n: int, size: int):
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
+class FPOTrainer:
+    """Builds everything from a :class:`Config` and runs :meth:`train`."""
+
+    def __init__(self, cfg: Config, resume: str | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        _quiet_libraries()
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+        acc = self.accelerator
+        self.resume_from = self._check_output_dir(resume)
+        set_seed(cfg.train.seed)
+
+        # Model + LoRA
+        from .embedded import load_model
+
+        self.policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=acc.device)
+        self.policy.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                             dropout=cfg.lora.dropout)
+        for p in self.policy.trainable_parameters():  # LoRA weights train in float32
+            p.data = p.data.float()
+        if cfg.train.gradient_checkpointing:
+            self.policy.denoiser.enable_gradient_checkpointing()
+        params = self.policy.trainable_parameters()
+        if not params:
+            raise ConfigError("the LoRA adapter has no trainable parameters: check lora.target_modules")
+
+        # Optimisation
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        self.world = acc.num_processes
+        self.n_local = (t.prompts_per_iteration * t.group_size) // self.world
+        rank_slice(t.prompts_per_iteration * t.group_size, acc.process_index, self.world)  # validates divisibility
+        n_mb = math.ceil(self.n_local / t.minibatch_size)
+        self.steps_per_iteration = t.epochs * math.ceil(n_mb / t.grad_accum_steps)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.warmup_steps,
+                                          num_training_steps=t.iterations * self.steps_per_iteration)
+        install_lora_only_hooks(acc)
+        self.model, self.optimizer = acc.prepare(self.policy.denoiser, self.optimizer)
+        # Stepped once per optimizer step by us (a prepared scheduler steps once per process).
+        acc.register_for_checkpointing(self.lr_scheduler)
+        self.ema = [p.detach().clone() for p in params] if t.ema_decay else None
+
+        # Objective, rewards, prompts
+        self.objective = fpo_objective(cfg.fpo)
+        from rewards.multi import MultiReward
+
+        self.reward = MultiReward(cfg.reward.weights, cfg.reward.options, device=acc.device)
+        self.prompts: list[PromptItem] = load_prompts(cfg.prompts)
+        self._cond_cache: dict[str, Cond] = {}
+        self.negative_cond = self._encode([cfg.sampling.negative_prompt]) if cfg.sampling.guidance_scale > 1 else None
+        self.latent_shape = tuple(self.policy.latent_shape(cfg.sampling.height, cfg.sampling.width))
+
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        self.logger = RunLogger(self.out, enabled=acc.is_main_process, tensorboard=cfg.log.tensorboard,
+                                wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, config=config_to_dict(cfg))
+        self.start_iteration = 0
+        self.nonfinite_in_a_row = 0
+        self.cfm_start: float | None = None
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        elif acc.is_main_process:  # only now that everything loaded: a failed start leaves no run behind
+            save_config(cfg, self.out / "config.yaml")
+        acc.wait_for_everyone()
+        self.anchor = self._make_anchor() if cfg.fpo.fm_anchor_beta > 0 else None
+
+    # ------------------------------------------------------------------ setup helpers
+    def _check_output_dir(self, resume: str | None) -> Path | None:
+        acc = self.accelerator
+        cfg_file = self.out / "config.yaml"
+        if resume is None:
+            if cfg_file.exists():
+                raise ConfigError(f"output directory {self.out} already holds a run; resume it with --resume latest "
+                                  f"or choose another output_dir")
+            return None
+        path = resolve_resume(resume, self.ckpt_root)
+        saved = read_state(path).get("config")
+        if saved is not None:
+            now = config_to_dict(self.cfg)
+            for section in ("train", "log", "checkpoint"):
+                for k in ("iterations",) if section == "train" else list(now[section]):
+                    saved.get(section, {}).pop(k, None)
+                    now[section].pop(k, None)
+            if saved != now:
+                diff = sorted(f"{s}.{k}" for s in now if isinstance(now[s], dict)
+                              for k in now[s] if saved.get(s, {}).get(k) != now[s][k])
+                raise ConfigError(f"the config differs from the checkpoint's in {', '.join(diff) or 'top-level fields'}; "
+                                  f"resume with the run's own config ({cfg_file})")
+        return path
+
+    def _load(self, path: Path) -> None:
+        state = read_state(path)
+        self.accelerator.load_state(str(path))
+        self.start_iteration = int(state["iteration"])
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.cfm_start = state.get("cfm_start")
+        ema = load_extra(path, "ema.safetensors")
+        if self.ema is not None and ema is not None:
+            for i, e in enumerate(self.ema):
+                e.copy_(ema[str(i)])
+        self.logger.truncate_after(self.start_iteration)
+        if self.accelerator.is_main_process:
+            print(f"resumed from {path} at iteration {self.start_iteration}", flush=True)
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        """Text conditions, computed once per distinct prompt and cached on CPU."""
+        new = sorted({p for p in prompts if p not in self._cond_cache})
+        if new:
+            enc = self.policy.encode_prompts(new)
+            for i, p in enumerate(new):
+                self._cond_cache[p] = cond_to(cond_index(enc, [i]), "cpu")
+        return cond_to(cond_cat([self._cond_cache[p] for p in prompts]), self.accelerator.device)
+
+    def _autocast(self):
+        return self.accelerator.autocast()
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(self, iteration: int, *, use_reference: bool = False, n_samples: int | None = None,
+                seed_offset: int = 0) -> Rollout:
+        """Sample this rank's share of the iteration, decode, and score it (scoring overlaps sampling)."""
+        cfg, acc = self.cfg, self.accelerator
+        plan = iteration_plan(len(self.prompts), iteration, prompts_per_iteration=cfg.train.prompts_per_iteration,
+                              group_size=cfg.train.group_size, seed=cfg.train.seed + seed_offset)
+        sl = rank_slice(len(plan), acc.process_index, self.world)
+        global_idx = torch.arange(len(plan))[sl]
+        prompt_idx = plan[sl]
+        if n_samples is not None:
+            global_idx, prompt_idx = global_idx[:n_samples], prompt_idx[:n_samples]
+        items = [self.prompts[i] for i in prompt_idx.tolist()]
+        cond = self._encode([it.prompt for it in items])
+        s = cfg.sampling
+        x0s, futures, grid_images = [], [], []
+        t0 = time.perf_counter()
+        ref = self.policy.reference() if use_reference else contextlib.nullcontext()
+        bar = tqdm(list(_chunks(len(items), s.batch_size)), desc=f"rollout {iteration}", leave=False,
+                   disable=not (cfg.log.progress and acc.is_local_main_process))
+        with ref:
+            for chunk in bar:
+                gens = [sample_generator(cfg.train.seed + seed_offset, iteration, int(g), stream=0)
+                        for g in global_idx[chunk]]
+                neg = None
+                if self.negative_cond is not None:
+                    neg = {k: v.expand(len(gens), *v.shape[1:]) for k, v in self.negative_cond.items()}
+                with self._autocast():
+                    x0 = self.policy.sample(cond_index(cond, chunk), gens, steps=s.steps,
+                                            guidance_scale=s.guidance_scale, scheduler=s.scheduler,
+                                            height=s.height, width=s.width, negative_cond=neg)
+                x0 = x0.float()
+                x0s.append(x0)
+                if use_reference:
+                    continue
+                pil = to_pil(self.policy.decode(x0))
+                if len(grid_images) < cfg.log.grid_images:
+                    grid_images.extend(pil[: cfg.log.grid_images - len(grid_images)])
+                chunk_items = items[chunk]
+                futures.append((self.reward.submit(pil, [it.prompt for it in chunk_items],
+                                                   [it.metadata for it in chunk_items]), pil))
+        x0 = torch.cat(x0s)
+        if use_reference:
+            return Rollout(global_idx, prompt_idx, cond, x0, torch.zeros(len(x0)), {}, [], time.perf_counter() - t0)
+        rewards, comps, fg = [], {}, []
+        for fut, pil in futures:
+            total, parts = fut.result()
+            rewards.append(total)
+            for k, v in parts.items():
+                comps.setdefault(k, []).append(v)
+            fg.append(foreground_share(pil) * len(pil))
+        comps = {k: torch.cat(v) for k, v in comps.items()}
+        comps["_foreground_share"] = torch.full((len(x0),), sum(fg) / len(x0))
+        return Rollout(global_idx, prompt_idx, cond, x0, torch.cat(rewards), comps, grid_images,
+                       time.perf_counter() - t0)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(t.to(self.accelerator.device).contiguous()).cpu()
+
+    # ------------------------------------------------------------------ losses
+    def _cfm(self, x0, cond, t, eps, *, return_pred=False):
+        with self._autocast():
+            return self.policy.cfm_loss(x0, cond, t, eps, model=self.model, return_pred=return_pred)
+
+    @torch.no_grad()
+    def old_losses(self, ro: Rollout, iteration: int):
+        """``(t, eps)`` pairs, the rollout policy's losses at them, and reference predictions for KL."""
+        f, dev = self.cfg.fpo, self.accelerator.device
+        t, eps = draw_tau_eps(self.latent_shape, f.n_mc, f.time_sampling, self.cfg.train.seed, iteration, ro.global_idx)
+        t, eps = t.to(dev), eps.to(dev)
+        l_old, ref_pred = [], []
+        for mb in _chunks(len(ro.x0), self.cfg.train.minibatch_size):
+            l_old.append(self._cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb]).float())
+            if f.kl_beta > 0:
+                with self.policy.reference():
+                    _, pred = self._cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb], return_pred=True)
+                ref_pred.append(pred)
+        return t, eps, torch.cat(l_old), (torch.cat(ref_pred) if ref_pred else None)
+
+    def _make_anchor(self) -> Rollout:
+        """Samples of the frozen base model kept for the flow-matching anchor."""
+        return self.rollout(0, use_reference=True, n_samples=self.cfg.fpo.fm_anchor_samples, seed_offset=10_007)
+
+    def _anchor_loss(self, iteration: int, epoch: int, step: int, n: int) -> torch.Tensor:
+        a = self.anchor
+        g = sample_generator(self.cfg.train.seed, iteration, epoch * 100_003 + step, stream=2)
+        idx = torch.randperm(len(a.x0), generator=g)[: min(n, len(a.x0))]
+        t, eps = draw_tau_eps(self.latent_shape, self.cfg.fpo.n_mc, self.cfg.fpo.time_sampling,
+                              self.cfg.train.seed + 10_007, iteration * 1000 + epoch, (a.global_idx[idx] + step * 7919))
+        dev = self.accelerator.device
+        return self._cfm(a.x0[idx.to(a.x0.device)], cond_index(a.cond, idx.to(dev)), t.to(dev), eps.to(dev)).mean()
+
+    # ------------------------------------------------------------------ update
+    def update(self, ro: Rollout, adv: torch.Tensor, t, eps, l_old, ref_pred, iteration: int) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        tr, f = cfg.train, cfg.fpo
+        dev = acc.device
+        adv = adv.to(dev)
+        sums: dict[str, float] = {}
+        n_terms = 0
+        skipped = 0
+        grad_norms = []
+        self.model.train()
+        for epoch in range(tr.epochs):
+            g = sample_generator(tr.seed, iteration, acc.process_index * 1009 + epoch, stream=3)
+            perm = torch.randperm(self.n_local, generator=g)
+            mbs = [perm[s] for s in _chunks(self.n_local, tr.minibatch_size)]
+            groups = [mbs[i:i + tr.grad_accum_steps] for i in range(0, len(mbs), tr.grad_accum_steps)]
+            for step, group in enumerate(groups):
+                finite = True
+                for j, idx in enumerate(group):
+                    sync = j == len(group) - 1
+                    ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+                    idx_d = idx.to(dev)
+                    with ctx:
+                        need_pred = f.kl_beta > 0
+                        out = self._cfm(ro.x0[idx_d], cond_index(ro.cond, idx_d), t[idx_d], eps[idx_d],
+                                        return_pred=need_pred)
+                        l_new, pred = out if need_pred else (out, None)
+                        loss, stats = fpo_loss(l_old[idx_d], l_new.float(), adv[idx_d], self.objective)
+                        if need_pred:
+                            kl = kl_penalty(pred, ref_pred[idx_d]).mean()
+                            loss = loss + f.kl_beta * kl
+                            stats["kl_ref"] = kl.detach()
+                        if self.anchor is not None:
+                            anc = self._anchor_loss(iteration, epoch, step * tr.grad_accum_steps + j, len(idx))
+                            loss = loss + f.fm_anchor_beta * anc
+                            stats["fm_anchor_loss"] = anc.detach()
+                        finite &= bool(torch.isfinite(loss))
+                        acc.backward(loss / len(group))
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    sums["surrogate"] = sums.get("surrogate", 0.0) + float(loss.detach())
+                    n_terms += 1
+                gn = acc.clip_grad_norm_(self.model.parameters(), tr.max_grad_norm if tr.max_grad_norm else float("inf"))
+                gn = float(gn) if gn is not None else float("nan")
+                finite_t = torch.tensor([1.0 if (finite and math.isfinite(gn)) else 0.0], device=dev)
+                all_finite = bool(self._gather(finite_t).min() > 0)
+                if all_finite:
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self._ema_step()
+                    self.nonfinite_in_a_row = 0
+                    grad_norms.append(gn)
+                else:
+                    skipped += 1
+                    self.nonfinite_in_a_row += 1
+                    if acc.is_main_process:
+                        print(f"iteration {iteration}: skipped an update with a non-finite "
+                              f"{'loss' if not finite else 'gradient'}", flush=True)
+                    if self.nonfinite_in_a_row >= tr.max_nonfinite_in_a_row:
+                        raise TrainingError(f"{self.nonfinite_in_a_row} updates in a row had non-finite losses or "
+                                            f"gradients (last at iteration {iteration}); stopping")
+                self.optimizer.zero_grad(set_to_none=True)
+        out = {f"fpo/{k}": v / max(n_terms, 1) for k, v in sums.items()}
+        out["fpo/skipped_updates"] = skipped
+        out["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+        return out
+
+    @torch.no_grad()
+    def _ema_step(self) -> None:
+        if self.ema is None:
+            return
+        d = self.cfg.train.ema_decay
+        for e, p in zip(self.ema, self.policy.trainable_parameters()):
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Temporarily swap the EMA weights into the LoRA parameters (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        params = self.policy.trainable_parameters()
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, self.ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+
+    # ------------------------------------------------------------------ the loop
+    def train_iteration(self, it: int) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        ro = self.rollout(it)
+        all_rewards = self._gather(ro.rewards)
+        all_groups = self._gather(ro.prompt_idx)
+        a = cfg.advantage
+        adv_all = group_advantages(all_rewards, all_groups, std=a.std, clip=a.clip, eps=a.eps)
+        sl = rank_slice(len(all_rewards), acc.process_index, self.world)
+        adv = adv_all[sl]
+        if not torch.isfinite(all_rewards).all():
+            raise TrainingError(f"iteration {it}: a reward is not finite")
+        t_u = time.perf_counter()
+        t, eps, l_old, ref_pred = self.old_losses(ro, it)
+        own_cfm = float(self._gather(l_old.mean().reshape(1)).mean())
+        if self.cfm_start is None:
+            self.cfm_start = own_cfm
+        stats = self.update(ro, adv, t, eps, l_old, ref_pred, it)
+        upd_s = time.perf_counter() - t_u
+        comps = {k: float(self._gather(v).mean()) for k, v in sorted(ro.components.items())}
+        n_global = len(all_rewards)
+        m = {
+            "reward/mean": float(all_rewards.mean()),
+            "reward/std": float(all_rewards.std(unbiased=False)),
+            "reward/zero_variance_groups": zero_variance_share(all_rewards, all_groups),
+            "advantage/mean": float(adv_all.mean()),
+            "advantage/abs_mean": float(adv_all.abs().mean()),
+            "advantage/max": float(adv_all.max()),
+            "advantage/min": float(adv_all.min()),
+            "policy/cfm_loss_own_samples": own_cfm,
+            "policy/cfm_loss_ratio_to_start": own_cfm / self.cfm_start if self.cfm_start else float("nan"),
+            "perf/rollout_samples_per_s": n_global / max(ro.seconds, 1e-9),
+            "perf/update_samples_per_s": n_global / max(upd_s, 1e-9),
+            "perf/rollout_s": ro.seconds,
+            "perf/update_s": upd_s,
+            **{("policy/foreground_share" if k == "_foreground_share" else f"reward/{k}"): v for k, v in comps.items()},
+            **stats,
+        }
+        r = cfg.log.collapse_ratio
+        if self.cfm_start and not (self.cfm_start / r <= own_cfm <= self.cfm_start * r) and acc.is_main_process:
+            print(f"warning: iteration {it}: the policy's CFM loss on its own samples is {own_cfm:.4g}, "
+                  f"{own_cfm / self.cfm_start:.2f}x its start ({self.cfm_start:.4g}): possible collapse or reward "
+                  f"hacking; look at the image grids (raise fpo.kl_beta or fpo.fm_anchor_beta)", flush=True)
+        self._log_samples(it, all_groups, all_rewards, adv_all)
+        if cfg.log.image_every and (it % cfg.log.image_every == 0 or it == cfg.train.iterations - 1) and ro.images:
+            caps = [f"{self.prompts[int(p)].prompt} | {float(r):.2f}" for p, r in zip(ro.prompt_idx, ro.rewards)]
+            self.logger.log_image("samples", make_grid(ro.images, caps[: len(ro.images)]), it)
+        return m
+
+    def _log_samples(self, it: int, groups: torch.Tensor, rewards: torch.Tensor, adv: torch.Tensor) -> None:
+        """One row per global sample in ``samples.jsonl``: what was asked, what it scored, its advantage."""
+        if not self.accelerator.is_main_process:
+            return
+        import json
+
+        with (self.out / "samples.jsonl").open("a") as f:
+            for i, (g, r, a) in enumerate(zip(groups.tolist(), rewards.tolist(), adv.tolist())):
+                f.write(json.dumps({"iteration": it, "index": i, "prompt_index": g, "prompt": self.prompts[g].prompt,
+                                    "reward": r, "advantage": a}) + "\n")
+
+    def _save(self, iteration: int) -> Path:
+        state = {"iteration": iteration, "nonfinite_in_a_row": self.nonfinite_in_a_row, "cfm_start": self.cfm_start,
+                 "world_size": self.world, "version": __version__, "config": config_to_dict(self.cfg)}
+        extra = {"ema.safetensors": {str(i): e for i, e in enumerate(self.ema)}} if self.ema is not None else None
+        return save_checkpoint(self.accelerator, self.ckpt_root, iteration, state, extra,
+                               keep_last=self.cfg.checkpoint.keep_last)
+
+    def export(self, out_dir: str | Path | None = None) -> Path:
+        """Export the (EMA) LoRA in the diffusers format; main process only writes."""
+        out_dir = Path(out_dir or self.out / "lora")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with self.ema_weights():
+                self.policy.export_lora(str(out_dir))
+        self.accelerator.wait_for_everyone()
+        return out_dir
+
+    def train(self, stop_after: int | None = None) -> dict[str, float]:
+        """Train to ``train.iterations``; with ``stop_after`` stop (checkpointed) after that many iterations."""
+        cfg, acc = self.cfg, self.accelerator
+        last: dict[str, float] = {}
+        end = cfg.train.iterations if stop_after is None else min(cfg.train.iterations, self.start_iteration + stop_after)
+        iters = range(self.start_iteration, end)
+        bar = tqdm(iters, desc="FPO", initial=self.start_iteration, total=cfg.train.iterations,
+                   disable=not (cfg.log.progress and acc.is_local_main_process))
+        try:
+            for it in bar:
+                last = self.train_iteration(it)
+                self.logger.log(last, it)
+                bar.set_postfix(reward=f"{last['reward/mean']:.3f}", ratio=f"{last.get('fpo/ratio_mean', 1):.3f}",
+                                clip=f"{last.get('fpo/clip_frac', 0):.2f}")
+                done = it + 1
+                every = cfg.checkpoint.every
+                if (every and done % every == 0) or done == end:
+                    self._save(done)
+            if end == cfg.train.iterations:
+                self.export()
+        finally:
+            self.logger.close()
+        return last
+
+
+def run(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> dict[str, float]:
+    """Build a trainer for ``cfg`` and train it."""
+    return FPOTrainer(cfg, resume=resume).train(stop_after=stop_after)
+
+
+__all__ = ["FPOTrainer", "TrainingError", "CheckpointError", "run"]
