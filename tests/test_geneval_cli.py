@@ -307,3 +307,14 @@ def test_geneval_reward_strict_and_partial():
         strict(imgs[:1], ["p"], [{}])
     with pytest.raises(ValueError, match="detector"):
         build_reward("geneval")
+
+
+def test_detector_spec(tmp_path, detector_module):
+    from rewards.geneval.mask2former import Mask2FormerDetector
+
+    assert isinstance(cli.load_detector(str(tmp_path)), Mask2FormerDetector)  # a folder: loaded lazily
+    assert callable(cli.load_detector(detector_module))
+    with pytest.raises(GenEvalInputError, match="neither"):
+        cli.load_detector(str(tmp_path / "absent"))
+    with pytest.raises(GenEvalInputError, match="cannot import"):
+        cli.load_detector("no_such_module_xyz:Det")

@@ -231,3 +231,17 @@ def test_clip_colour_matches_manual_pipeline_and_feeds_the_rules(tiny_clip):
 def test_clip_load_failure_is_clear():
     with pytest.raises(RuntimeError, match="cannot load CLIP"):
         ClipColorClassifier("no-such-model", pretrained=None).head("car")
+
+
+def test_postprocess_upsamples_only_needed_queries_but_matches_full():
+    torch.manual_seed(3)
+    cls = torch.randn(12, 6) * 3
+    masks = torch.randn(12, 5, 7)
+    cfg = PostprocessConfig(max_per_image=7)
+    got = postprocess(cls, masks, (10, 14), input_size=(20, 28), valid_size=(18, 24), classnames=list("abcde"), config=cfg)
+    full = upsample_masks(masks, (20, 28), (18, 24), (10, 14))
+    labels, boxes, scores, binary = instance_postprocess(cls, full, max_per_image=7)
+    assert sum(len(v) for v in got.values()) == 7
+    flat = sorted((d.label, d.box, round(d.score, 6)) for v in got.values() for d in v)
+    want = sorted(("abcde"[int(l)], tuple(b.tolist()), round(float(s), 6)) for l, b, s in zip(labels, boxes, scores))
+    assert flat == want

@@ -121,12 +121,15 @@ def upsample_masks(mask_logits: torch.Tensor, input_size: tuple[int, int], valid
 
 
 def instance_postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, *, max_per_image: int = 100,
-                         num_things: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         num_things: int | None = None, mask_rows: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """mmdet ``instance_postprocess`` on one image.
 
     ``class_logits [Q, C + 1]`` (last column: no object), ``mask_logits [Q, H, W]`` already at
     the output size. Returns ``labels [K]``, ``boxes [K, 4]``, ``scores [K]``, ``masks [K, H, W]``
     (bool), ``K = min(max_per_image, Q * C)`` restricted to thing classes, ordered by class score.
+    ``mask_rows [Q]`` optionally maps each query to its row of ``mask_logits`` (when only the
+    queries that can reach the top-k were upsampled).
     """
     num_queries, c1 = class_logits.shape
     num_classes = c1 - 1
@@ -139,7 +142,7 @@ def instance_postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, 
     query_idx = top // num_classes
     is_thing = labels_per_image < num_things
     scores_per_image, labels_per_image, query_idx = scores_per_image[is_thing], labels_per_image[is_thing], query_idx[is_thing]
-    masks = mask_logits[query_idx].float()
+    masks = mask_logits[query_idx if mask_rows is None else mask_rows[query_idx]].float()
     binary = (masks > 0).float()
     mask_scores = (masks.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     det_scores = scores_per_image * mask_scores
@@ -178,9 +181,11 @@ def postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, out_size:
     scores = F.softmax(class_logits.float(), dim=-1)[:, :-1]
     k = min(config.max_per_image, scores.numel())
     needed = torch.unique(scores.flatten().topk(k).indices // num_classes)
-    full = torch.zeros(mask_logits.shape[0], *out_size)
-    full[needed] = upsample_masks(mask_logits[needed], input_size, valid_size, out_size)
-    labels, boxes, det_scores, masks = instance_postprocess(class_logits, full, max_per_image=config.max_per_image)
+    rows = torch.full((mask_logits.shape[0],), -1, dtype=torch.long)
+    rows[needed] = torch.arange(len(needed))
+    upsampled = upsample_masks(mask_logits[needed], input_size, valid_size, out_size)
+    labels, boxes, det_scores, masks = instance_postprocess(class_logits, upsampled, max_per_image=config.max_per_image,
+                                                            mask_rows=rows)
     return to_detections(labels, boxes, det_scores, masks, classnames)
 
 
