@@ -84,8 +84,8 @@ def hf_clip_features(model: Any, processor: Any, images: list[Image.Image] | Non
         img = _as_tensor(model.get_image_features(pixel_values=pix)).float()
         img = img / img.norm(dim=-1, keepdim=True)
     if prompts is not None:
-        inputs = processor(text=list(prompts), padding=True, truncation=True,
-                           max_length=processor.tokenizer.model_max_length, return_tensors="pt")
+        max_len = min(int(processor.tokenizer.model_max_length), int(model.config.text_config.max_position_embeddings))
+        inputs = processor(text=list(prompts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         txt = _as_tensor(model.get_text_features(input_ids=inputs["input_ids"].to(device),
                                                  attention_mask=inputs["attention_mask"].to(device))).float()
         txt = txt / txt.norm(dim=-1, keepdim=True)
