@@ -1,0 +1,400 @@
+"""Pretraining of the shapes world's text-to-image model (logic behind ``launch/pretrain_shapes.py``).
+
+Stages, each deterministic (seeded), resumable (checkpoint in ``work_dir/<stage>/ckpt.pt``)
+and time-budgeted (``minutes``):
+
+* ``vae``: a tiny ``AutoencoderKL`` whose latent cell is one grid cell (downsampling = 16),
+  trained on rendered random scenes (L1 + L2 + small KL).
+* ``transformer``: a tiny ``SD3Transformer2DModel`` (patch 1, joint attention) trained with
+  rectified flow on normalised VAE latents, conditioned on two tiny jointly trained
+  ``CLIPTextModelWithProjection`` encoders (no T5), CFG dropout 10 %.
+
+Each finished stage writes its part of a stock ``StableDiffusion3Pipeline`` folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .render import render_array, to_tensor_batch
+from .scenes import random_scene
+from .world import CANVAS, CELL, GRID
+
+DEFAULT_ASSET = Path(__file__).resolve().parent.parent / "assets" / "shapes_sd3"
+LATENT_CHANNELS = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    n_down = int(math.log2(CELL))
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * (n_down + 1),
+        up_block_types=("UpDecoderBlock2D",) * (n_down + 1),
+        block_out_channels=(16, 32, 48, 64, 64)[: n_down + 1],
+        layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=8,
+        sample_size=CANVAS, scaling_factor=1.0, shift_factor=0.0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: checkpoints, rng
+# ---------------------------------------------------------------------------------------------
+def _save_ckpt(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _batch_scenes(seed: int, step: int, batch: int, stream: int = 0):
+    rng = np.random.default_rng([seed, stream, step])
+    return [random_scene(rng) for _ in range(batch)], rng
+
+
+def _progress(total_s: float, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=int(total_s), desc=desc, unit="s", mininterval=10, smoothing=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1: VAE
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class VAEConfig:
+    minutes: float = 15.0
+    batch_size: int = 32
+    lr: float = 2e-3
+    kl_weight: float = 1e-5
+    seed: int = 0
+    ckpt_every_s: float = 120.0
+
+
+def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log=print) -> Path:
+    torch.manual_seed(cfg.seed)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ckpt = work_dir / "vae" / "ckpt.pt"
+    step, elapsed = 0, 0.0
+    if ckpt.is_file():
+        st = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"])
+        step, elapsed = st["step"], st["elapsed"]
+        torch.set_rng_state(st["torch_rng"])
+        log(f"[vae] resumed at step {step} ({elapsed/60:.1f} min)")
+    n_params = sum(p.numel() for p in vae.parameters())
+    log(f"[vae] {n_params/1e6:.2f}M parameters, budget {cfg.minutes} min")
+    budget = cfg.minutes * 60.0
+    vae.train()
+    pbar = _progress(budget, "vae")
+    pbar.update(int(elapsed))
+    t_last_ckpt = time.time()
+    ema = None
+    while elapsed < budget:
+        t0 = time.time()
+        # cosine decay over the budget, short warmup
+        frac = min(elapsed / budget, 1.0)
+        lr = cfg.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        scenes, _ = _batch_scenes(cfg.seed, step, cfg.batch_size)
+        x = to_tensor_batch([render_array(s) for s in scenes])
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        xr = vae.decode(z).sample
+        rec = (xr - x).abs().mean() + ((xr - x) ** 2).mean()
+        kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).mean()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        dt = time.time() - t0
+        elapsed += dt
+        pbar.update(int(elapsed) - pbar.n)
+        ema = rec.item() if ema is None else 0.98 * ema + 0.02 * rec.item()
+        if step % 50 == 0:
+            log(f"[vae] step {step} t={elapsed/60:.1f}min rec={ema:.4f} kl={kl.item():.3f} "
+                f"lr={lr:.2e} {cfg.batch_size/dt:.0f} img/s")
+        if time.time() - t_last_ckpt > cfg.ckpt_every_s:
+            _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                              "elapsed": elapsed, "torch_rng": torch.get_rng_state()})
+            t_last_ckpt = time.time()
+    pbar.close()
+    _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                      "elapsed": elapsed, "torch_rng": torch.get_rng_state()})
+    vae.eval()
+    # latent statistics -> scaling/shift factors
+    with torch.no_grad():
+        scenes, _ = _batch_scenes(cfg.seed, 0, 512, stream=1)
+        z = vae.encode(to_tensor_batch([render_array(s) for s in scenes])).latent_dist.mean
+        shift = float(z.mean()); scale = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    (out_dir / "vae").mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(out_dir / "vae")
+    log(f"[vae] done: {step} steps, {step*cfg.batch_size} images, saved to {out_dir/'vae'} "
+        f"(scaling_factor={scale:.4f}, shift_factor={shift:.4f})")
+    return out_dir / "vae"
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: text encoders + transformer
+# ---------------------------------------------------------------------------------------------
+TOKEN_LEN = 20
+"""CLIP context length of the shipped tokenizers (the longest prompt has 13 tokens)."""
+TEXT_DIM = 32
+
+
+def build_tokenizer():
+    from fpo_diffusion.tokenizers import clip_tokenizer
+
+    return clip_tokenizer(model_max_length=TOKEN_LEN)
+
+
+def build_text_encoder(seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=TOKEN_LEN, projection_dim=TEXT_DIM,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="gelu")
+    return CLIPTextModelWithProjection(cfg)
+
+
+def build_transformer(seed: int, num_layers: int = 4, heads: int = 4, head_dim: int = 32):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=GRID, patch_size=1, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        num_layers=num_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+        joint_attention_dim=2 * TEXT_DIM, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=GRID,
+    )
+
+
+def build_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+class ZeroTokenBias:
+    """Training-time joint-attention processor: one all-zero "T5" token stands for ``n``.
+
+    With no T5 the pipeline appends ``max_sequence_length`` identical all-zero tokens to the
+    context. Identical tokens keep identical states through every block, so ``n`` copies act
+    exactly like one copy whose attention logit is raised by ``log(n)``. Training with one token
+    and that bias costs nothing and matches the pipeline's default ``max_sequence_length=256``
+    (checked numerically in the tests); the saved model uses the stock processor.
+    """
+
+    def __init__(self):
+        self.log_n = 0.0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        b = hidden_states.shape[0]
+        n_img = hidden_states.shape[1]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        cq = heads(attn.add_q_proj(encoder_hidden_states))
+        ck = heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        mask = q.new_zeros(1, 1, 1, k.shape[2])
+        mask[..., -1] = self.log_n
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h.transpose(1, 2).reshape(b, -1, h.shape[1] * h.shape[-1])
+        h, c = h[:, :n_img], h[:, n_img:]
+        if not attn.context_pre_only:
+            c = attn.to_add_out(c)
+        h = attn.to_out[1](attn.to_out[0](h))
+        return h, c
+
+
+def encode_text(tokenizer, te1, te2, prompts: list[str], n_zero: int = 256):
+    """``(prompt_embeds, pooled)`` exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds them
+    with no T5 (``n_zero`` = its ``max_sequence_length``), but differentiable."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    embs, pooled = [], []
+    for te in (te1, te2):
+        out = te(ids, output_hidden_states=True)
+        pooled.append(out[0])
+        embs.append(out.hidden_states[-2])
+    clip = torch.cat(embs, dim=-1)
+    zeros = clip.new_zeros(clip.shape[0], n_zero, clip.shape[-1])
+    return torch.cat([clip, zeros], dim=-2), torch.cat(pooled, dim=-1)
+
+
+@dataclass
+class TransformerConfig:
+    minutes: float = 60.0
+    batch_size: int = 64
+    lr: float = 6e-4
+    seed: int = 0
+    pool_size: int = 24000
+    cfg_dropout: float = 0.1
+    ema_decay: float = 0.999
+    num_layers: int = 4
+    ckpt_every_s: float = 120.0
+    device: str = "cpu"
+    # all-zero "T5" tokens the pipeline appends (its max_sequence_length): 256 (the default) half
+    # of the time, else log-uniform in [1, 256] (see ZeroTokenBias)
+    zero_tokens_default: int = 256
+
+
+def _load_vae(out_dir: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(out_dir / "vae").eval()
+
+
+def _build_pool(cfg: TransformerConfig, vae, path: Path, log=print):
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    from .scenes import sample_training, scene_for
+
+    rng = np.random.default_rng([cfg.seed, 7])
+    prompts, arrays = [], []
+    for _ in range(cfg.pool_size):
+        m = sample_training(rng)
+        prompts.append(m["prompt"])
+        arrays.append(render_array(scene_for(m, rng)))
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(arrays), 256):
+            d = vae.encode(to_tensor_batch(arrays[i:i + 256])).latent_dist
+            means.append(d.mean); stds.append(d.std)
+    pool = {"prompts": prompts, "mean": torch.cat(means), "std": torch.cat(stds)}
+    _save_ckpt(path, pool)
+    log(f"[transformer] latent pool: {len(prompts)} scenes, {len(set(prompts))} distinct prompts")
+    return pool
+
+
+def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log=print) -> Path:
+    import copy
+
+    vae = _load_vae(out_dir)
+    sf, sh = float(vae.config.scaling_factor), float(vae.config.shift_factor)
+    pool = _build_pool(cfg, vae, work_dir / "transformer" / "pool.pt", log)
+    tok = build_tokenizer()
+    te1, te2 = build_text_encoder(cfg.seed + 1), build_text_encoder(cfg.seed + 2)
+    tr = build_transformer(cfg.seed + 3, num_layers=cfg.num_layers)
+    modules = torch.nn.ModuleDict({"te1": te1, "te2": te2, "tr": tr})
+    ema = copy.deepcopy(modules).requires_grad_(False)
+    opt = torch.optim.AdamW(modules.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ckpt = work_dir / "transformer" / "ckpt.pt"
+    step, elapsed = 0, 0.0
+    if ckpt.is_file():
+        st = torch.load(ckpt, weights_only=False)
+        modules.load_state_dict(st["model"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
+        step, elapsed = st["step"], st["elapsed"]
+        log(f"[transformer] resumed at step {step} ({elapsed/60:.1f} min)")
+    n_tr = sum(p.numel() for p in tr.parameters())
+    n_te = sum(p.numel() for p in te1.parameters()) * 2
+    log(f"[transformer] transformer {n_tr/1e6:.2f}M + text encoders {n_te/1e6:.2f}M parameters, "
+        f"budget {cfg.minutes} min")
+    budget = cfg.minutes * 60.0
+    N = len(pool["prompts"])
+    zproc = ZeroTokenBias()
+    tr.set_attn_processor(zproc)  # training copy only; ``ema`` keeps the stock processor
+    modules.train()
+    pbar = _progress(budget, "transformer")
+    pbar.update(int(elapsed))
+    t_ck = time.time()
+    avg = None
+
+    def save():
+        _save_ckpt(ckpt, {"model": modules.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                          "step": step, "elapsed": elapsed})
+
+    while elapsed < budget:
+        t0 = time.time()
+        frac = min(elapsed / budget, 1.0)
+        lr = cfg.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rng = np.random.default_rng([cfg.seed, 11, step])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        idx = torch.from_numpy(rng.integers(0, N, size=cfg.batch_size))
+        prompts = [pool["prompts"][i] if rng.random() >= cfg.cfg_dropout else "" for i in idx.tolist()]
+        z0 = pool["mean"][idx] + pool["std"][idx] * torch.randn(pool["mean"][idx].shape, generator=gen)
+        z0 = (z0 - sh) * sf
+        eps = torch.randn(z0.shape, generator=gen)
+        t = torch.sigmoid(torch.randn(cfg.batch_size, generator=gen))  # logit-normal(0, 1)
+        t = torch.where(torch.rand(cfg.batch_size, generator=gen) < 0.1, torch.rand(cfg.batch_size, generator=gen), t)
+        tt = t.view(-1, 1, 1, 1)
+        xt = (1 - tt) * z0 + tt * eps
+        log_n = math.log(cfg.zero_tokens_default)
+        zproc.log_n = log_n if rng.random() < 0.5 else float(rng.uniform(0.0, log_n))
+        pe, pooled = encode_text(tok, te1, te2, prompts, 1)
+        v = tr(hidden_states=xt, encoder_hidden_states=pe, pooled_projections=pooled, timestep=t * 1000,
+               return_dict=False)[0]
+        loss = F.mse_loss(v, eps - z0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        opt.step()
+        d = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe_, pm in zip(ema.parameters(), modules.parameters()):
+                pe_.lerp_(pm, 1 - d)
+        step += 1
+        dt = time.time() - t0
+        elapsed += dt
+        pbar.update(int(elapsed) - pbar.n)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 50 == 0:
+            log(f"[transformer] step {step} t={elapsed/60:.1f}min loss={avg:.4f} lr={lr:.2e} "
+                f"{cfg.batch_size/dt:.0f} img/s")
+        if time.time() - t_ck > cfg.ckpt_every_s:
+            save(); t_ck = time.time()
+    pbar.close()
+    save()
+    export_pipeline(ema["te1"], ema["te2"], ema["tr"], out_dir)
+    log(f"[transformer] done: {step} steps, {step*cfg.batch_size} samples; pipeline saved to {out_dir}")
+    return out_dir
+
+
+def export_pipeline(te1, te2, tr, out_dir: Path) -> None:
+    """Write the stock ``StableDiffusion3Pipeline`` folder (VAE already in ``out_dir/vae``)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    vae = _load_vae(out_dir)
+    tok = build_tokenizer()
+    pipe = StableDiffusion3Pipeline(transformer=tr.eval(), scheduler=build_scheduler(), vae=vae,
+                                    text_encoder=te1.eval(), tokenizer=tok, text_encoder_2=te2.eval(),
+                                    tokenizer_2=copy_tok(tok), text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(out_dir)
+
+
+def copy_tok(tok):
+    import copy
+
+    return copy.deepcopy(tok)
