@@ -87,11 +87,10 @@ def clip_tokenizer(model_max_length: int = 77):
     """A ``CLIPTokenizer`` identical in vocabulary to ``openai/clip-vit-*``'s, built offline.
 
     Padding uses ``<|endoftext|>`` (as the SD1.x tokenizer); ``model_max_length`` sets the
-    context length used by pipelines (77 for real CLIP; tiny tests may use less).
+    context length used by pipelines (77 for real CLIP; tiny tests may use less). The instance
+    is cached and shared (tokenizers are not mutated by pipelines).
     """
-    import copy
-
-    return copy.deepcopy(_clip_tokenizer_cached(int(model_max_length)))
+    return _clip_tokenizer_cached(int(model_max_length))
 
 
 def tiny_t5_tokenizer(n_words: int = 2000, model_max_length: int = 32):

@@ -7,6 +7,7 @@ the denoiser call. Everything here is batched: one forward over ``B * N`` rows.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -66,6 +67,24 @@ def check_prompts(prompts: list[str]) -> list[str]:
     if bad:
         raise ValueError(f"prompts must be strings, got {bad[0]}")
     return prompts
+
+
+_OPTIONAL_COMPONENTS = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor", "safety_checker")
+
+
+def _absent_optional_components(path: str) -> dict[str, None]:
+    """``{name: None}`` for optional components a local pipeline folder does not have.
+
+    ``save_pretrained`` omits ``None`` components (e.g. SD3 without T5) from
+    ``model_index.json``, and ``from_pretrained`` then refuses to load unless they are passed.
+    """
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        return {}
+    with open(index) as f:
+        entries = json.load(f)
+    return {n: None for n in _OPTIONAL_COMPONENTS
+            if n not in entries or entries[n] is None or list(entries[n]) == [None, None]}
 
 
 class PipelinePolicy(Policy):
@@ -128,7 +147,10 @@ class PipelinePolicy(Policy):
         path = resolve_path(path)
         pkw = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.policy_kwargs}
         pipe_cls = getattr(diffusers, cls.pipeline_class)
-        pipe = pipe_cls.from_pretrained(path, torch_dtype=dtype, **{**cls._from_pretrained_kwargs(), **kwargs})
+        accepted = set(inspect.signature(pipe_cls.__init__).parameters)
+        absent = {k: v for k, v in _absent_optional_components(path).items() if k in accepted}
+        extra = {**cls._from_pretrained_kwargs(), **absent, **kwargs}
+        pipe = pipe_cls.from_pretrained(path, torch_dtype=dtype, **extra)
         pipe.to(device)
         return cls(pipe, **pkw)
 
@@ -224,20 +246,24 @@ class PipelinePolicy(Policy):
 
     def cfm_loss(self, x0: torch.Tensor, cond: Cond, t: torch.Tensor, eps: torch.Tensor, *,
                  model: nn.Module | None = None, return_pred: bool = False):
-        """Per-pair CFM loss ``[B, N]`` (mean over latent dims, float32); see :class:`Policy`."""
+        """Per-pair CFM loss ``[B, N]`` (mean over latent dims; float32, float64 for float64 models).
+
+        See :class:`~fpo_diffusion.policies.base.Policy`. One batched forward over ``B * N`` rows.
+        """
         if t.dim() != 2:
             raise ValueError(f"t must be [B, N], got {tuple(t.shape)}")
         b, n = t.shape
         if eps.shape[:2] != (b, n) or eps.shape[2:] != x0.shape[1:] or x0.shape[0] != b:
             raise ValueError(f"shape mismatch: x0 {tuple(x0.shape)}, t {tuple(t.shape)}, eps {tuple(eps.shape)}")
         dev = self.device
-        x0f = x0.to(dev, torch.float32).repeat_interleave(n, dim=0)
-        epsf = eps.to(dev, torch.float32).reshape(b * n, *eps.shape[2:])
-        tf = t.to(dev, torch.float32).reshape(b * n)
+        cdt = torch.float64 if self.dtype == torch.float64 else torch.float32  # noising precision
+        x0f = x0.to(dev, cdt).repeat_interleave(n, dim=0)
+        epsf = eps.to(dev, cdt).reshape(b * n, *eps.shape[2:])
+        tf = t.to(dev, cdt).reshape(b * n)
         x_t, target, model_time = self._noise(x0f, tf, epsf)
         c = cond_to(cond_repeat(cond, n), dev, self.dtype)
         pred = self._forward(model if model is not None else self.denoiser, x_t.to(self.dtype), model_time, c)
-        err = (pred.float() - target) ** 2
+        err = (pred.to(cdt) - target) ** 2
         loss = err.reshape(b, n, -1).mean(dim=2)
         if return_pred:
             return loss, pred.reshape(b, n, *pred.shape[1:])

@@ -50,8 +50,8 @@ class VPPolicyMixin:
         k = self.timestep_index(t)
         acp = self.alphas_cumprod.to(x0.device)[k]
         shape = (-1,) + (1,) * (x0.dim() - 1)
-        alpha = acp.sqrt().float().reshape(shape)
-        sigma = (1 - acp).sqrt().float().reshape(shape)
+        alpha = acp.sqrt().to(x0.dtype).reshape(shape)
+        sigma = (1 - acp).sqrt().to(x0.dtype).reshape(shape)
         x_t = alpha * x0 + sigma * eps
         target = eps if self.prediction_type == "epsilon" else alpha * eps - sigma * x0
         return x_t, target, k

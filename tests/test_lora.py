@@ -1,0 +1,105 @@
+"""LoRA: trainable set, reference forward, diffusers-format export round trip, merge."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fpo_diffusion.lora import lora_state_dict, merge_lora
+from fpo_diffusion.policies import POLICIES
+
+from helpers_policies import PROMPTS, fresh_pipeline, generators, make_policy, policy_kwargs
+
+
+def _probe(pol, seed=0):
+    cond = pol.encode_prompts(PROMPTS)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(2, *pol.latent_shape(), generator=g)
+    t = torch.tensor([[0.3], [0.7]])
+    eps = torch.randn(2, 1, *x0.shape[1:], generator=g)
+    return x0, cond, t, eps
+
+
+def _pred(pol, x0, cond, t, eps):
+    with torch.no_grad():
+        return pol.cfm_loss(x0, cond, t, eps, return_pred=True)[1]
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
+def test_only_lora_trainable_and_reference_is_base(family):
+    base = make_policy(family, lora=False)
+    probe = _probe(base)
+    base_pred = _pred(base, *probe)
+    pol = make_policy(family, init=False)
+    assert pol.trainable_parameters()
+    assert all("lora_" in n for n, p in pol.denoiser.named_parameters() if p.requires_grad)
+    for name in ("vae", "text_encoder"):
+        assert not any(p.requires_grad for p in getattr(pol.pipeline, name).parameters())
+    assert set(pol.lora_targets) == set(pol.default_lora_targets)
+    adapted = _pred(pol, *probe)
+    assert (adapted - base_pred).abs().max() > 1e-4  # random B: the adapter does something
+    with pol.reference():
+        torch.testing.assert_close(_pred(pol, *probe), base_pred)
+    torch.testing.assert_close(_pred(pol, *probe), adapted)  # re-enabled afterwards
+    # identity init: the adapted model starts as the base model
+    ident = make_policy(family, init=True)
+    torch.testing.assert_close(_pred(ident, *probe), base_pred)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_export_round_trip_into_stock_pipeline(family, tmp_path):
+    pol = make_policy(family, init=False, rank=4)
+    with torch.no_grad():  # make it look trained (and alpha != rank must survive via metadata)
+        for p in pol.trainable_parameters():
+            p.mul_(1.5)
+    path = pol.export_lora(str(tmp_path / "lora"))
+    assert os.path.basename(path) == "pytorch_lora_weights.safetensors" and os.path.isfile(path)
+    probe = _probe(pol)
+    want = _pred(pol, *probe)
+    cond = pol.encode_prompts(PROMPTS)
+    want_x0 = pol.sample(cond, generators(2), steps=2, guidance_scale=1.0)
+
+    stock = fresh_pipeline(family)
+    stock.load_lora_weights(str(tmp_path / "lora"))
+    loaded = POLICIES[family](stock, **policy_kwargs(family))
+    torch.testing.assert_close(_pred(loaded, *probe), want, rtol=1e-5, atol=1e-5)
+    got_x0 = loaded.sample(cond, generators(2), steps=2, guidance_scale=1.0)
+    torch.testing.assert_close(got_x0, want_x0, rtol=1e-5, atol=1e-5)
+
+
+def test_export_uses_given_state_dict(tmp_path):
+    pol = make_policy("sd3", init=False)
+    sd = lora_state_dict(pol.denoiser)
+    zero = {k: torch.zeros_like(v) for k, v in sd.items()}
+    pol.export_lora(str(tmp_path / "z"), state_dict=zero)
+    stock = fresh_pipeline("sd3")
+    stock.load_lora_weights(str(tmp_path / "z"))
+    loaded = POLICIES["sd3"](stock, **policy_kwargs("sd3"))
+    base = make_policy("sd3", lora=False)
+    probe = _probe(base)
+    torch.testing.assert_close(_pred(loaded, *probe), _pred(base, *probe))
+
+
+def test_merge_then_save_pretrained(tmp_path):
+    pol = make_policy("sd", init=False)
+    probe = _probe(pol)
+    want = _pred(pol, *probe)
+    merge_lora(pol)
+    assert not any("lora_" in n for n, _ in pol.denoiser.named_parameters())
+    torch.testing.assert_close(_pred(pol, *probe), want, rtol=1e-5, atol=1e-5)
+    pol.pipeline.save_pretrained(tmp_path / "merged")
+    from fpo_diffusion.policies import load_policy
+
+    again = load_policy("auto", str(tmp_path / "merged"))
+    torch.testing.assert_close(_pred(again, *probe), want, rtol=1e-5, atol=1e-5)
+
+
+def test_add_lora_errors():
+    pol = make_policy("sd", lora=False)
+    with pytest.raises(ValueError, match="none of the LoRA target modules"):
+        pol.add_lora(rank=2, target_modules=["no_such_proj"])
+    pol.add_lora(rank=2, target_modules=["to_q"])
+    assert pol.lora_targets == ["to_q"]
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        pol.add_lora(rank=2)
