@@ -7,7 +7,8 @@ Protocol (see :mod:`rewards.server`): ``POST {url}/score`` with JSON
 
 Failure policy: connection errors, timeouts, 5xx answers and malformed answers (not JSON,
 wrong length, non-numbers, non-finite numbers) are retried ``retries`` times with
-exponential backoff (``backoff * 2**attempt`` seconds); 4xx answers are not retried. When
+exponential backoff (``backoff * 2**attempt`` seconds); 4xx answers (other than 408/429)
+are not retried since repeating them cannot help. When
 nothing valid comes back, :class:`RewardError` says why. A failed reward is never a zero.
 
 Range: whatever the served reward's range is (unknown to the client).
@@ -110,7 +111,7 @@ class RemoteReward(Reward):
             except httpx.HTTPError as e:
                 last = f"{type(e).__name__}: {e}"
                 continue
-            if 400 <= r.status_code < 500:
+            if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
                 raise RewardError(f"remote reward at {self.url} refused the request: HTTP {r.status_code} {r.text[:300]}")
             if r.status_code != 200:
                 last = f"HTTP {r.status_code} {r.text[:300]}"

@@ -7,7 +7,7 @@ Endpoints:
   (``metadata`` optional) -> ``{"scores": [float]}``
 
 Safety: binds 127.0.0.1 by default (see ``launch/reward_server.py``); optional bearer token
-(no header 401, wrong token 403); limits on request bytes (413), batch size (413) and image
+(no header 401, wrong token 403) on ``/score`` (``/health`` stays open: it only names the reward); limits on request bytes (413), batch size (413) and image
 side (413); anything malformed (not JSON, wrong types or lengths, not a PNG/JPEG) is a 400/422
 and the server keeps serving. Images are decoded with PIL from PNG/JPEG only; nothing is
 ever unpickled. Scoring runs in a worker thread, one batch at a time (models are not
