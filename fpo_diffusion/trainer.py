@@ -64,6 +64,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _no_accelerator() -> bool:
+    """True on a CPU-only machine: accelerate then runs multi-process launches as gloo CPU ranks
+    (without ``cpu=True`` every rank of ``accelerate launch --multi_gpu`` would think it is alone)."""
+    mps = getattr(torch.backends, "mps", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+
+
 def _chunks(n: int, size: int):
     for s in range(0, n, size):
         yield slice(s, min(n, s + size))
@@ -80,7 +88,7 @@ class FPOTrainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=_no_accelerator())
         acc = self.accelerator
         self.resume_from = self._check_output_dir(resume)
         set_seed(cfg.train.seed)
@@ -89,6 +97,7 @@ class FPOTrainer:
         from .embedded import load_model
 
         self.policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=acc.device)
+        set_seed(cfg.train.seed)  # LoRA init must not depend on what loading consumed of the RNG
         self.policy.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                              dropout=cfg.lora.dropout)
         for p in self.policy.trainable_parameters():  # LoRA weights train in float32

@@ -1,0 +1,178 @@
+"""The training loop: ranks, resume, export, the CLI's handling of bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fpo_diffusion.advantages import group_advantages
+from fpo_diffusion.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "launch" / "train.py")
+
+
+def tiny_overrides(out, family="sd", **extra):
+    o = {
+        "output_dir": str(out), "model.family": family, "model.path": f"embedded:tiny-{family}",
+        "prompts.source": "embedded:tiny", "reward.weights": "{brightness: 1.0}", "train.iterations": 2,
+        "sampling.steps": 3, "train.prompts_per_iteration": 3, "train.group_size": 2, "fpo.n_mc": 2,
+        "log.image_every": 0, "log.tensorboard": "false", "log.progress": "false", "train.minibatch_size": 6,
+        "train.lr": 3e-3, "checkpoint.every": 1, "checkpoint.keep_last": 10,
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def run_train(args, nproc=1, check=True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if nproc == 1:
+        cmd = [sys.executable, TRAIN, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def read_jsonl(path):
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_and_groups_span_ranks(tmp_path):
+    # 3 prompts x 2 images = 6 samples; on 2 ranks the middle group is split 1 + 1 across ranks.
+    one = run_train(tiny_overrides(tmp_path / "one", **{"train.iterations": 1}))
+    two = run_train(tiny_overrides(tmp_path / "two", **{"train.iterations": 1, "train.minibatch_size": 3}), nproc=2)
+    s1, s2 = read_jsonl(tmp_path / "one" / "samples.jsonl"), read_jsonl(tmp_path / "two" / "samples.jsonl")
+    assert len(s1) == len(s2) == 6
+    for a, b in zip(s1, s2):
+        assert a["prompt"] == b["prompt"]
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
+        assert a["advantage"] == pytest.approx(b["advantage"], abs=1e-4)
+    # the advantages are the group statistics of the *gathered* rewards
+    r = torch.tensor([s["reward"] for s in s2], dtype=torch.float64)
+    g = torch.tensor([s["prompt_index"] for s in s2])
+    assert g[2] == g[3], "the middle group should span both ranks"
+    assert torch.allclose(torch.tensor([s["advantage"] for s in s2], dtype=torch.float64), group_advantages(r, g), atol=1e-5)
+    w1 = load_file(str(tmp_path / "one" / "checkpoints" / "checkpoint-000001" / "lora.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "checkpoints" / "checkpoint-000001" / "lora.safetensors"))
+    assert w1.keys() == w2.keys() and len(w1) > 0
+    moved = 0
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-4), k
+        moved += int("lora_B" in k and w1[k].abs().max() > 0)
+    assert moved > 0, "one update should move the zero-initialised LoRA B matrices"
+
+
+def _trainer(out, family="sd", resume=None, **extra):
+    from fpo_diffusion.trainer import FPOTrainer
+
+    return FPOTrainer(load_config(None, tiny_overrides(out, family, **extra)), resume=resume)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    extra = {"train.iterations": 4, "train.epochs": 2, "train.minibatch_size": 2, "train.lr_schedule": "cosine",
+             "train.ema_decay": 0.9}
+    _trainer(tmp_path / "full", **extra).train()
+    _trainer(tmp_path / "split", **extra).train(stop_after=2)
+    assert (tmp_path / "split" / "checkpoints" / "checkpoint-000002").is_dir()
+    assert not (tmp_path / "split" / "lora").exists()
+    _trainer(tmp_path / "split", resume="latest", **extra).train()
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "checkpoint-000004" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "split" / "checkpoints" / "checkpoint-000004" / "lora.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ea = load_file(str(tmp_path / "full" / "lora" / "pytorch_lora_weights.safetensors"))
+    eb = load_file(str(tmp_path / "split" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    ma, mb = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(tmp_path / "split" / "metrics.jsonl")
+    assert [m["iteration"] for m in mb] == [0, 1, 2, 3]
+    assert [m["reward/mean"] for m in ma] == [m["reward/mean"] for m in mb]
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_exported_lora_reproduces_the_trained_policy_in_a_stock_pipeline(tmp_path, family):
+    import diffusers
+
+    from fpo_diffusion.embedded import tiny_model_path
+
+    tr = _trainer(tmp_path / "run", family, **{"train.iterations": 2, "train.lr": 3e-2})
+    tr.train()
+    pol = tr.policy
+    with torch.no_grad():  # the trained LoRA must change what the model does
+        cond = pol.encode_prompts(["a red circle"])
+        x = torch.randn(1, *tr.latent_shape, generator=torch.Generator().manual_seed(0))
+        t = torch.full((1, 1), 0.5)
+        e = torch.randn(1, 1, *tr.latent_shape, generator=torch.Generator().manual_seed(1))
+        l_lora = pol.cfm_loss(x, cond, t, e)
+        with pol.reference():
+            l_base = pol.cfm_loss(x, cond, t, e)
+    assert not torch.allclose(l_lora, l_base)
+    gen = [torch.Generator().manual_seed(7)]
+    with torch.no_grad():
+        ours = pol.sample(cond, gen, steps=3, guidance_scale=1.0)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(tiny_model_path(family)),
+                                                       **({"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}))
+    pipe.load_lora_weights(str(tmp_path / "run" / "lora"))
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(prompt="a red circle", num_inference_steps=3, guidance_scale=1.0, output_type="latent",
+                 generator=torch.Generator().manual_seed(7)).images
+    assert torch.allclose(ours, stock, atol=1e-4, rtol=1e-3)
+
+
+@pytest.fixture
+def cli(capsys):
+    from fpo_diffusion.cli import run_cli
+    sys.path.insert(0, str(ROOT / "launch"))
+    import train as train_script
+
+    def call(argv):
+        rc = run_cli(train_script.main, argv, prog="train")
+        return rc, capsys.readouterr().err.strip().splitlines()
+
+    return call
+
+
+def test_bad_input_gets_one_clear_line_and_nothing_is_overwritten(tmp_path, cli):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1\n")
+    rc, err = cli(["--config", str(bad)])
+    assert rc == 2 and len(err) == 1 and "not valid YAML" in err[0] and "bad.yaml" in err[0]
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  learning_rate: 0.1\n")
+    rc, err = cli(["--config", str(unknown)])
+    assert rc == 2 and len(err) == 1 and "unknown config field train.learning_rate" in err[0]
+    # a run that exists: neither a fresh start nor anything else may touch it
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("precious: true\n")
+    (out / "metrics.jsonl").write_text('{"iteration": 0}\n')
+    rc, err = cli(tiny_overrides(out))
+    assert rc == 2 and len(err) == 1 and "already holds a run" in err[0]
+    assert (out / "config.yaml").read_text() == "precious: true\n"
+    assert (out / "metrics.jsonl").read_text() == '{"iteration": 0}\n'
+    not_ckpt = tmp_path / "not_a_checkpoint"
+    not_ckpt.mkdir()
+    rc, err = cli(["--resume", str(not_ckpt), *tiny_overrides(tmp_path / "fresh")])
+    assert rc == 2 and len(err) == 1 and "is not a checkpoint" in err[0]
+    rc, err = cli(["--resume", "latest", *tiny_overrides(tmp_path / "fresh2")])
+    assert rc == 2 and len(err) == 1 and "no complete checkpoint" in err[0]
+    rc, err = cli(tiny_overrides(tmp_path / "r3", **{"reward.weights": "{no_such_reward: 1.0}"}))
+    assert rc == 2 and len(err) == 1 and "unknown reward 'no_such_reward'" in err[0]
+    assert not (tmp_path / "r3" / "config.yaml").exists()
+    rc, err = cli(tiny_overrides(tmp_path / "r4", **{"model.path": str(tmp_path / "nowhere")}))
+    assert rc == 2 and len(err) == 1 and "nowhere" in err[0]
+
+
+def test_train_script_exit_code_on_bad_input(tmp_path):
+    p = run_train(["train.nope=1"], check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["train: error: unknown config field train.nope (in override 'train.nope=1')"]
