@@ -10,8 +10,8 @@ Per image:
 3. **Shape**: the component mask is compared with every shape template (the renderer's own
    masks), aligned on the box centre and searched over +-1 px shifts; ``iou`` is the best
    template IoU and ``margin`` its lead over the best *other* shape. The detection score is
-   ``clip((iou - 0.5) / 0.4) * clip(margin / 0.1)``: 1.0 for a clean render, above GenEval's
-   0.3 detection threshold from IoU ~0.62 and above its 0.9 counting threshold from IoU ~0.86.
+   ``clip((iou - 0.6) / 0.3) * clip(margin / 0.1)``: 1.0 for a clean render, above GenEval's
+   0.3 detection threshold from IoU 0.69 and above its 0.9 counting threshold from IoU 0.87.
    A blob that matches no template well (or two equally well) scores 0 and is not reported.
 4. **Colour**: the nearest palette colour to the component's per-channel median, provided
    the median is within :data:`COLOR_TOL` of it and at least :data:`COLOR_PURITY` of the
@@ -145,7 +145,7 @@ def analyse(image) -> list[Component]:
         ious = _match(m, box)
         order = sorted(ious, key=ious.get, reverse=True)
         iou, margin = ious[order[0]], ious[order[0]] - ious[order[1]]
-        score = float(np.clip((iou - 0.5) / 0.4, 0, 1) * np.clip(margin / 0.1, 0, 1))
+        score = float(np.clip((iou - 0.6) / 0.3, 0, 1) * np.clip(margin / 0.1, 0, 1))
         out.append(Component(m, box, area, order[0] if score > 0 else None, iou, margin, score, color, score <= 0))
     return out
 

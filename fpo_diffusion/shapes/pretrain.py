@@ -28,6 +28,7 @@ from .render import render_array, to_tensor_batch
 from .scenes import random_scene
 from .world import CANVAS, CELL, GRID
 
+_BG_T = torch.tensor([c / 127.5 - 1.0 for c in (128, 128, 128)]).view(1, 3, 1, 1)
 DEFAULT_ASSET = Path(__file__).resolve().parent.parent / "assets" / "shapes_sd3"
 LATENT_CHANNELS = 8
 
@@ -79,6 +80,7 @@ class VAEConfig:
     batch_size: int = 32
     lr: float = 2e-3
     kl_weight: float = 1e-5
+    fg_weight: float = 9.0
     seed: int = 0
     ckpt_every_s: float = 120.0
 
@@ -115,7 +117,9 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
         post = vae.encode(x).latent_dist
         z = post.sample()
         xr = vae.decode(z).sample
-        rec = (xr - x).abs().mean() + ((xr - x) ** 2).mean()
+        # objects cover ~10 % of the pixels: weight them up, or the decoder settles on the mean image
+        w = 1.0 + cfg.fg_weight * (x - _BG_T).abs().amax(1, keepdim=True).gt(0.05).float()
+        rec = (w * ((xr - x).abs() + (xr - x) ** 2)).mean() / w.mean()
         kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).mean()
         loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,62 @@
+"""ShapesEval: score a model folder (optionally + LoRA) on the shapes world's held-out prompts.
+
+    python eval/shapes.py                                  # the shipped model
+    python eval/shapes.py path/to/pipeline --lora runs/x/lora --out outputs/shapes_eval/x
+    python eval/shapes.py --reconstructions                # the shipped VAE's reconstructions
+    python eval/shapes.py --max-per-task 10 --images 2     # quick look
+
+Writes report.json / report.md / report.html, per-task grids and every image to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from fpo_diffusion.shapes import evaluate as E
+    from fpo_diffusion.shapes.pretrain import DEFAULT_ASSET
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default=str(DEFAULT_ASSET), help="StableDiffusion3Pipeline folder")
+    ap.add_argument("--lora", default=None, help="LoRA folder (diffusers format) to load into the pipeline")
+    ap.add_argument("--out", default=None, help="report folder (default outputs/shapes_eval/<model name>)")
+    ap.add_argument("--images", type=int, default=4, help="images per prompt entry")
+    ap.add_argument("--max-per-task", type=int, default=None, help="first N entries of each task only")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reconstructions", action="store_true", help="score the VAE's reconstructions instead")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = Path(args.model)
+    if not (model / "model_index.json").is_file() and not (args.reconstructions and (model / "vae").is_dir()):
+        print(f"error: {model} is not a diffusers pipeline folder (no model_index.json)", file=sys.stderr)
+        return 2
+    if args.lora and not Path(args.lora).exists():
+        print(f"error: LoRA folder {args.lora} does not exist", file=sys.stderr)
+        return 2
+    name = model.name + ("_recon" if args.reconstructions else "") + (f"_{Path(args.lora).name}" if args.lora else "")
+    out = Path(args.out or f"outputs/shapes_eval/{name}")
+    if (out / "report.json").exists() and not args.overwrite:
+        print(f"error: {out}/report.json exists; pass --overwrite or another --out", file=sys.stderr)
+        return 2
+    if args.reconstructions:
+        E.evaluate_reconstructions(model / "vae", out, n_images=args.images, max_per_task=args.max_per_task, seed=args.seed)
+    else:
+        E.evaluate_model(model, out, lora_dir=args.lora, n_images=args.images, max_per_task=args.max_per_task,
+                         steps=args.steps, guidance_scale=args.cfg, seed=args.seed, batch_size=args.batch_size)
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
