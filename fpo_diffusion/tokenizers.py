@@ -56,8 +56,14 @@ def _clip_vocab_and_merges() -> tuple[list[str], list[str]]:
 
 
 def clip_tokenizer_files(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Write (once) ``vocab.json`` + ``merges.txt`` of the CLIP BPE and return their folder."""
-    root = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / f"fpo_diffusion_clip_bpe_{os.getuid()}"
+    """Write (once) ``vocab.json`` + ``merges.txt`` of the CLIP BPE and return their folder.
+
+    Default folder: ``$FPO_DIFFUSION_CACHE/clip_bpe`` (or a per-user temp folder).
+    """
+    if cache_dir is None:
+        base = os.environ.get("FPO_DIFFUSION_CACHE") or os.path.join(tempfile.gettempdir(), f"fpo_diffusion_{os.getuid()}")
+        cache_dir = os.path.join(base, "clip_bpe")
+    root = Path(cache_dir)
     if (root / "vocab.json").is_file() and (root / "merges.txt").is_file():
         return root
     root.mkdir(parents=True, exist_ok=True)
