@@ -116,7 +116,15 @@ class PipelinePolicy(Policy):
     # --- loading ---------------------------------------------------------------------------
     @property
     def denoiser(self) -> nn.Module:  # type: ignore[override]
+        """The pipeline's own (unwrapped) UNet/transformer."""
         return getattr(self.pipeline, self.denoiser_attr)
+
+    @denoiser.setter
+    def denoiser(self, module: nn.Module) -> None:
+        if unwrap_model(module) is not module:
+            raise ValueError("policy.denoiser must stay the unwrapped module; pass the DDP/compiled wrapper as "
+                             "`model=` to cfm_loss/sample instead")
+        setattr(self.pipeline, self.denoiser_attr, module)
 
     @property
     def device(self) -> torch.device:

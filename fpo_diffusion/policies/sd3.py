@@ -62,6 +62,7 @@ class SD3Policy(FlowPolicyMixin, PipelinePolicy):
         return kw
 
     def _forward(self, model: nn.Module, x_t, model_time, cond):
-        return model(hidden_states=x_t, timestep=(model_time * 1000).to(self.dtype),
+        # float32 (float64 for float64 models) timesteps, as the pipeline passes sigma * 1000
+        return model(hidden_states=x_t, timestep=model_time * 1000,
                      encoder_hidden_states=cond["prompt_embeds"], pooled_projections=cond["pooled_prompt_embeds"],
                      return_dict=False)[0]
