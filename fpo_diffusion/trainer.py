@@ -192,11 +192,10 @@ class FPOTrainer:
 
     def _encode(self, prompts: list[str]) -> Cond:
         """Text conditions, computed once per distinct prompt and cached on CPU."""
-        new = sorted({p for p in prompts if p not in self._cond_cache})
-        if new:
-            enc = self.policy.encode_prompts(new)
-            for i, p in enumerate(new):
-                self._cond_cache[p] = cond_to(cond_index(enc, [i]), "cpu")
+        # One prompt per call: an embedding must not depend on which prompts share its batch
+        # (batch-size-dependent kernels would make runs differ with the number of ranks).
+        for p in sorted({p for p in prompts if p not in self._cond_cache}):
+            self._cond_cache[p] = cond_to(self.policy.encode_prompts([p]), "cpu")
         return cond_to(cond_cat([self._cond_cache[p] for p in prompts]), self.accelerator.device)
 
     def _autocast(self):

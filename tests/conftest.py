@@ -6,8 +6,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per test process (pytest-xdist runs one process per core): tiny models are
+# dominated by threading overhead, and oversubscribed cores slow them down by 10-100x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("FPO_DIFFUSION_CACHE", tempfile.mkdtemp(prefix="fpo-test-cache-"))
 
 import torch  # noqa: E402
 
+torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True, warn_only=True)

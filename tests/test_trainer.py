@@ -29,7 +29,8 @@ def tiny_overrides(out, family="sd", **extra):
 
 
 def run_train(args, nproc=1, check=True):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # One thread per process in both layouts: the thread count changes float reduction order.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     if nproc == 1:
         cmd = [sys.executable, TRAIN, *args]
     else:
@@ -48,14 +49,17 @@ def read_jsonl(path):
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_and_groups_span_ranks(tmp_path):
     # 3 prompts x 2 images = 6 samples; on 2 ranks the middle group is split 1 + 1 across ranks.
-    one = run_train(tiny_overrides(tmp_path / "one", **{"train.iterations": 1}))
-    two = run_train(tiny_overrides(tmp_path / "two", **{"train.iterations": 1, "train.minibatch_size": 3}), nproc=2)
+    # Same sampler batch (3) on both layouts, so each rollout chunk sees the same batch numerics.
+    one = run_train(tiny_overrides(tmp_path / "one", **{"train.iterations": 1, "sampling.batch_size": 3}))
+    two = run_train(tiny_overrides(tmp_path / "two", **{"train.iterations": 1, "sampling.batch_size": 3,
+                                                        "train.minibatch_size": 3}), nproc=2)
     s1, s2 = read_jsonl(tmp_path / "one" / "samples.jsonl"), read_jsonl(tmp_path / "two" / "samples.jsonl")
     assert len(s1) == len(s2) == 6
     for a, b in zip(s1, s2):
         assert a["prompt"] == b["prompt"]
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
-        assert a["advantage"] == pytest.approx(b["advantage"], abs=1e-4)
+        # rewards agree to 1e-6 but the random tiny model's group stds are ~1e-3, so advantages to 1e-2
+        assert a["advantage"] == pytest.approx(b["advantage"], abs=1e-2)
     # the advantages are the group statistics of the *gathered* rewards
     r = torch.tensor([s["reward"] for s in s2], dtype=torch.float64)
     g = torch.tensor([s["prompt_index"] for s in s2])
