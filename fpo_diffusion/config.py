@@ -211,6 +211,8 @@ class Config:
 
     output_dir: str = "runs/fpo-shapes"
     """Where the run writes config, metrics, TensorBoard, checkpoints and the exported LoRA."""
+    algorithm: str = "fpo"
+    """``fpo``, or a baseline in the same loop (see ``fpo_diffusion/algorithms``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

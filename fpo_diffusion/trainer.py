@@ -1,4 +1,4 @@
-"""The FPO training loop (DESIGN.md, "One FPO iteration").
+"""The training loop (DESIGN.md, "One FPO iteration"), shared by FPO and the baselines.
 
 rollout (stock pipeline, any sampler) -> reward -> gather -> group advantages ->
 old CFM losses at fixed ``(t, eps)`` -> E epochs of clipped FPO updates.
@@ -22,10 +22,9 @@ from . import __version__
 from .advantages import group_advantages, zero_variance_share
 from .checkpoint import (CheckpointError, install_lora_only_hooks, load_extra, read_state, resolve_resume,
                          save_checkpoint)
-from .config import Config, ConfigError, config_to_dict, fpo_objective, save_config
-from .fpo import fpo_loss, kl_penalty
+from .config import Config, ConfigError, config_to_dict, save_config
 from .images import foreground_share, make_grid, to_pil
-from .noise import draw_tau_eps, sample_generator
+from .noise import sample_generator
 from .policies.base import Cond, cond_cat, cond_index, cond_to
 from .prompts import PromptItem, iteration_plan, load_prompts, rank_slice
 from .tracking import RunLogger
@@ -47,6 +46,7 @@ class Rollout:
     components: dict[str, torch.Tensor]  # name -> [n]
     images: list = field(default_factory=list)  # a few PIL images for the grid
     seconds: float = 0.0
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample data of the algorithm's sampler
 
 
 def _quiet_libraries() -> None:
@@ -127,8 +127,7 @@ class FPOTrainer:
         acc.register_for_checkpointing(self.lr_scheduler)
         self.ema = [p.detach().clone() for p in params] if t.ema_decay else None
 
-        # Objective, rewards, prompts
-        self.objective = fpo_objective(cfg.fpo)
+        # Rewards, prompts
         from rewards.multi import MultiReward
 
         self.reward = MultiReward(cfg.reward.weights, cfg.reward.options, device=acc.device)
@@ -136,6 +135,9 @@ class FPOTrainer:
         self._cond_cache: dict[str, Cond] = {}
         self.negative_cond = self._encode([cfg.sampling.negative_prompt]) if cfg.sampling.guidance_scale > 1 else None
         self.latent_shape = tuple(self.policy.latent_shape(cfg.sampling.height, cfg.sampling.width))
+        from .algorithms import build_algorithm
+
+        self.algorithm = build_algorithm(cfg.algorithm, self)
 
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +152,7 @@ class FPOTrainer:
         elif acc.is_main_process:  # only now that everything loaded: a failed start leaves no run behind
             save_config(cfg, self.out / "config.yaml")
         acc.wait_for_everyone()
-        self.anchor = self._make_anchor() if cfg.fpo.fm_anchor_beta > 0 else None
+        self.algorithm.setup()
 
     # ------------------------------------------------------------------ setup helpers
     def _check_output_dir(self, resume: str | None) -> Path | None:
@@ -217,7 +219,7 @@ class FPOTrainer:
         items = [self.prompts[i] for i in prompt_idx.tolist()]
         cond = self._encode([it.prompt for it in items])
         s = cfg.sampling
-        x0s, futures, grid_images = [], [], []
+        x0s, futures, grid_images, extras = [], [], [], {}
         t0 = time.perf_counter()
         ref = self.policy.reference() if use_reference else contextlib.nullcontext()
         bar = tqdm(list(_chunks(len(items), s.batch_size)), desc=f"rollout {iteration}", leave=False,
@@ -230,11 +232,16 @@ class FPOTrainer:
                 if self.negative_cond is not None:
                     neg = {k: v.expand(len(gens), *v.shape[1:]) for k, v in self.negative_cond.items()}
                 with self._autocast():
-                    x0 = self.policy.sample(cond_index(cond, chunk), gens, steps=s.steps,
-                                            guidance_scale=s.guidance_scale, scheduler=s.scheduler,
-                                            height=s.height, width=s.width, negative_cond=neg)
+                    if use_reference:  # the frozen base model through the stock pipeline
+                        x0, ext = self.policy.sample(cond_index(cond, chunk), gens, steps=s.steps,
+                                                     guidance_scale=s.guidance_scale, scheduler=s.scheduler,
+                                                     height=s.height, width=s.width, negative_cond=neg), {}
+                    else:
+                        x0, ext = self.algorithm.sample(cond_index(cond, chunk), gens, neg, iteration)
                 x0 = x0.float()
                 x0s.append(x0)
+                for k, v in ext.items():
+                    extras.setdefault(k, []).append(v)
                 if use_reference:
                     continue
                 pil = to_pil(self.policy.decode(x0))
@@ -244,6 +251,7 @@ class FPOTrainer:
                 futures.append((self.reward.submit(pil, [it.prompt for it in chunk_items],
                                                    [it.metadata for it in chunk_items]), pil))
         x0 = torch.cat(x0s)
+        extras = {k: torch.cat(v) for k, v in extras.items()}
         if use_reference:
             return Rollout(global_idx, prompt_idx, cond, x0, torch.zeros(len(x0)), {}, [], time.perf_counter() - t0)
         rewards, comps, fg = [], {}, []
@@ -256,48 +264,16 @@ class FPOTrainer:
         comps = {k: torch.cat(v) for k, v in comps.items()}
         comps["_foreground_share"] = torch.full((len(x0),), sum(fg) / len(x0))
         return Rollout(global_idx, prompt_idx, cond, x0, torch.cat(rewards), comps, grid_images,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, extras)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(t.to(self.accelerator.device).contiguous()).cpu()
 
-    # ------------------------------------------------------------------ losses
-    def _cfm(self, x0, cond, t, eps, *, return_pred=False):
-        with self._autocast():
-            return self.policy.cfm_loss(x0, cond, t, eps, model=self.model, return_pred=return_pred)
-
-    @torch.no_grad()
-    def old_losses(self, ro: Rollout, iteration: int):
-        """``(t, eps)`` pairs, the rollout policy's losses at them, and reference predictions for KL."""
-        f, dev = self.cfg.fpo, self.accelerator.device
-        t, eps = draw_tau_eps(self.latent_shape, f.n_mc, f.time_sampling, self.cfg.train.seed, iteration, ro.global_idx)
-        t, eps = t.to(dev), eps.to(dev)
-        l_old, ref_pred = [], []
-        for mb in _chunks(len(ro.x0), self.cfg.train.minibatch_size):
-            l_old.append(self._cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb]).float())
-            if f.kl_beta > 0:
-                with self.policy.reference():
-                    _, pred = self._cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb], return_pred=True)
-                ref_pred.append(pred)
-        return t, eps, torch.cat(l_old), (torch.cat(ref_pred) if ref_pred else None)
-
-    def _make_anchor(self) -> Rollout:
-        """Samples of the frozen base model kept for the flow-matching anchor."""
-        return self.rollout(0, use_reference=True, n_samples=self.cfg.fpo.fm_anchor_samples, seed_offset=10_007)
-
-    def _anchor_loss(self, iteration: int, epoch: int, step: int, n: int) -> torch.Tensor:
-        a = self.anchor
-        g = sample_generator(self.cfg.train.seed, iteration, epoch * 100_003 + step, stream=2)
-        idx = torch.randperm(len(a.x0), generator=g)[: min(n, len(a.x0))]
-        t, eps = draw_tau_eps(self.latent_shape, self.cfg.fpo.n_mc, self.cfg.fpo.time_sampling,
-                              self.cfg.train.seed + 10_007, iteration * 1000 + epoch, (a.global_idx[idx] + step * 7919))
-        dev = self.accelerator.device
-        return self._cfm(a.x0[idx.to(a.x0.device)], cond_index(a.cond, idx.to(dev)), t.to(dev), eps.to(dev)).mean()
-
     # ------------------------------------------------------------------ update
-    def update(self, ro: Rollout, adv: torch.Tensor, t, eps, l_old, ref_pred, iteration: int) -> dict[str, float]:
+    def update(self, ro: Rollout, adv: torch.Tensor, prep: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
+        """E epochs of shuffled minibatches of the algorithm's loss, with accumulation and clipping."""
         cfg, acc = self.cfg, self.accelerator
-        tr, f = cfg.train, cfg.fpo
+        tr = cfg.train
         dev = acc.device
         adv = adv.to(dev)
         sums: dict[str, float] = {}
@@ -317,19 +293,8 @@ class FPOTrainer:
                     ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
                     idx_d = idx.to(dev)
                     with ctx:
-                        need_pred = f.kl_beta > 0
-                        out = self._cfm(ro.x0[idx_d], cond_index(ro.cond, idx_d), t[idx_d], eps[idx_d],
-                                        return_pred=need_pred)
-                        l_new, pred = out if need_pred else (out, None)
-                        loss, stats = fpo_loss(l_old[idx_d], l_new.float(), adv[idx_d], self.objective)
-                        if need_pred:
-                            kl = kl_penalty(pred, ref_pred[idx_d]).mean()
-                            loss = loss + f.kl_beta * kl
-                            stats["kl_ref"] = kl.detach()
-                        if self.anchor is not None:
-                            anc = self._anchor_loss(iteration, epoch, step * tr.grad_accum_steps + j, len(idx))
-                            loss = loss + f.fm_anchor_beta * anc
-                            stats["fm_anchor_loss"] = anc.detach()
+                        loss, stats = self.algorithm.loss(ro, prep, idx_d, adv[idx_d], iteration=iteration,
+                                                          epoch=epoch, step=step * tr.grad_accum_steps + j)
                         finite &= bool(torch.isfinite(loss))
                         acc.backward(loss / len(group))
                     for k, v in stats.items():
@@ -356,8 +321,9 @@ class FPOTrainer:
                         raise TrainingError(f"{self.nonfinite_in_a_row} updates in a row had non-finite losses or "
                                             f"gradients (last at iteration {iteration}); stopping")
                 self.optimizer.zero_grad(set_to_none=True)
-        out = {f"fpo/{k}": v / max(n_terms, 1) for k, v in sums.items()}
-        out["fpo/skipped_updates"] = skipped
+        name = self.algorithm.name
+        out = {f"{name}/{k}": v / max(n_terms, 1) for k, v in sums.items()}
+        out[f"{name}/skipped_updates"] = skipped
         out["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         return out
@@ -401,11 +367,11 @@ class FPOTrainer:
         if not torch.isfinite(all_rewards).all():
             raise TrainingError(f"iteration {it}: a reward is not finite")
         t_u = time.perf_counter()
-        t, eps, l_old, ref_pred = self.old_losses(ro, it)
-        own_cfm = float(self._gather(l_old.mean().reshape(1)).mean())
+        prep = self.algorithm.prepare(ro, it)
+        own_cfm = float(self._gather(self.algorithm.own_cfm_loss(ro, prep, it).reshape(1)).mean())
         if self.cfm_start is None:
             self.cfm_start = own_cfm
-        stats = self.update(ro, adv, t, eps, l_old, ref_pred, it)
+        stats = self.update(ro, adv, prep, it)
         upd_s = time.perf_counter() - t_u
         comps = {k: float(self._gather(v).mean()) for k, v in sorted(ro.components.items())}
         n_global = len(all_rewards)

@@ -1,0 +1,84 @@
+"""FPO in the shared loop: fixed ``(t, eps)`` pairs, old CFM losses, the clipped FPO ratio,
+plus the optional KL anchor to the frozen base model and flow-matching anchor."""
+from __future__ import annotations
+
+import torch
+
+from ..config import fpo_objective
+from ..fpo import fpo_loss, kl_penalty
+from ..noise import draw_tau_eps, sample_generator
+from ..policies.base import cond_index
+from .base import Algorithm
+
+
+def _chunks(n: int, size: int):
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
+class FPO(Algorithm):
+    name = "fpo"
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        self.objective = fpo_objective(self.cfg.fpo)
+        self.anchor = None
+
+    def setup(self) -> None:
+        if self.cfg.fpo.fm_anchor_beta > 0:
+            # Samples of the frozen base model (adapter disabled), fixed for the whole run.
+            self.anchor = self.trainer.rollout(0, use_reference=True, n_samples=self.cfg.fpo.fm_anchor_samples,
+                                               seed_offset=10_007)
+
+    def cfm(self, x0, cond, t, eps, *, return_pred=False):
+        tr = self.trainer
+        with tr.accelerator.autocast():
+            return self.policy.cfm_loss(x0, cond, t, eps, model=tr.model, return_pred=return_pred)
+
+    @torch.no_grad()
+    def prepare(self, ro, iteration):
+        """``(t, eps)`` drawn once per sample, the rollout policy's losses there, and reference predictions."""
+        f, dev = self.cfg.fpo, self.trainer.accelerator.device
+        t, eps = draw_tau_eps(self.trainer.latent_shape, f.n_mc, f.time_sampling, self.cfg.train.seed, iteration,
+                              ro.global_idx)
+        t, eps = t.to(dev), eps.to(dev)
+        l_old, ref_pred = [], []
+        for mb in _chunks(len(ro.x0), self.cfg.train.minibatch_size):
+            l_old.append(self.cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb]).float())
+            if f.kl_beta > 0:
+                with self.policy.reference():
+                    _, pred = self.cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb], return_pred=True)
+                ref_pred.append(pred)
+        prep = {"t": t, "eps": eps, "l_old": torch.cat(l_old)}
+        if ref_pred:
+            prep["ref_pred"] = torch.cat(ref_pred)
+        return prep
+
+    def own_cfm_loss(self, ro, prep, iteration) -> torch.Tensor:
+        """The policy's CFM loss on its own fresh samples: the old losses, already computed."""
+        return prep["l_old"].mean()
+
+    def _anchor_loss(self, iteration: int, epoch: int, step: int, n: int) -> torch.Tensor:
+        a, f, dev = self.anchor, self.cfg.fpo, self.trainer.accelerator.device
+        g = sample_generator(self.cfg.train.seed, iteration, epoch * 100_003 + step, stream=2)
+        idx = torch.randperm(len(a.x0), generator=g)[: min(n, len(a.x0))]
+        t, eps = draw_tau_eps(self.trainer.latent_shape, f.n_mc, f.time_sampling, self.cfg.train.seed + 10_007,
+                              iteration * 1000 + epoch, a.global_idx[idx] + step * 7919)
+        idx = idx.to(dev)
+        return self.cfm(a.x0[idx], cond_index(a.cond, idx), t.to(dev), eps.to(dev)).mean()
+
+    def loss(self, ro, prep, idx, adv, *, iteration, epoch, step):
+        f = self.cfg.fpo
+        need_pred = "ref_pred" in prep
+        out = self.cfm(ro.x0[idx], cond_index(ro.cond, idx), prep["t"][idx], prep["eps"][idx], return_pred=need_pred)
+        l_new, pred = out if need_pred else (out, None)
+        loss, stats = fpo_loss(prep["l_old"][idx], l_new.float(), adv, self.objective)
+        if need_pred:
+            kl = kl_penalty(pred, prep["ref_pred"][idx]).mean()
+            loss = loss + f.kl_beta * kl
+            stats["kl_ref"] = kl.detach()
+        if self.anchor is not None:
+            anc = self._anchor_loss(iteration, epoch, step, len(idx))
+            loss = loss + f.fm_anchor_beta * anc
+            stats["fm_anchor_loss"] = anc.detach()
+        return loss, stats
