@@ -48,9 +48,9 @@ def fast_zero_tokens(pipe, max_sequence_length: int = 256):
 
 
 def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None):
-    from diffusers import StableDiffusion3Pipeline
+    from .pretrain import load_pipeline as _load
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    pipe = _load(model_dir, torch_dtype=torch.float32)
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir))
     pipe.set_progress_bar_config(disable=True)
@@ -60,13 +60,19 @@ def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None):
 def sample(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance_scale: float = 4.5,
            fast: bool = True) -> list[Image.Image]:
     """One image per (prompt, seed); each image's noise comes from its own seeded generator,
-    so results do not depend on batching."""
+    so results do not depend on batching. ``fast``: the zero-token shortcut of
+    :func:`fast_zero_tokens` for this call only (same images as the stock call with the default
+    ``max_sequence_length=256``)."""
+    saved = pipe.transformer.attn_processors
     kw = fast_zero_tokens(pipe) if fast else {}
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     side = pipe.default_sample_size * pipe.vae_scale_factor
-    with torch.no_grad():
-        out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                   height=side, width=side, output_type="pil", **kw)
+    try:
+        with torch.no_grad():
+            out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
+                       height=side, width=side, output_type="pil", **kw)
+    finally:
+        pipe.transformer.set_attn_processor(saved)
     return out.images
 
 

@@ -149,7 +149,7 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
         shift = float(z.mean()); scale = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=scale, shift_factor=shift)
     (out_dir / "vae").mkdir(parents=True, exist_ok=True)
-    vae.save_pretrained(out_dir / "vae")
+    vae.to(torch.float16).save_pretrained(out_dir / "vae")  # diffusers loads it back as float32
     log(f"[vae] done: {step} steps, {step*cfg.batch_size} images, saved to {out_dir/'vae'} "
         f"(scaling_factor={scale:.4f}, shift_factor={shift:.4f})")
     return out_dir / "vae"
@@ -262,7 +262,7 @@ class TransformerConfig:
     batch_size: int = 64
     lr: float = 6e-4
     seed: int = 0
-    pool_size: int = 24000
+    pool_size: int = 20000
     cfg_dropout: float = 0.1
     ema_decay: float = 0.999
     num_layers: int = 4
@@ -395,7 +395,27 @@ def export_pipeline(te1, te2, tr, out_dir: Path) -> None:
     pipe = StableDiffusion3Pipeline(transformer=tr.eval(), scheduler=build_scheduler(), vae=vae,
                                     text_encoder=te1.eval(), tokenizer=tok, text_encoder_2=te2.eval(),
                                     tokenizer_2=copy_tok(tok), text_encoder_3=None, tokenizer_3=None)
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.to(torch.float16)  # half the bytes on disk; every component loads back as float32
     pipe.save_pretrained(out_dir)
+    for name in ("text_encoder", "text_encoder_2"):
+        cfg_path = out_dir / name / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["dtype"] = "float32"  # transformers' dtype="auto" follows the config, diffusers defaults to float32
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def load_pipeline(path: str | Path = DEFAULT_ASSET, **kwargs):
+    """``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
+
+    The shipped model has no T5; diffusers refuses to load a SD3 folder without it unless the
+    missing components are passed as ``None`` (its documented way to drop T5).
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    kwargs.setdefault("text_encoder_3", None)
+    kwargs.setdefault("tokenizer_3", None)
+    return StableDiffusion3Pipeline.from_pretrained(str(path), **kwargs)
 
 
 def copy_tok(tok):
