@@ -100,6 +100,62 @@ class FPOConfig:
 
 
 @dataclass
+class FlowGRPOConfig:
+    """The Flow-GRPO baseline (``algorithm: flow_grpo``; flow families ``sd3``/``flux``).
+
+    Rollouts use its own SDE sampler (``sampling.steps``, ``sampling.guidance_scale``;
+    ``sampling.scheduler`` is ignored), see ``fpo_diffusion/algorithms/flow_grpo.py``.
+    """
+
+    noise_level: float = 0.7
+    """``a`` in the SDE's ``sigma_t = a * sqrt(t / (1 - t))`` (Flow-GRPO's ``noise_level``)."""
+    clip_range: float = 1e-4
+    """GRPO clip range of the per-step ratio (log-probs are means over latent dims, hence tiny)."""
+    timestep_fraction: float = 0.99
+    """Fraction of the denoising steps trained per sample and epoch (a random subset; at least one)."""
+    kl_beta: float = 0.0
+    """Weight of the KL to the frozen base model, ``||mean - mean_ref||^2 / (2 std^2)`` per step (0: off)."""
+
+    def __post_init__(self):
+        if not self.noise_level > 0:
+            raise ValueError(f"flow_grpo.noise_level must be > 0, got {self.noise_level}")
+        if not 0 < self.clip_range < 1:
+            raise ValueError(f"flow_grpo.clip_range must be in (0, 1), got {self.clip_range}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"flow_grpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.kl_beta < 0:
+            raise ValueError(f"flow_grpo.kl_beta must be >= 0, got {self.kl_beta}")
+
+
+@dataclass
+class DDPOConfig:
+    """The DDPO baseline (``algorithm: ddpo``; VP families ``sd``/``sdxl``).
+
+    Rollouts use DDIM with ``eta`` (``sampling.steps``, ``sampling.guidance_scale``;
+    ``sampling.scheduler`` is ignored), see ``fpo_diffusion/algorithms/ddpo.py``.
+    """
+
+    eta: float = 1.0
+    """DDIM eta of the sampler (> 0; 1 is DDPO's default)."""
+    clip_range: float = 1e-4
+    """PPO clip range of the per-step ratio (log-probs are means over latent dims, hence tiny)."""
+    timestep_fraction: float = 1.0
+    """Fraction of the denoising steps trained per sample and epoch (a random subset; at least one)."""
+    kl_beta: float = 0.0
+    """Weight of the KL to the frozen base model, ``||mean - mean_ref||^2 / (2 std^2)`` per step (0: off)."""
+
+    def __post_init__(self):
+        if not self.eta > 0:
+            raise ValueError(f"ddpo.eta must be > 0, got {self.eta}")
+        if not 0 < self.clip_range < 1:
+            raise ValueError(f"ddpo.clip_range must be in (0, 1), got {self.clip_range}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"ddpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.kl_beta < 0:
+            raise ValueError(f"ddpo.kl_beta must be >= 0, got {self.kl_beta}")
+
+
+@dataclass
 class AdvantageConfig:
     """Per-prompt group advantages (``fpo_diffusion/advantages.py``)."""
 
@@ -217,6 +273,8 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     fpo: FPOConfig = field(default_factory=FPOConfig)
+    flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
+    ddpo: DDPOConfig = field(default_factory=DDPOConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from .base import Algorithm
+from .ddpo import DDPO
+from .flow_grpo import FlowGRPO
 from .fpo import FPO
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"fpo": FPO}
+ALGORITHMS: dict[str, type[Algorithm]] = {"fpo": FPO, "flow_grpo": FlowGRPO, "ddpo": DDPO}
 """Name -> algorithm class."""
 
 
@@ -14,4 +16,4 @@ def build_algorithm(name: str, trainer) -> Algorithm:
     return ALGORITHMS[name](trainer)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "FPO", "build_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "DDPO", "FPO", "FlowGRPO", "build_algorithm"]

@@ -277,6 +277,18 @@ class PipelinePolicy(Policy):
             return loss, pred.reshape(b, n, *pred.shape[1:])
         return loss
 
+    def predict(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond, *,
+                model: nn.Module | None = None) -> torch.Tensor:
+        """The raw denoiser prediction at ``x_t`` (``[n, *L]``) and the family's native model time.
+
+        ``model_time`` (``[n]``) is what :meth:`_noise` returns: the flow time ``sigma`` in
+        ``[0, 1]`` for flow families, the discrete training timestep for VP families. ``model``
+        may be the DDP-wrapped denoiser (gradients flow through it).
+        """
+        dev = self.device
+        return self._forward(model if model is not None else self.denoiser, x_t.to(dev, self.dtype),
+                             model_time.to(dev), cond_to(cond, dev, self.dtype))
+
     # --- LoRA ------------------------------------------------------------------------------
     def add_lora(self, rank: int = 8, alpha: float | None = None, target_modules: list[str] | None = None,
                  dropout: float = 0.0, init: str | bool = True) -> None:
