@@ -8,7 +8,8 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 
 #: Exceptions that mean "the user's input is wrong": printed as one line, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, KeyError, ValueError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, FileExistsError,
+                                                KeyError, ValueError)
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, prog: str = "") -> int:

@@ -1,0 +1,63 @@
+"""Export a run's LoRA (diffusers format) or a merged full pipeline from a checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .checkpoint import CheckpointError, read_state, resolve_resume
+from .config import ConfigError, load_config
+
+
+def load_trained_policy(run_dir: str | Path, checkpoint: str = "latest", *, ema: bool = False,
+                        device: str | torch.device = "cpu"):
+    """The run's policy with the LoRA weights of ``checkpoint`` (``latest`` or a path) loaded."""
+    from .embedded import load_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a training run (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    ckpt = resolve_resume(checkpoint, run_dir / "checkpoints")
+    read_state(ckpt)
+    policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=device)
+    torch.manual_seed(cfg.train.seed)
+    policy.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                    dropout=cfg.lora.dropout)
+    params = {n: p for n, p in policy.denoiser.named_parameters() if p.requires_grad}
+    if ema:
+        f = ckpt / "ema.safetensors"
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {ckpt} holds no EMA weights (train.ema_decay was off)")
+        ema_t = load_file(str(f))
+        state = {n: ema_t[str(i)] for i, n in enumerate(params)}
+    else:
+        state = load_file(str(ckpt / "lora.safetensors"))
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} does not match the run's LoRA: {missing[0]} is missing")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n].to(p.dtype))
+    return policy, cfg, ckpt
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", *, ema: bool = False,
+               merge: bool = False) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (or, with ``merge``, a full pipeline) to ``out_dir``.
+
+    ``out_dir`` must not exist yet or be empty: nothing already written is overwritten.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"output folder {out_dir} is not empty; choose another --out")
+    policy, _, _ = load_trained_policy(run_dir, checkpoint, ema=ema)
+    if merge:
+        from .lora import merge_lora
+
+        merge_lora(policy)
+        policy.pipeline.save_pretrained(str(out_dir))
+    else:
+        policy.export_lora(str(out_dir))
+    return out_dir
