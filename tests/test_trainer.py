@@ -97,6 +97,14 @@ def test_resume_is_bit_exact(tmp_path):
     ea = load_file(str(tmp_path / "full" / "lora" / "pytorch_lora_weights.safetensors"))
     eb = load_file(str(tmp_path / "split" / "lora" / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    # launch/export_lora.py's logic re-creates the same (EMA) export from the checkpoint alone
+    from fpo_diffusion.export import export_run
+
+    export_run(tmp_path / "split", tmp_path / "exported", ema=True)
+    ex = load_file(str(tmp_path / "exported" / "pytorch_lora_weights.safetensors"))
+    assert ex.keys() == ea.keys() and all(torch.equal(ex[k], ea[k]) for k in ea)
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_run(tmp_path / "split", tmp_path / "exported")
     ma, mb = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(tmp_path / "split" / "metrics.jsonl")
     assert [m["iteration"] for m in mb] == [0, 1, 2, 3]
     assert [m["reward/mean"] for m in ma] == [m["reward/mean"] for m in mb]
@@ -130,6 +138,16 @@ def test_exported_lora_reproduces_the_trained_policy_in_a_stock_pipeline(tmp_pat
     stock = pipe(prompt="a red circle", num_inference_steps=3, guidance_scale=1.0, output_type="latent",
                  generator=torch.Generator().manual_seed(7)).images
     assert torch.allclose(ours, stock, atol=1e-4, rtol=1e-3)
+    if family == "sd3":  # the merged full pipeline (export_lora.py --merge) samples the same latents
+        from fpo_diffusion.export import export_run
+
+        export_run(tmp_path / "run", tmp_path / "merged", merge=True)
+        merged = diffusers.DiffusionPipeline.from_pretrained(str(tmp_path / "merged"), text_encoder_3=None,
+                                                             tokenizer_3=None)
+        merged.set_progress_bar_config(disable=True)
+        out = merged(prompt="a red circle", num_inference_steps=3, guidance_scale=1.0, output_type="latent",
+                     generator=torch.Generator().manual_seed(7)).images
+        assert torch.allclose(out, stock, atol=1e-4, rtol=1e-3)
 
 
 @pytest.fixture
