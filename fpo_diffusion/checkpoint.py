@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import faults
+
 STATE_FILE = "trainer_state.json"
 PREFIX = "checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -125,6 +127,7 @@ def save_checkpoint(accelerator, root: str | Path, iteration: int, state: dict,
         if accelerator.is_main_process:
             for name, tensors in (extra or {}).items():
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
+            faults.hit("checkpoint_write")
             state_path = tmp / STATE_FILE
             with open(state_path, "w") as f:
                 json.dump(state, f, indent=1)
@@ -139,6 +142,7 @@ def save_checkpoint(accelerator, root: str | Path, iteration: int, state: dict,
         raise CheckpointError(f"could not write checkpoint {final.name}: {error.strerror or error}; "
                               f"earlier checkpoints are intact") from None
     if accelerator.is_main_process:
+        faults.hit("checkpoint_rename")
         if final.exists():  # the same iteration saved again (e.g. after a resume): replace atomically
             old = root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)

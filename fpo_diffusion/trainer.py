@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, faults
 from .advantages import group_advantages, zero_variance_share
 from .checkpoint import (CheckpointError, install_lora_only_hooks, load_extra, read_state, resolve_resume,
                          save_checkpoint)
@@ -32,6 +32,14 @@ from .tracking import RunLogger
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite updates in a row)."""
+
+
+#: Why an update was skipped (index 0: it was not). A non-finite reward skips the whole iteration's
+#: update; a non-finite loss, FPO ratio or gradient norm skips one optimizer step. Either way nothing
+#: non-finite reaches the weights, the optimizer state, the EMA or a checkpoint, each skip is printed
+#: with its iteration and counted in the metrics (``nonfinite/<cause>``), and
+#: ``train.max_nonfinite_in_a_row`` skips in a row stop the run with :class:`TrainingError`.
+_CAUSES = ("", "gradient", "loss", "ratio", "reward")
 
 
 @dataclass
@@ -130,7 +138,8 @@ class FPOTrainer:
         # Rewards, prompts
         from rewards.multi import MultiReward
 
-        self.reward = MultiReward(cfg.reward.weights, cfg.reward.options, device=acc.device)
+        self.reward = MultiReward(cfg.reward.weights, cfg.reward.options, device=acc.device,
+                                  nonfinite="keep")  # NaN/Inf rewards skip the update (train_iteration)
         self.prompts: list[PromptItem] = load_prompts(cfg.prompts)
         self._cond_cache: dict[str, Cond] = {}
         self.negative_cond = self._encode([cfg.sampling.negative_prompt]) if cfg.sampling.guidance_scale > 1 else None
@@ -239,6 +248,7 @@ class FPOTrainer:
                     else:
                         x0, ext = self.algorithm.sample(cond_index(cond, chunk), gens, neg, iteration)
                 x0 = x0.float()
+                faults.hit("rollout")
                 x0s.append(x0)
                 for k, v in ext.items():
                     extras.setdefault(k, []).append(v)
@@ -279,6 +289,7 @@ class FPOTrainer:
         sums: dict[str, float] = {}
         n_terms = 0
         skipped = 0
+        nonfinite = dict.fromkeys(_CAUSES[1:], 0)
         grad_norms = []
         self.model.train()
         for epoch in range(tr.epochs):
@@ -287,7 +298,7 @@ class FPOTrainer:
             mbs = [perm[s] for s in _chunks(self.n_local, tr.minibatch_size)]
             groups = [mbs[i:i + tr.grad_accum_steps] for i in range(0, len(mbs), tr.grad_accum_steps)]
             for step, group in enumerate(groups):
-                finite = True
+                cause = 0  # index into _CAUSES; the worst over the accumulated minibatches and the ranks wins
                 for j, idx in enumerate(group):
                     sync = j == len(group) - 1
                     ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
@@ -295,7 +306,9 @@ class FPOTrainer:
                     with ctx:
                         loss, stats = self.algorithm.loss(ro, prep, idx_d, adv[idx_d], iteration=iteration,
                                                           epoch=epoch, step=step * tr.grad_accum_steps + j)
-                        finite &= bool(torch.isfinite(loss))
+                        if not bool(torch.isfinite(loss.detach())):
+                            bad_ratio = any("ratio" in k and not math.isfinite(float(v)) for k, v in stats.items())
+                            cause = max(cause, _CAUSES.index("ratio" if bad_ratio else "loss"))
                         acc.backward(loss / len(group))
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
@@ -303,30 +316,41 @@ class FPOTrainer:
                     n_terms += 1
                 gn = acc.clip_grad_norm_(self.model.parameters(), tr.max_grad_norm if tr.max_grad_norm else float("inf"))
                 gn = float(gn) if gn is not None else float("nan")
-                finite_t = torch.tensor([1.0 if (finite and math.isfinite(gn)) else 0.0], device=dev)
-                all_finite = bool(self._gather(finite_t).min() > 0)
-                if all_finite:
+                if cause == 0 and not math.isfinite(gn):
+                    cause = _CAUSES.index("gradient")
+                cause = int(self._gather(torch.tensor([float(cause)], device=dev)).max())
+                if cause == 0:
                     self.optimizer.step()
+                    faults.hit("update")
                     self.lr_scheduler.step()
                     self._ema_step()
                     self.nonfinite_in_a_row = 0
                     grad_norms.append(gn)
-                else:
+                else:  # nothing of this step reaches the weights, the optimizer state, the LR schedule or the EMA
                     skipped += 1
-                    self.nonfinite_in_a_row += 1
-                    if acc.is_main_process:
-                        print(f"iteration {iteration}: skipped an update with a non-finite "
-                              f"{'loss' if not finite else 'gradient'}", flush=True)
-                    if self.nonfinite_in_a_row >= tr.max_nonfinite_in_a_row:
-                        raise TrainingError(f"{self.nonfinite_in_a_row} updates in a row had non-finite losses or "
-                                            f"gradients (last at iteration {iteration}); stopping")
+                    nonfinite[_CAUSES[cause]] += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._skip(iteration, _CAUSES[cause])
                 self.optimizer.zero_grad(set_to_none=True)
         name = self.algorithm.name
         out = {f"{name}/{k}": v / max(n_terms, 1) for k, v in sums.items()}
         out[f"{name}/skipped_updates"] = skipped
+        out.update({f"nonfinite/{k}": v for k, v in nonfinite.items()})
         out["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         return out
+
+    def _skip(self, iteration: int, cause: str, detail: str = "") -> None:
+        """Count an update skipped for a non-finite ``cause`` (printed with the iteration); stop with
+        :class:`TrainingError` after ``train.max_nonfinite_in_a_row`` skipped updates in a row."""
+        self.nonfinite_in_a_row += 1
+        if self.accelerator.is_main_process:
+            print(f"iteration {iteration}: skipped an update with a non-finite {cause}{detail}", flush=True)
+        limit = self.cfg.train.max_nonfinite_in_a_row
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingError(f"{self.nonfinite_in_a_row} updates in a row were skipped for non-finite numbers "
+                                f"(train.max_nonfinite_in_a_row={limit}; the last: a non-finite {cause} at "
+                                f"iteration {iteration}); stopping")
 
     @torch.no_grad()
     def _ema_step(self) -> None:
@@ -364,12 +388,21 @@ class FPOTrainer:
         adv_all = group_advantages(all_rewards, all_groups, std=a.std, clip=a.clip, eps=a.eps)
         sl = rank_slice(len(all_rewards), acc.process_index, self.world)
         adv = adv_all[sl]
-        if not torch.isfinite(all_rewards).all():
-            raise TrainingError(f"iteration {it}: a reward is not finite")
+        bad = ~torch.isfinite(all_rewards)
+        if bad.any():  # the whole iteration's update is skipped (rewards are gathered: every rank agrees)
+            names = [k for k, v in sorted(ro.components.items())
+                     if not k.startswith("_") and not torch.isfinite(self._gather(v)).all()]
+            self._log_samples(it, all_groups, all_rewards, adv_all)
+            self._skip(it, "reward", f" from {', '.join(map(repr, names)) or 'the reward'} "
+                                     f"({int(bad.sum())} of {len(bad)} samples)")
+            return {"reward/mean": float("nan"), "reward/nonfinite_samples": int(bad.sum()),
+                    f"{self.algorithm.name}/skipped_updates": self.steps_per_iteration,
+                    **{f"nonfinite/{c}": int(c == "reward") for c in _CAUSES[1:]},
+                    "train/lr": self.lr_scheduler.get_last_lr()[0]}
         t_u = time.perf_counter()
         prep = self.algorithm.prepare(ro, it)
         own_cfm = float(self._gather(self.algorithm.own_cfm_loss(ro, prep, it).reshape(1)).mean())
-        if self.cfm_start is None:
+        if self.cfm_start is None and math.isfinite(own_cfm):  # never a non-finite reference in a checkpoint
             self.cfm_start = own_cfm
         stats = self.update(ro, adv, prep, it)
         upd_s = time.perf_counter() - t_u

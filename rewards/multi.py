@@ -8,7 +8,9 @@ lazily through the registry, once, on first use. A component named ``"remote:<ur
 :meth:`MultiReward.submit` scores in a background thread and returns a
 ``concurrent.futures.Future`` so that the trainer can overlap scoring with the next
 rollout chunk. Any failure (unknown name, non-finite score, remote failure) raises:
-a failed reward is never a silent zero.
+a failed reward is never a silent zero. With ``nonfinite="keep"`` (what the trainer uses)
+NaN/Inf scores are returned as they are, for the caller to act on: the trainer skips that
+iteration's update and counts it toward ``train.max_nonfinite_in_a_row``.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ class MultiReward:
     """Weighted multi-reward. Range: ``sum_k w_k * range_k`` (see each component)."""
 
     def __init__(self, weights: dict[str, float], options: dict[str, dict] | None = None,
-                 device: str | torch.device = "cpu", max_workers: int = 1):
+                 device: str | torch.device = "cpu", max_workers: int = 1, nonfinite: str = "raise"):
         if not weights:
             raise ValueError("MultiReward needs at least one {name: weight}")
         options = dict(options or {})
@@ -46,6 +48,9 @@ class MultiReward:
             raise ValueError(f"options given for rewards without a weight: {extra}")
         if "remote" in weights and "url" not in options.get("remote", {}):
             raise ValueError("reward 'remote' needs options {'remote': {'url': 'http://host:port'}}")
+        if nonfinite not in ("raise", "keep"):
+            raise ValueError(f"nonfinite must be 'raise' or 'keep', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.weights = {k: float(v) for k, v in weights.items()}
         self.options = options
         self.device = device
@@ -84,7 +89,7 @@ class MultiReward:
             if s.numel() != len(images):
                 raise RewardError(f"reward {name!r} returned {s.numel()} scores for {len(images)} images")
             bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
-            if bad:
+            if bad and self.nonfinite == "raise":
                 raise RewardError(f"reward {name!r} returned non-finite scores at indices {bad[:10]}")
             components[name] = s
             total = total + w * s
