@@ -354,7 +354,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _from_dict(cls: type, data: dict, where: str = "config") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys need not be strings (``1: x``, ``null: x``)
     if unknown:
         raise ConfigError(f"unknown config field {where + '.' if where != 'config' else ''}{unknown[0]} "
                           f"(known fields of {cls.__name__}: {', '.join(sorted(names))})")
@@ -389,7 +389,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # e.g. a date-like 2020-13-45, 10^5 digits, [[[[...
         value = raw
     return key.split("."), value
 
@@ -399,11 +399,19 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    except (ValueError, RecursionError) as e:  # PyYAML constructors: bad dates, huge integers; deep nesting
+        raise ConfigError(f"config file {p} is not valid YAML: {type(e).__name__}: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -452,8 +460,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError("reward.weights is empty: name at least one reward")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
+    if cfg.sampling.batch_size < 1:
+        raise ConfigError(f"sampling.batch_size must be >= 1, got {cfg.sampling.batch_size}")
+    if cfg.lora.rank < 1:
+        raise ConfigError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
+    if t.max_nonfinite_in_a_row < 1:
+        raise ConfigError(f"train.max_nonfinite_in_a_row must be >= 1, got {t.max_nonfinite_in_a_row}")
+    # A NaN is never a setting, and these must be finite for the weights to stay finite.
+    _no_nan(config_to_dict(cfg), "")
+    for name in ("train.lr", "train.weight_decay", "train.adam_eps", "train.max_grad_norm", "fpo.beta", "fpo.kl_beta",
+                 "fpo.fm_anchor_beta", "sampling.guidance_scale", "advantage.eps"):
+        section, field_ = name.split(".")
+        v = getattr(getattr(cfg, section), field_)
+        if v is not None and not math.isfinite(v):
+            raise ConfigError(f"{name} must be a finite number, got {v}")
+    if not all(math.isfinite(b) for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas must be finite numbers, got {t.adam_betas}")
     # Building the objective validates its fields.
     fpo_objective(cfg.fpo)
+
+
+def _no_nan(node: Any, where: str) -> None:
+    if isinstance(node, float) and math.isnan(node):
+        raise ConfigError(f"{where} is NaN")
+    if isinstance(node, dict) and where != "reward.options":  # options are the rewards' own business
+        for k, v in node.items():
+            _no_nan(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _no_nan(v, f"{where}[{i}]")
 
 
 def fpo_objective(f: FPOConfig):
