@@ -409,9 +409,10 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        what = " ".join(str(getattr(e, "problem", None) or e).split())  # one line (a ReaderError has no mark)
+        raise ConfigError(f"config file {p} is not valid YAML{at}: {what}") from None
     except (ValueError, RecursionError) as e:  # PyYAML constructors: bad dates, huge integers; deep nesting
-        raise ConfigError(f"config file {p} is not valid YAML: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"config file {p} is not valid YAML: {type(e).__name__}: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
