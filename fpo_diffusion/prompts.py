@@ -21,15 +21,27 @@ class PromptItem:
     metadata: dict = field(default_factory=dict)
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"prompt file {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"prompt file {path} cannot be read: {e.strerror or e}") from None
+
+
 def _read_jsonl(path: Path) -> list[PromptItem]:
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    # JSON Lines end at "\n" only: str.splitlines() would also cut at U+2028, \x1c... which JSON strings may hold.
+    for n, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"prompt file {path}, line {n}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"prompt file {path}, line {n}: not valid JSON (nested too deeply)") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise ConfigError(f"prompt file {path}, line {n}: expected an object with a non-empty \"prompt\" string")
         items.append(PromptItem(row["prompt"], row))
@@ -39,6 +51,12 @@ def _read_jsonl(path: Path) -> list[PromptItem]:
 def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
     """The prompt list named by ``cfg.source``; an empty or unreadable source is a :class:`ConfigError`."""
     src = cfg.source
+    if not src.startswith(("embedded:", "hf:")):
+        try:
+            Path(src).exists()
+        except (OSError, ValueError) as e:  # e.g. a name too long for the file system
+            why = getattr(e, "strerror", None) or e
+            raise ConfigError(f"prompt source {src[:200]!r} is not a usable path: {why}") from None
     if src == "embedded:tiny":
         items = [PromptItem(p) for p in TINY_PROMPTS]
     elif src == "embedded:shapes":
@@ -55,7 +73,7 @@ def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
         if path.suffix == ".jsonl":
             items = _read_jsonl(path)
         else:
-            items = [PromptItem(line.strip()) for line in path.read_text().splitlines() if line.strip()]
+            items = [PromptItem(line.strip()) for line in _read_text(path).splitlines() if line.strip()]
     if not items:
         raise ConfigError(f"prompt source {src} holds no prompts")
     return items

@@ -64,6 +64,8 @@ def parse_request(body: bytes, max_batch: int, max_side: int) -> tuple[list[Imag
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise HTTPException(400, "body is not JSON")
+    except RecursionError:
+        raise HTTPException(400, "body is JSON nested too deeply")
     if not isinstance(payload, dict):
         raise HTTPException(422, "body must be a JSON object with 'images' and 'prompts'")
     images, prompts = payload.get("images"), payload.get("prompts")

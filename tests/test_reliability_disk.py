@@ -54,7 +54,8 @@ def patch_writer(monkeypatch, which: str) -> None:
         import fpo_diffusion.checkpoint as ck
 
         inner = ck.save_file
-        monkeypatch.setattr(ck, "save_file", lambda t, path, *a, **k: _full(path) if hit(path) else inner(t, path, *a, **k))
+        monkeypatch.setattr(ck, "save_file",
+                            lambda t, path, *a, **k: _full(path) if hit(path) else inner(t, path, *a, **k))
     elif which == "optimizer":
         inner = torch.save
 

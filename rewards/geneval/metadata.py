@@ -73,6 +73,8 @@ def parse_metadata_line(line: str, where: str, classnames: set[str] | None = Non
         entry = json.loads(line)
     except json.JSONDecodeError as e:
         raise GenEvalInputError(f"{where}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise GenEvalInputError(f"{where}: invalid JSON (nested too deeply)") from None
     problem = validate_metadata(entry, classnames)
     if problem:
         raise GenEvalInputError(f"{where}: invalid GenEval metadata: {problem}")
@@ -84,11 +86,15 @@ def load_metadata(path: str | Path, classnames: list[str] | None = None) -> list
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GenEvalInputError(f"metadata file {path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise GenEvalInputError(f"cannot read metadata file {path}: {e.strerror or e}") from None
     names = set(classnames) if classnames is not None else None
+    # JSON Lines end at "\n" only (as the official evaluator reads them): str.splitlines() would
+    # also cut at U+2028, \x1c... which a JSON string may hold.
     out = [parse_metadata_line(line, f"{path}:{n}", names)
-           for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+           for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
     if not out:
         raise GenEvalInputError(f"{path}: no prompts")
     return out
@@ -99,7 +105,11 @@ def read_prompt_metadata(folder: str | Path) -> dict:
     path = Path(folder) / "metadata.jsonl"
     if not path.is_file():
         raise GenEvalInputError(f"missing {path}")
-    lines = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise GenEvalInputError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    lines = [l for l in text.split("\n") if l.strip()]
     if len(lines) != 1:
         raise GenEvalInputError(f"{path}: expected one JSON line, found {len(lines)}")
     return parse_metadata_line(lines[0], f"{path}:1")
