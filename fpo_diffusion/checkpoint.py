@@ -24,6 +24,7 @@ from . import faults
 STATE_FILE = "trainer_state.json"
 PREFIX = "checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_OLD = re.compile(r"^\.old-checkpoint-(\d+)$")  # a complete checkpoint moved aside while being replaced
 
 
 class CheckpointError(RuntimeError):
@@ -39,8 +40,14 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and is_checkpoint(p)]
-    return [p for _, p in sorted(found)]
+    found: dict[int, Path] = {}
+    for p in root.iterdir():
+        m = _NAME.match(p.name) or _OLD.match(p.name)
+        if m and is_checkpoint(p) and (int(m.group(1)) not in found or _NAME.match(p.name)):
+            # A process killed between the two renames that replace checkpoint-N leaves the old complete
+            # folder as .old-checkpoint-N and no checkpoint-N: it still counts (the plain name wins).
+            found[int(m.group(1))] = p
+    return [found[i] for i in sorted(found)]
 
 
 def resolve_resume(resume: str, root: str | Path) -> Path:
@@ -147,6 +154,7 @@ def save_checkpoint(accelerator, root: str | Path, iteration: int, state: dict,
             old = root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
+            faults.hit("checkpoint_replace")
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -8,7 +8,9 @@ SIGKILL (no cleanup, no ``finally``, no flushed buffers other than stdout/stderr
 * ``update``: right after an optimizer step, before the LR scheduler and EMA step;
 * ``checkpoint_write``: inside a checkpoint write, after ``accelerator.save_state`` and
   the extra files, before ``trainer_state.json`` (the temporary folder is half written);
-* ``checkpoint_rename``: the temporary folder is complete, just before it is renamed.
+* ``checkpoint_rename``: the temporary folder is complete, just before it is renamed;
+* ``checkpoint_replace``: re-saving an existing iteration, between moving the old folder aside
+  (``.old-checkpoint-N``) and renaming the new one into place.
 
 Counts are per process. Without the variable :func:`hit` does nothing but read it.
 """
@@ -19,7 +21,7 @@ import signal
 import sys
 
 ENV = "FPO_DIFFUSION_FAULT"
-POINTS = ("rollout", "update", "checkpoint_write", "checkpoint_rename")
+POINTS = ("rollout", "update", "checkpoint_write", "checkpoint_rename", "checkpoint_replace")
 
 _hits: dict[str, int] = {}
 

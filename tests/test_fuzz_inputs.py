@@ -270,7 +270,7 @@ def b64_image(seed: int, mode: str, fmt: str, side: int) -> str:
 
 def brightness_of(b64: str) -> float:
     im = Image.open(io.BytesIO(base64.b64decode(b64)))
-    return float(np.asarray(im.convert("RGB"), dtype=np.float64).mean() / 255.0)
+    return float(np.float32(np.asarray(im.convert("RGB"), dtype=np.float64).mean() / 255.0))  # rewards are float32
 
 
 images = st.one_of(

@@ -45,12 +45,13 @@ def overrides(out: Path) -> list[str]:
     return [f"output_dir={out}", *(f"{k}={v}" for k, v in SETTINGS.items())]
 
 
-def train_subprocess(out: Path, *, fault: str | None = None, resume: bool = False) -> subprocess.CompletedProcess:
+def train_subprocess(out: Path, *, fault: str | None = None, resume: bool | str = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop(faults.ENV, None)
     if fault:
         env[faults.ENV] = fault
-    cmd = [sys.executable, TRAIN, *(["--resume", "latest"] if resume else []), *overrides(out)]
+    cmd = [sys.executable, TRAIN, *(["--resume", "latest" if resume is True else resume] if resume else []),
+           *overrides(out)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -146,3 +147,29 @@ def test_sigkill_in_rollout_update_and_checkpoint_writes_then_resume_is_bit_exac
             if not k.startswith("perf/"):
                 assert a[k] == b[k], (a["iteration"], k)
     assert read_jsonl(ref / "samples.jsonl") == read_jsonl(out / "samples.jsonl")
+
+    # 6. Re-running iteration 3 from checkpoint 3 re-saves checkpoint 4; killed between moving the old
+    # checkpoint-000004 aside and renaming the new one in: the old complete one is still found.
+    ckpts = out / "checkpoints"
+    killed(train_subprocess(out, fault="checkpoint_replace:1", resume=str(ckpts / "checkpoint-000003")),
+           "checkpoint_replace")
+    assert not (ckpts / "checkpoint-000004").exists()
+    latest = resolve_resume("latest", ckpts)
+    assert latest.name == ".old-checkpoint-000004"
+    assert_same_tensors(ref / "checkpoints" / "checkpoint-000004" / "lora.safetensors", latest / "lora.safetensors")
+
+
+def test_a_checkpoint_moved_aside_for_replacement_still_counts(tmp_path):
+    def make(name: str, complete: bool = True) -> Path:
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / STATE_FILE).write_text("{}")
+        return tmp_path / name
+
+    make("checkpoint-000001")
+    make(".tmp-checkpoint-000003")
+    make(".old-checkpoint-000002")
+    make(".tmp-checkpoint-000004", complete=False)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000001", ".old-checkpoint-000002"]
+    make("checkpoint-000002")  # the plain name wins over a leftover moved-aside folder
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000001", "checkpoint-000002"]
