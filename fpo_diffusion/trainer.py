@@ -80,6 +80,15 @@ def _no_accelerator() -> bool:
                 or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 
 
+def _adamw(params, **kw) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel where this torch has one (one kernel for all LoRA tensors instead of a
+    Python loop over hundreds of small ones), else the multi-tensor ``foreach`` path."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kw)
+
+
 def _chunks(n: int, size: int):
     for s in range(0, n, size):
         yield slice(s, min(n, s + size))
@@ -118,8 +127,8 @@ class FPOTrainer:
 
         # Optimisation
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                           weight_decay=t.weight_decay)
+        self.optimizer = _adamw(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                weight_decay=t.weight_decay)
         self.world = acc.num_processes
         self.n_local = (t.prompts_per_iteration * t.group_size) // self.world
         rank_slice(t.prompts_per_iteration * t.group_size, acc.process_index, self.world)  # validates divisibility
@@ -381,7 +390,12 @@ class FPOTrainer:
     # ------------------------------------------------------------------ the loop
     def train_iteration(self, it: int) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
-        ro = self.rollout(it)
+        from rewards.base import RewardError
+
+        try:
+            ro = self.rollout(it)
+        except RewardError as e:  # e.g. a remote reward still down after its retries: one line, not a traceback
+            raise TrainingError(f"iteration {it}: {' '.join(str(e).split())}") from e
         all_rewards = self._gather(ro.rewards)
         all_groups = self._gather(ro.prompt_idx)
         a = cfg.advantage

@@ -188,3 +188,19 @@ def test_server_killed_and_restarted_during_training_loses_no_reward(tmp_path):
     a = load_file(str(tmp_path / "remote" / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "local" / "lora" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_reward_server_that_stays_down_stops_training_with_one_line(tmp_path, capsys):
+    from fpo_diffusion.cli import run_cli
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    import train as train_script
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    name = f"remote:{url}"
+    argv = overrides(tmp_path / "run", json.dumps({name: 1.0}), json.dumps({name: {"retries": 1, "backoff": 0.01}}))
+    rc = run_cli(train_script.main, argv, prog="train")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith(f"train: error: iteration 0: remote reward at {url} failed after 2 attempts: ConnectError")
+    assert not (tmp_path / "run" / "checkpoints").exists()
