@@ -18,6 +18,7 @@ import argparse
 import json
 
 import _common as C
+from fpo_diffusion.trainer import adamw
 import torch
 
 DEFAULTS = {  # model -> (image side in latent cells, batch B, N_mc, text tokens, repeats)
@@ -44,7 +45,7 @@ def measure(name: str, *, side: int, batch: int, n_mc: int, text_len: int, repea
         policy.denoiser.enable_gradient_checkpointing()
     policy.denoiser.train()
     params = policy.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = adamw(params, lr=1e-5)  # the trainer's optimizer (fused where available)
     shape = (ch, side, side)
     cfg = load_config(None, [f"fpo.n_mc={n_mc}", f"train.minibatch_size={batch}"])
     alg = FPO(C.trainer_shim(policy, cfg, shape, mixed_precision))

@@ -80,7 +80,7 @@ def _no_accelerator() -> bool:
                 or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 
 
-def _adamw(params, **kw) -> torch.optim.Optimizer:
+def adamw(params, **kw) -> torch.optim.Optimizer:
     """AdamW with the fused kernel where this torch has one (one kernel for all LoRA tensors instead of a
     Python loop over hundreds of small ones), else the multi-tensor ``foreach`` path."""
     try:
@@ -127,7 +127,7 @@ class FPOTrainer:
 
         # Optimisation
         t = cfg.train
-        self.optimizer = _adamw(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+        self.optimizer = adamw(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                 weight_decay=t.weight_decay)
         self.world = acc.num_processes
         self.n_local = (t.prompts_per_iteration * t.group_size) // self.world

@@ -76,7 +76,11 @@ def test_two_ranks_equal_one_rank_and_groups_span_ranks(tmp_path):
 
 
 def _trainer(out, family="sd", resume=None, **extra):
+    from accelerate.state import AcceleratorState
+
     from fpo_diffusion.trainer import FPOTrainer
+
+    AcceleratorState._reset_state(True)  # each in-process run gets its own accelerate settings
 
     return FPOTrainer(load_config(None, tiny_overrides(out, family, **extra)), resume=resume)
 
@@ -198,3 +202,17 @@ def test_train_script_exit_code_on_bad_input(tmp_path):
     p = run_train(["train.nope=1"], check=False)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["train: error: unknown config field train.nope (in override 'train.nope=1')"]
+
+
+def test_bf16_autocast_gradient_checkpointing_kl_and_anchor_run(tmp_path):
+    """The memory/speed knobs and both anchors run together and keep the update finite."""
+    tr = _trainer(tmp_path / "run", "sd3", **{"train.iterations": 1, "train.mixed_precision": "bf16",
+                                               "train.gradient_checkpointing": "true", "fpo.kl_beta": 0.1,
+                                               "fpo.fm_anchor_beta": 0.1, "fpo.fm_anchor_samples": 2,
+                                               "train.epochs": 2, "train.minibatch_size": 3})
+    before = {n: p.detach().clone() for n, p in tr.policy.denoiser.named_parameters() if p.requires_grad}
+    m = tr.train()
+    assert m["fpo/skipped_updates"] == 0 and all(map(lambda v: v == v, [m["fpo/kl_ref"], m["fpo/fm_anchor_loss"]]))
+    assert 0.5 < m["fpo/ratio_mean"] < 2.0
+    after = dict(tr.policy.denoiser.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
