@@ -1,6 +1,7 @@
 """Pretrain the shapes world's text-to-image model (DESIGN.md, "The embedded world").
 
     python launch/pretrain_shapes.py --stage vae --minutes 15
+    python launch/pretrain_shapes.py --stage decoder --minutes 20      # optional: decoder only, encoder frozen
     python launch/pretrain_shapes.py --stage transformer --minutes 60
 
 Each stage is seeded, resumable (re-run the same command: it continues from
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from fpo_diffusion.shapes import pretrain as P
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["vae", "transformer"], required=True)
+    ap.add_argument("--stage", choices=["vae", "decoder", "transformer"], required=True)
     ap.add_argument("--minutes", type=float, default=None, help="training time budget of the stage")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: leave cores to others)")
     ap.add_argument("--work-dir", default="runs/pretrain_shapes", help="stage checkpoints (resume from here)")
@@ -44,6 +45,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.lr:
             cfg.lr = args.lr
         P.train_vae(cfg, work, out)
+    elif args.stage == "decoder":
+        if not (out / "vae" / "config.json").is_file():
+            print(f"error: no trained VAE at {out / 'vae'}; run --stage vae first", file=sys.stderr)
+            return 2
+        cfg = P.DecoderConfig(seed=args.seed)
+        if args.minutes is not None:
+            cfg.minutes = args.minutes
+        if args.batch_size:
+            cfg.batch_size = args.batch_size
+        if args.lr:
+            cfg.lr = args.lr
+        P.train_decoder(cfg, work, out)
     else:
         if not (out / "vae" / "config.json").is_file():
             print(f"error: no trained VAE at {out / 'vae'}; run --stage vae first", file=sys.stderr)

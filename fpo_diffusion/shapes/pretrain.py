@@ -117,8 +117,10 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
         post = vae.encode(x).latent_dist
         z = post.sample()
         xr = vae.decode(z).sample
-        # objects cover ~10 % of the pixels: weight them up, or the decoder settles on the mean image
-        w = 1.0 + cfg.fg_weight * (x - _BG_T).abs().amax(1, keepdim=True).gt(0.05).float()
+        # objects cover ~10 % of the pixels: weight up every pixel of a cell that holds an object
+        # (corners included, so a circle drawn as a square costs as much as a wrong colour)
+        fg = (x - _BG_T).abs().amax(1, keepdim=True).gt(0.05).float()
+        w = 1.0 + cfg.fg_weight * F.interpolate(F.max_pool2d(fg, CELL), scale_factor=CELL, mode="nearest")
         rec = (w * ((xr - x).abs() + (xr - x) ** 2)).mean() / w.mean()
         kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).mean()
         loss = rec + cfg.kl_weight * kl
@@ -152,6 +154,82 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
     vae.to(torch.float16).save_pretrained(out_dir / "vae")  # diffusers loads it back as float32
     log(f"[vae] done: {step} steps, {step*cfg.batch_size} images, saved to {out_dir/'vae'} "
         f"(scaling_factor={scale:.4f}, shift_factor={shift:.4f})")
+    return out_dir / "vae"
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1b: decoder fine-tune (encoder frozen)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DecoderConfig:
+    minutes: float = 20.0
+    batch_size: int = 32
+    lr: float = 1e-3
+    fg_weight: float = 9.0
+    seed: int = 0
+    ckpt_every_s: float = 120.0
+
+
+def train_decoder(cfg: DecoderConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log=print) -> Path:
+    """Fine-tune only the VAE's decoder (``post_quant_conv`` + ``decoder``) on posterior samples of
+    the frozen encoder, so latents (and the transformer trained on them) stay valid while the
+    decoder learns to draw crisper shapes. Overwrites ``out_dir/vae`` when done."""
+    torch.manual_seed(cfg.seed)
+    vae = _load_vae(out_dir)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ckpt = work_dir / "decoder" / "ckpt.pt"
+    step, elapsed = 0, 0.0
+    if ckpt.is_file():
+        st = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"])
+        step, elapsed = st["step"], st["elapsed"]
+        log(f"[decoder] resumed at step {step} ({elapsed/60:.1f} min)")
+    budget = cfg.minutes * 60.0
+    pbar = _progress(budget, "decoder")
+    pbar.update(int(elapsed))
+    t_ck = time.time()
+    ema = None
+    vae.encoder.eval()
+    vae.decoder.train()
+
+    def save():
+        _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed})
+
+    while elapsed < budget:
+        t0 = time.time()
+        frac = min(elapsed / budget, 1.0)
+        lr = cfg.lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        scenes, _ = _batch_scenes(cfg.seed, step, cfg.batch_size, stream=3)
+        x = to_tensor_batch([render_array(s) for s in scenes])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        xr = vae.decode(z).sample
+        fg = (x - _BG_T).abs().amax(1, keepdim=True).gt(0.05).float()
+        w = 1.0 + cfg.fg_weight * F.interpolate(F.max_pool2d(fg, CELL), scale_factor=CELL, mode="nearest")
+        loss = (w * ((xr - x).abs() + (xr - x) ** 2)).mean() / w.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        dt = time.time() - t0
+        elapsed += dt
+        pbar.update(int(elapsed) - pbar.n)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 50 == 0:
+            log(f"[decoder] step {step} t={elapsed/60:.1f}min rec={ema:.4f} lr={lr:.2e} {cfg.batch_size/dt:.0f} img/s")
+        if time.time() - t_ck > cfg.ckpt_every_s:
+            save(); t_ck = time.time()
+    pbar.close()
+    save()
+    vae.eval()
+    vae.to(torch.float16).save_pretrained(out_dir / "vae")
+    log(f"[decoder] done: {step} steps; saved to {out_dir / 'vae'} (encoder and scaling factors unchanged)")
     return out_dir / "vae"
 
 

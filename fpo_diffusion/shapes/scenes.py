@@ -10,10 +10,12 @@ The held-out split (:func:`heldout_metadata`) is fixed: it holds *every* prompt 
 colour-free tasks whose prompt spaces are tiny in this world (single_object: 4 prompts,
 two_object: 12, counting: 12), half of ``colors`` and ``position`` and 40 % of
 ``color_attr`` (chosen by a stable hash). Training prompts (:func:`sample_training`) come from
-the rest of the six tasks plus a few training-only phrasings ("a photo of one circle",
-"a photo of two red circles", "a photo of a red circle and a square", "a photo of a red circle
-left of a blue square"); they never equal a held-out prompt, so a held-out score measures
-generalisation to new prompt strings (e.g. an uncoloured "a photo of a circle").
+the rest of the six tasks plus training-only phrasings: the colour-free tasks paraphrased
+("an image of a circle", "a picture of two squares", "a circle and a cross", "a photo of one
+circle") and coloured variants ("a photo of two red circles", "a photo of a red circle and a
+square", "a photo of a red circle left of a blue square"). They never equal a held-out prompt,
+so a held-out score measures transfer to unseen prompt strings (for the colour-free tasks: the
+"a photo of ..." template, seen in training only with colours or positions).
 """
 from __future__ import annotations
 
@@ -136,24 +138,44 @@ def train_task_metadata() -> dict[str, list[dict]]:
 # ---------------------------------------------------------------------------------------------
 # training-only phrasings (never equal to a GenEval-task prompt)
 # ---------------------------------------------------------------------------------------------
+PARAPHRASES: tuple[str, ...] = ("an image of", "a picture of", "a drawing of", "")
+"""Training-only prefixes for the colour-free tasks (the held-out prompts all say "a photo of")."""
+
+
+def _prefixed(prefix: str, rest: str) -> str:
+    return f"{prefix} {rest}".strip()
+
+
 def _extra(rng: np.random.Generator) -> dict:
-    k = int(rng.integers(4))
+    k = int(rng.integers(6))
     s = SHAPES[int(rng.integers(len(SHAPES)))]
     c = COLORS[int(rng.integers(len(COLORS)))]
     others = [x for x in SHAPES if x != s]
-    if k == 0:  # "one circle"
-        return {"tag": "single_object", "include": [{"class": s, "count": 1}], "prompt": f"a photo of one {s}"}
-    if k == 1:  # coloured counting
+    pre = PARAPHRASES[int(rng.integers(len(PARAPHRASES)))]
+    if k == 0:  # one uncoloured object: "an image of a circle", "a photo of one circle"
+        text = f"a photo of one {s}" if rng.random() < 0.25 else _prefixed(pre, _a(s))
+        return {"tag": "single_object", "include": [{"class": s, "count": 1}], "prompt": text}
+    if k == 1:  # counting, coloured ("a photo of two red circles") or paraphrased ("an image of two circles")
         n = int(rng.integers(2, MAX_OBJECTS + 1))
-        return {"tag": "counting", "include": [{"class": s, "count": n, "color": c}],
-                "exclude": [{"class": s, "count": n + 1}], "prompt": f"a photo of {NUMBERS[n]} {c} {plural(s, n)}"}
+        if rng.random() < 0.5:
+            return {"tag": "counting", "include": [{"class": s, "count": n, "color": c}],
+                    "exclude": [{"class": s, "count": n + 1}], "prompt": f"a photo of {NUMBERS[n]} {c} {plural(s, n)}"}
+        return {"tag": "counting", "include": [{"class": s, "count": n}], "exclude": [{"class": s, "count": n + 1}],
+                "prompt": _prefixed(pre, f"{NUMBERS[n]} {plural(s, n)}")}
     b = others[int(rng.integers(len(others)))]
-    if k == 2:  # one object coloured, the other not
+    if k == 2:  # two uncoloured objects, paraphrased
+        return {"tag": "two_object", "include": [{"class": s, "count": 1}, {"class": b, "count": 1}],
+                "prompt": _prefixed(pre, f"{_a(s)} and {_a(b)}")}
+    if k == 3:  # one object coloured, the other not
         if rng.random() < 0.5:
             return {"tag": "two_object", "include": [{"class": s, "count": 1, "color": c}, {"class": b, "count": 1}],
                     "prompt": f"a photo of {_a(c)} {s} and {_a(b)}"}
         return {"tag": "two_object", "include": [{"class": b, "count": 1}, {"class": s, "count": 1, "color": c}],
                 "prompt": f"a photo of {_a(b)} and {_a(c)} {s}"}
+    if k == 4:  # uncoloured position, paraphrased
+        rel = RELATIONS[int(rng.integers(4))]
+        return {"tag": "position", "include": [{"class": b, "count": 1}, {"class": s, "count": 1, "position": [rel, 0]}],
+                "prompt": _prefixed(pre, f"{_a(s)} {rel} {_a(b)}")}
     # coloured position
     cb = COLORS[int(rng.integers(len(COLORS)))]
     rel = RELATIONS[int(rng.integers(4))]
@@ -162,7 +184,7 @@ def _extra(rng: np.random.Generator) -> dict:
             "prompt": f"a photo of {_a(c)} {s} {rel} {_a(cb)} {b}"}
 
 
-TRAIN_MIX = {"colors": 0.15, "position": 0.2, "color_attr": 0.25, "extra": 0.4}
+TRAIN_MIX = {"colors": 0.12, "position": 0.13, "color_attr": 0.2, "extra": 0.55}
 
 
 def sample_training(rng: np.random.Generator) -> dict:
