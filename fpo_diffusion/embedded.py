@@ -60,5 +60,15 @@ def load_model(family: str, path: str, *, dtype: str = "float32", device: str | 
     """The policy for a model config (embedded names resolved)."""
     from .policies import load_policy
 
+    embedded_shapes = path == "embedded:shapes"
     family, path = resolve_model(family, path)
-    return load_policy(family, path, dtype=torch_dtype(dtype), device=device)
+    if not embedded_shapes:
+        return load_policy(family, path, dtype=torch_dtype(dtype), device=device)
+    # The shapes model has no T5: the stock pipeline pads its context with 256 identical zero
+    # tokens. One zero token with its attention logit raised by log(256) is exactly equivalent
+    # (identical tokens keep identical states) and makes every forward several times cheaper.
+    from .shapes.evaluate import fast_zero_tokens
+
+    policy = load_policy(family, path, dtype=torch_dtype(dtype), device=device, max_sequence_length=1)
+    fast_zero_tokens(policy.pipeline, max_sequence_length=256)
+    return policy
