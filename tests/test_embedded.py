@@ -1,0 +1,31 @@
+"""Loading of the embedded models: the one-zero-token context equals the stock 256-token padding."""
+import math
+
+import torch
+
+from fpo_diffusion.embedded import tiny_model_path
+from fpo_diffusion.policies import load_policy
+from fpo_diffusion.shapes.evaluate import fast_zero_tokens
+
+
+def test_one_biased_zero_token_equals_n_zero_tokens_for_t5_less_sd3():
+    path = str(tiny_model_path("sd3"))
+    n = 16
+    stock = load_policy("sd3", path, max_sequence_length=n)
+    fast = load_policy("sd3", path, max_sequence_length=1)
+    fast_zero_tokens(fast.pipeline, max_sequence_length=n)
+    prompts = ["a red circle", "two blue squares"]
+    c_stock, c_fast = stock.encode_prompts(prompts), fast.encode_prompts(prompts)
+    assert c_stock["prompt_embeds"].shape[1] == c_fast["prompt_embeds"].shape[1] + n - 1
+    shape = stock.latent_shape()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, *shape, generator=g)
+    t = torch.rand(2, 3, generator=g) * 0.9 + 0.05
+    eps = torch.randn(2, 3, *shape, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(stock.cfm_loss(x0, c_stock, t, eps), fast.cfm_loss(x0, c_fast, t, eps), atol=1e-5)
+        gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+        a = stock.sample(c_stock, gens(), steps=3, guidance_scale=3.0)
+        b = fast.sample(c_fast, gens(), steps=3, guidance_scale=3.0)
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not math.isnan(float(a.abs().sum()))
