@@ -14,7 +14,6 @@ Range: unbounded in principle, ratings on a 1-10 scale in practice (typically 4-
 """
 from __future__ import annotations
 
-import threading
 
 import torch
 from PIL import Image
@@ -67,19 +66,15 @@ class AestheticScore(Reward):
         super().__init__(device=device, batch_size=batch_size)
         self.clip_model, self.processor_id, self.head = clip_model, processor, head
         self._model = None
-        self._lock = threading.Lock()
 
-    def _load(self) -> None:
-        with self._lock:
-            if self._model is not None:
-                return
-            model, self._processor = load_hf_clip(self.clip_model, self.processor_id, self.device)
-            path = resolve_file(self.head, AESTHETIC_FILE) if self.head else resolve_file(
-                AESTHETIC_FILE, AESTHETIC_FILE, url=AESTHETIC_URL)
-            self._mlp = load_aesthetic_mlp(path).to(self.device)
-            self._model = model
+    def load(self) -> None:
+        model, self._processor = load_hf_clip(self.clip_model, self.processor_id, self.device)
+        path = resolve_file(self.head, AESTHETIC_FILE) if self.head else resolve_file(
+            AESTHETIC_FILE, AESTHETIC_FILE, url=AESTHETIC_URL)
+        self._mlp = load_aesthetic_mlp(path).to(self.device)
+        self._model = model
 
     def score(self, images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-        self._load()
+        self.ensure_loaded()
         img, _ = hf_clip_features(self._model, self._processor, images, None, self.device)
         return self._mlp(img).squeeze(-1).cpu()

@@ -6,6 +6,7 @@ once, on the rank's device, in eval mode.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -32,6 +33,20 @@ class Reward:
             self.batch_size = int(batch_size)
         if kwargs:
             raise TypeError(f"reward {self.name!r} got unknown options: {sorted(kwargs)}")
+        self._loaded = False
+        self._load_lock = threading.Lock()
+
+    def load(self) -> None:
+        """Load heavy models onto ``self.device``; runs once, lazily (see :meth:`ensure_loaded`)."""
+
+    def ensure_loaded(self) -> None:
+        """Run :meth:`load` exactly once, thread-safe (scoring may run in background threads)."""
+        if self._loaded:
+            return
+        with self._load_lock:
+            if not self._loaded:
+                self.load()
+                self._loaded = True
 
     def score(self, images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         """Score one batch (at most ``batch_size`` images)."""

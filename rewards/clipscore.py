@@ -9,7 +9,6 @@ Range: ``[0, scale]`` (``[-scale, scale]`` without clamping).
 """
 from __future__ import annotations
 
-import threading
 
 import torch
 from PIL import Image
@@ -33,17 +32,13 @@ class CLIPScore(Reward):
         self.scale, self.clamp = float(scale), bool(clamp)
         self.range = (0.0, self.scale) if self.clamp else (-self.scale, self.scale)
         self._model = None
-        self._lock = threading.Lock()
 
-    def _load(self) -> None:
-        with self._lock:
-            if self._model is None:
-                pretrained = None if self.model_name.startswith(("hf-hub:", "local-dir:")) else self.pretrained
-                model, self._preprocess, self._tokenizer = load_open_clip(self.model_name, pretrained, self.device)
-                self._model = model
+    def load(self) -> None:
+        pretrained = None if self.model_name.startswith(("hf-hub:", "local-dir:")) else self.pretrained
+        self._model, self._preprocess, self._tokenizer = load_open_clip(self.model_name, pretrained, self.device)
 
     def score(self, images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-        self._load()
+        self.ensure_loaded()
         img, txt = open_clip_features(self._model, self._preprocess, self._tokenizer, images, prompts, self.device)
         cos = (img * txt).sum(-1)
         if self.clamp:

@@ -15,7 +15,6 @@ Range: ``[-1, 1]`` (typically 0.2-0.35). Papers often report ``100 * score``: pa
 """
 from __future__ import annotations
 
-import threading
 
 import torch
 from PIL import Image
@@ -52,18 +51,14 @@ class HPSv2(Reward):
         self.version, self.checkpoint, self.model_name, self.scale = version, checkpoint, model_name, float(scale)
         self.range = (-abs(self.scale), abs(self.scale))
         self._model = None
-        self._lock = threading.Lock()
 
-    def _load(self) -> None:
-        with self._lock:
-            if self._model is not None:
-                return
-            model, preprocess, tokenizer = load_open_clip(self.model_name, None, self.device, preprocess="hps")
-            path = resolve_file(self.checkpoint or HPS_REPO, HPS_CHECKPOINTS[self.version])
-            model.load_state_dict(load_hps_state_dict(path), strict=True)
-            self._preprocess, self._tokenizer, self._model = preprocess, tokenizer, model.eval()
+    def load(self) -> None:
+        model, preprocess, tokenizer = load_open_clip(self.model_name, None, self.device, preprocess="hps")
+        path = resolve_file(self.checkpoint or HPS_REPO, HPS_CHECKPOINTS[self.version])
+        model.load_state_dict(load_hps_state_dict(path), strict=True)
+        self._preprocess, self._tokenizer, self._model = preprocess, tokenizer, model.eval()
 
     def score(self, images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-        self._load()
+        self.ensure_loaded()
         img, txt = open_clip_features(self._model, self._preprocess, self._tokenizer, images, prompts, self.device)
         return (self.scale * (img * txt).sum(-1)).cpu()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from typing import Any
 
 import torch
@@ -194,27 +193,23 @@ class ImageReward(Reward):
         super().__init__(device=device, batch_size=batch_size)
         self.checkpoint, self.med_config, self.tokenizer_id = checkpoint, med_config, tokenizer
         self._model = None
-        self._lock = threading.Lock()
 
-    def _load(self) -> None:
-        with self._lock:
-            if self._model is not None:
-                return
-            ckpt = resolve_file(self.checkpoint, "ImageReward.pt")
-            med = resolve_file(self.med_config or self.checkpoint, "med_config.json") if (
-                self.med_config or not self.checkpoint.endswith(".pt")) else None
-            if med is None:
-                raise ValueError("imagereward: pass med_config=... when checkpoint is a .pt file")
-            self._tokenizer = load_blip_tokenizer(self.tokenizer_id)
-            model = load_imagereward(ckpt, med, self.device)
-            if len(self._tokenizer) > model.text.config.vocab_size:
-                raise ValueError(f"imagereward: tokenizer has {len(self._tokenizer)} tokens, "
-                                 f"checkpoint only {model.text.config.vocab_size}")
-            self._transform = imagereward_transform(model.vision.config.image_size)
-            self._model = model
+    def load(self) -> None:
+        ckpt = resolve_file(self.checkpoint, "ImageReward.pt")
+        med = resolve_file(self.med_config or self.checkpoint, "med_config.json") if (
+            self.med_config or not self.checkpoint.endswith(".pt")) else None
+        if med is None:
+            raise ValueError("imagereward: pass med_config=... when checkpoint is a .pt file")
+        self._tokenizer = load_blip_tokenizer(self.tokenizer_id)
+        model = load_imagereward(ckpt, med, self.device)
+        if len(self._tokenizer) > model.text.config.vocab_size:
+            raise ValueError(f"imagereward: tokenizer has {len(self._tokenizer)} tokens, "
+                             f"checkpoint only {model.text.config.vocab_size}")
+        self._transform = imagereward_transform(model.vision.config.image_size)
+        self._model = model
 
     def score(self, images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-        self._load()
+        self.ensure_loaded()
         pix = torch.stack([self._transform(im) for im in images]).to(self.device)
         tok = self._tokenizer(list(prompts), padding="max_length", truncation=True,
                               max_length=MAX_TEXT_TOKENS, return_tensors="pt")

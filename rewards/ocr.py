@@ -16,7 +16,6 @@ failure raises :class:`RewardError` (never a silent zero); "no text found" is a 
 """
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import torch
@@ -69,21 +68,18 @@ class OCRReward(Reward):
     def __init__(self, device: str | torch.device = "cpu", batch_size: int | None = None):
         super().__init__(device=device, batch_size=batch_size)
         self._engine = None
-        self._lock = threading.Lock()
 
-    def _load(self):
-        with self._lock:
-            if self._engine is None:
-                try:
-                    from rapidocr_onnxruntime import RapidOCR
-                except ImportError as e:  # pragma: no cover - dependency is declared
-                    raise RewardError("ocr reward needs rapidocr-onnxruntime: pip install rapidocr-onnxruntime") from e
-                self._engine = RapidOCR()
-        return self._engine
+    def load(self) -> None:
+        try:
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError as e:  # pragma: no cover - dependency is declared
+            raise RewardError("ocr reward needs rapidocr-onnxruntime: pip install rapidocr-onnxruntime") from e
+        self._engine = RapidOCR()
 
     def recognise(self, image: Image.Image) -> str:
         """All text lines RapidOCR finds with confidence > 0, concatenated."""
-        engine = self._load()
+        self.ensure_loaded()
+        engine = self._engine
         try:
             result, _ = engine(np.asarray(image.convert("RGB")))
         except Exception as e:

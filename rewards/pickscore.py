@@ -13,7 +13,6 @@ Range: ``[-s, s]`` with ``s = logit_scale.exp()`` (100 for PickScore_v1), so
 """
 from __future__ import annotations
 
-import threading
 
 import torch
 from PIL import Image
@@ -37,15 +36,12 @@ class PickScore(Reward):
         self.model_id, self.processor_id, self.scale = model, processor, float(scale)
         self.range = (-100.0 * abs(self.scale), 100.0 * abs(self.scale))
         self._model = self._processor = None
-        self._lock = threading.Lock()
 
-    def _load(self) -> None:
-        with self._lock:
-            if self._model is None:
-                self._model, self._processor = load_hf_clip(self.model_id, self.processor_id, self.device)
+    def load(self) -> None:
+        self._model, self._processor = load_hf_clip(self.model_id, self.processor_id, self.device)
 
     def score(self, images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-        self._load()
+        self.ensure_loaded()
         img, txt = hf_clip_features(self._model, self._processor, images, prompts, self.device)
         logit_scale = self._model.logit_scale.exp().float()
         return (self.scale * logit_scale * (img * txt).sum(-1)).cpu()
