@@ -140,6 +140,17 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(out)
 
 
+def report(rows: list[dict], cols: list[str], json_path: str | None) -> list[dict]:
+    """Print the rows as a Markdown table and, if asked, write them to ``json_path``."""
+    import json
+
+    print(markdown_table(rows, cols))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"

@@ -151,12 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"(peak {row['peak_GiB']:.2f} GiB, {row['method']})", flush=True)
         off, on = rows[-2], rows[-1]
         on["saving_vs_off"] = 1 - on["step_extra_GiB"] / off["step_extra_GiB"] if off["step_extra_GiB"] > 0 else 0.0
-    print(C.markdown_table(rows, ["model", "device", "dtype", "latent", "B", "N_mc", "checkpointing", "baseline_GiB",
-                                  "peak_GiB", "step_extra_GiB", "saving_vs_off", "update_s"]))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+    return C.report(rows, ["model", "device", "dtype", "latent", "B", "N_mc", "checkpointing", "baseline_GiB",
+                                  "peak_GiB", "step_extra_GiB", "saving_vs_off", "update_s"], a.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Both are timed interleaved in the same process (median of ``--repeats``). Target
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 
 import _common as C
@@ -91,12 +90,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"{path}: ours {row['ours_s']:.3f}s / stock pipeline (PIL) {row['stock_pil_s']:.3f}s = "
               f"{row['ratio']:.3f} (target <= 1.0)", flush=True)
-    print(C.markdown_table(rows, ["model", "samples", "batch", "steps", "cfg", "reward", "stock_pil_s", "ours_s",
-                                  "ratio", "repeats"]))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+    return C.report(rows, ["model", "samples", "batch", "steps", "cfg", "reward", "stock_pil_s", "ours_s",
+                                  "ratio", "repeats"], a.json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Target: ratio <= 1.10.
 from __future__ import annotations
 
 import argparse
-import json
 
 import _common as C
 from fpo_diffusion.trainer import adamw
@@ -120,12 +119,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"{m}: fpo update {row['fpo_update_s']:.4f}s / raw fwd+bwd {row['raw_fwd_bwd_s']:.4f}s "
               f"= {row['ratio']:.3f} (target <= 1.10; without the AdamW step {row['ratio_without_adamw']:.3f}); prepare/raw = {row['prepare_ratio']:.3f}", flush=True)
-    print(C.markdown_table(rows, ["model", "device", "dtype", "latent", "B", "N_mc", "raw_fwd_bwd_s", "fpo_update_s",
-                                  "ratio", "ratio_without_adamw", "prepare_ratio", "repeats"]))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+    return C.report(rows, ["model", "device", "dtype", "latent", "B", "N_mc", "raw_fwd_bwd_s", "fpo_update_s",
+                                  "ratio", "ratio_without_adamw", "prepare_ratio", "repeats"], a.json)
 
 
 if __name__ == "__main__":
