@@ -32,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--init-from", default=None, help="vae stage: start from this AutoencoderKL folder; transformer stage: from this stage ckpt.pt")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work = Path(args.work_dir)
     if args.stage == "vae":
-        cfg = P.VAEConfig(seed=args.seed)
+        cfg = P.VAEConfig(seed=args.seed, init_from=args.init_from)
         if args.minutes is not None:
             cfg.minutes = args.minutes
         if args.batch_size:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (out / "vae" / "config.json").is_file():
             print(f"error: no trained VAE at {out / 'vae'}; run --stage vae first", file=sys.stderr)
             return 2
-        cfg = P.TransformerConfig(seed=args.seed, device=args.device)
+        cfg = P.TransformerConfig(seed=args.seed, device=args.device, init_from=args.init_from)
         if args.minutes is not None:
             cfg.minutes = args.minutes
         if args.batch_size:

@@ -81,19 +81,47 @@ class VAEConfig:
     lr: float = 2e-3
     kl_weight: float = 1e-5
     fg_weight: float = 9.0
+    aux_weight: float = 0.1
     seed: int = 0
     ckpt_every_s: float = 120.0
+    init_from: str | None = None
+
+
+def _cell_targets(scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per grid cell: shape index (0 = empty) and colour index (0 = empty), ``[B, GRID, GRID]``."""
+    from .world import COLORS, SHAPES
+
+    sh = torch.zeros(len(scenes), GRID, GRID, dtype=torch.long)
+    co = torch.zeros(len(scenes), GRID, GRID, dtype=torch.long)
+    for i, sc in enumerate(scenes):
+        for o in sc:
+            sh[i, o.cell[0], o.cell[1]] = SHAPES.index(o.shape) + 1
+            co[i, o.cell[0], o.cell[1]] = COLORS.index(o.color) + 1
+    return sh, co
 
 
 def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log=print) -> Path:
+    from .world import COLORS, SHAPES
+
     torch.manual_seed(cfg.seed)
     vae = build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.init_from:
+        from diffusers import AutoencoderKL
+
+        vae.load_state_dict(AutoencoderKL.from_pretrained(cfg.init_from).state_dict())
+        log(f"[vae] initialised from {cfg.init_from}")
+    # auxiliary per-cell probes (not part of the saved VAE): make every latent cell say which
+    # shape and colour its grid cell holds, so the decoder has a code to draw from
+    aux = torch.nn.ModuleDict({"shape": torch.nn.Conv2d(LATENT_CHANNELS, len(SHAPES) + 1, 1),
+                               "color": torch.nn.Conv2d(LATENT_CHANNELS, len(COLORS) + 1, 1)})
+    opt = torch.optim.AdamW(list(vae.parameters()) + list(aux.parameters()), lr=cfg.lr, weight_decay=0.0)
     ckpt = work_dir / "vae" / "ckpt.pt"
     step, elapsed = 0, 0.0
     if ckpt.is_file():
         st = torch.load(ckpt, weights_only=False)
         vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"])
+        if "aux" in st:
+            aux.load_state_dict(st["aux"])
         step, elapsed = st["step"], st["elapsed"]
         torch.set_rng_state(st["torch_rng"])
         log(f"[vae] resumed at step {step} ({elapsed/60:.1f} min)")
@@ -123,7 +151,9 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
         w = 1.0 + cfg.fg_weight * F.interpolate(F.max_pool2d(fg, CELL), scale_factor=CELL, mode="nearest")
         rec = (w * ((xr - x).abs() + (xr - x) ** 2)).mean() / w.mean()
         kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).mean()
-        loss = rec + cfg.kl_weight * kl
+        t_sh, t_co = _cell_targets(scenes)
+        ce = F.cross_entropy(aux["shape"](z), t_sh) + F.cross_entropy(aux["color"](z), t_co)
+        loss = rec + cfg.kl_weight * kl + cfg.aux_weight * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -134,14 +164,14 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
         pbar.update(int(elapsed) - pbar.n)
         ema = rec.item() if ema is None else 0.98 * ema + 0.02 * rec.item()
         if step % 50 == 0:
-            log(f"[vae] step {step} t={elapsed/60:.1f}min rec={ema:.4f} kl={kl.item():.3f} "
+            log(f"[vae] step {step} t={elapsed/60:.1f}min rec={ema:.4f} kl={kl.item():.3f} ce={ce.item():.3f} "
                 f"lr={lr:.2e} {cfg.batch_size/dt:.0f} img/s")
         if time.time() - t_last_ckpt > cfg.ckpt_every_s:
-            _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+            _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "aux": aux.state_dict(),
                               "elapsed": elapsed, "torch_rng": torch.get_rng_state()})
             t_last_ckpt = time.time()
     pbar.close()
-    _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+    _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "aux": aux.state_dict(),
                       "elapsed": elapsed, "torch_rng": torch.get_rng_state()})
     vae.eval()
     # latent statistics -> scaling/shift factors
@@ -346,6 +376,7 @@ class TransformerConfig:
     num_layers: int = 4
     ckpt_every_s: float = 120.0
     device: str = "cpu"
+    init_from: str | None = None  # a transformer-stage ckpt.pt whose EMA weights start this run
     # all-zero "T5" tokens the pipeline appends (its max_sequence_length): 256 (the default) half
     # of the time, else log-uniform in [1, 256] (see ZeroTokenBias)
     zero_tokens_default: int = 256
@@ -389,6 +420,9 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
     te1, te2 = build_text_encoder(cfg.seed + 1), build_text_encoder(cfg.seed + 2)
     tr = build_transformer(cfg.seed + 3, num_layers=cfg.num_layers)
     modules = torch.nn.ModuleDict({"te1": te1, "te2": te2, "tr": tr})
+    if cfg.init_from:
+        modules.load_state_dict(torch.load(cfg.init_from, weights_only=False)["ema"])
+        log(f"[transformer] initialised from the EMA weights of {cfg.init_from}")
     ema = copy.deepcopy(modules).requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ckpt = work_dir / "transformer" / "ckpt.pt"
