@@ -120,7 +120,7 @@ def heldout_metadata(min_per_task: int = HELDOUT_MIN_PER_TASK) -> list[dict]:
     """The fixed ShapesEval prompt set: every held-out prompt, each task cycled to >= ``min_per_task`` entries.
 
     Returns copies in task order; entries of a task with few distinct prompts repeat (they get
-    different seeds at evaluation). Default: 548 entries, 336 distinct prompts.
+    different seeds at evaluation). Default: 506 entries, 319 distinct prompts.
     """
     out = []
     for task in TASKS:
