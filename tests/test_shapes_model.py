@@ -41,10 +41,8 @@ def test_vae_latent_cell_is_grid_cell():
     assert z.shape == (1, P.LATENT_CHANNELS, 3, 3)
 
 
-shipped = pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason="shapes model not shipped yet")
 
 
-@shipped
 def test_shipped_pipeline_loads_and_samples_deterministically():
     from diffusers import StableDiffusion3Pipeline
 
@@ -61,13 +59,11 @@ def test_shipped_pipeline_loads_and_samples_deterministically():
     assert img.size == (48, 48)
 
 
-@shipped
 def test_shipped_assets_are_small():
     total = sum(f.stat().st_size for f in ASSET.parent.rglob("*") if f.is_file())
     assert total <= 30 * 2**20
 
 
-@shipped
 def test_fast_sampling_matches_stock_pipeline():
     from fpo_diffusion.shapes.evaluate import load_pipeline, sample
 
