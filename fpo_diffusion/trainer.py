@@ -446,7 +446,7 @@ class FPOTrainer:
                   f"hacking; look at the image grids (raise fpo.kl_beta or fpo.fm_anchor_beta)", flush=True)
         self._log_samples(it, all_groups, all_rewards, adv_all)
         if cfg.log.image_every and (it % cfg.log.image_every == 0 or it == cfg.train.iterations - 1) and ro.images:
-            caps = [f"{self.prompts[int(p)].prompt} | {float(r):.2f}" for p, r in zip(ro.prompt_idx, ro.rewards)]
+            caps = [f"{float(r):.2f} | {self.prompts[int(p)].prompt}" for p, r in zip(ro.prompt_idx, ro.rewards)]
             self.logger.log_image("samples", make_grid(ro.images, caps[: len(ro.images)]), it)
         return m
 
