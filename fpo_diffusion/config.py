@@ -91,7 +91,7 @@ class FPOConfig:
     """``clip`` (PPO for every sample) or ``spo`` (SPO penalty for negative advantages, FPO++)."""
     time_sampling: TimeSampling = field(default_factory=TimeSampling)
     """How ``t`` is drawn for the CFM loss."""
-    kl_beta: float = 0.0
+    kl_beta: float = 0.05
     """Weight of the KL anchor ``mean (v_theta - v_ref)^2`` to the frozen base model (adapter off)."""
     fm_anchor_beta: float = 0.0
     """Weight of a flow-matching loss on samples drawn from the base model at the start (0: off)."""
@@ -173,7 +173,7 @@ class RewardConfig:
 
     weights: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})
     """``{reward name: weight}``; every component is logged separately."""
-    options: dict[str, dict] = field(default_factory=dict)
+    options: dict[str, dict] = field(default_factory=lambda: {"shapes": {"mode": "partial"}})
     """``{reward name: {option: value}}`` passed to each reward's constructor (e.g. ``{remote: {url: ...}}``)."""
 
 
@@ -193,7 +193,7 @@ class PromptConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    iterations: int = 30
+    iterations: int = 250
     """Number of FPO iterations (rollout + update)."""
     prompts_per_iteration: int = 8
     """Distinct prompts per iteration (P), across all ranks."""
@@ -205,7 +205,7 @@ class TrainConfig:
     """Samples per forward/backward on each rank."""
     grad_accum_steps: int = 1
     """Minibatches accumulated per optimizer step."""
-    lr: float = 1e-4
+    lr: float = 5e-4
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
@@ -255,7 +255,7 @@ class LogConfig:
 class CheckpointConfig:
     """Checkpoints under ``<output_dir>/checkpoints``."""
 
-    every: int = 10
+    every: int = 50
     """Save every this many iterations (and at the end); 0: only at the end."""
     keep_last: int = 2
     """Keep this many most recent checkpoints."""
@@ -436,6 +436,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 and node is not data.get("reward", {}).get("options"):
             raise ConfigError(f"unknown config field {'.'.join(keys)} (in override {text!r})")
         node[keys[-1]] = value
+    default_reward = config_to_dict(Config())["reward"]
+    reward = data.get("reward")
+    if isinstance(reward, dict) and reward.get("weights") != default_reward["weights"] \
+            and reward.get("options") == default_reward["options"]:
+        reward["options"] = {}  # the default options belong to the default reward only
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg
