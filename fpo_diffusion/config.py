@@ -193,19 +193,19 @@ class PromptConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    iterations: int = 250
+    iterations: int = 125
     """Number of FPO iterations (rollout + update)."""
     prompts_per_iteration: int = 8
     """Distinct prompts per iteration (P), across all ranks."""
-    group_size: int = 4
+    group_size: int = 8
     """Images per prompt (K): the group advantages are computed over. ``P * K`` must divide by the number of ranks."""
     epochs: int = 1
     """Passes (E) over the iteration's samples."""
-    minibatch_size: int = 8
+    minibatch_size: int = 16
     """Samples per forward/backward on each rank."""
     grad_accum_steps: int = 1
     """Minibatches accumulated per optimizer step."""
-    lr: float = 5e-4
+    lr: float = 3e-4
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
@@ -255,7 +255,7 @@ class LogConfig:
 class CheckpointConfig:
     """Checkpoints under ``<output_dir>/checkpoints``."""
 
-    every: int = 50
+    every: int = 25
     """Save every this many iterations (and at the end); 0: only at the end."""
     keep_last: int = 2
     """Keep this many most recent checkpoints."""
