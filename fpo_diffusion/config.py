@@ -356,7 +356,8 @@ def _from_dict(cls: type, data: dict, where: str = "config") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names, key=str)  # YAML keys need not be strings (``1: x``, ``null: x``)
     if unknown:
-        raise ConfigError(f"unknown config field {where + '.' if where != 'config' else ''}{unknown[0]} "
+        name = unknown[0] if isinstance(unknown[0], str) and unknown[0].isidentifier() else repr(unknown[0])  # one line, whatever the key
+        raise ConfigError(f"unknown config field {where + '.' if where != 'config' else ''}{name} "
                           f"(known fields of {cls.__name__}: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
     try:

@@ -16,9 +16,10 @@ from rewards.geneval.generate import GenerateConfig, generate, sample_path
 from rewards.geneval.metadata import TASKS, GenEvalInputError, load_metadata
 from rewards.geneval.score import find_prompt_folders, score_images
 from rewards.geneval.summary import comparison_table, format_text, load_results, summarize, write_report
+from shared_data import geneval_dir
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "geneval"
+SHARED = geneval_dir()
 
 _spec = importlib.util.spec_from_file_location("geneval_cli", REPO / "eval" / "geneval.py")
 cli = importlib.util.module_from_spec(_spec)

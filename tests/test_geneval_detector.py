@@ -14,8 +14,9 @@ from rewards.geneval.mask2former import (
     COCO_CLASSES, Mask2FormerDetector, PostprocessConfig, instance_postprocess, mask2bbox, postprocess,
     preprocess, rescale_size, upsample_masks,
 )
+from shared_data import geneval_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "geneval"
+SHARED = geneval_dir()
 
 
 def test_class_names_are_the_official_ones():
