@@ -76,6 +76,17 @@ def named_trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``state`` into the model's trainable (LoRA) parameters; every one of them must be there."""
+    params = named_trainable(model)
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise CheckpointError(f"{where} lacks LoRA weights such as {missing[0]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n].to(p.dtype))
+
+
 def install_lora_only_hooks(accelerator, lora_file: str = "lora.safetensors") -> None:
     """Make ``save_state``/``load_state`` store only the trainable (LoRA) weights of the model."""
 
@@ -89,14 +100,8 @@ def install_lora_only_hooks(accelerator, lora_file: str = "lora.safetensors") ->
     def load_hook(models, input_dir):
         for i in range(len(models)):
             m = accelerator.unwrap_model(models.pop())
-            state = load_file(os.path.join(input_dir, lora_file if i == 0 else f"lora_{i}.safetensors"))
-            params = named_trainable(m)
-            missing = sorted(set(params) - set(state))
-            if missing:
-                raise CheckpointError(f"checkpoint {input_dir} lacks LoRA weights such as {missing[0]}")
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(state[n].to(p.dtype))
+            load_trainable(m, load_file(os.path.join(input_dir, lora_file if i == 0 else f"lora_{i}.safetensors")),
+                           f"checkpoint {input_dir}")
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

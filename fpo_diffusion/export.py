@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import CheckpointError, read_state, resolve_resume
+from .checkpoint import CheckpointError, load_trainable, named_trainable, read_state, resolve_resume
 from .config import ConfigError, load_config
 
 
@@ -25,7 +25,7 @@ def load_trained_policy(run_dir: str | Path, checkpoint: str = "latest", *, ema:
     torch.manual_seed(cfg.train.seed)
     policy.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                     dropout=cfg.lora.dropout)
-    params = {n: p for n, p in policy.denoiser.named_parameters() if p.requires_grad}
+    params = named_trainable(policy.denoiser)
     if ema:
         f = ckpt / "ema.safetensors"
         if not f.exists():
@@ -34,12 +34,7 @@ def load_trained_policy(run_dir: str | Path, checkpoint: str = "latest", *, ema:
         state = {n: ema_t[str(i)] for i, n in enumerate(params)}
     else:
         state = load_file(str(ckpt / "lora.safetensors"))
-    missing = sorted(set(params) - set(state))
-    if missing:
-        raise CheckpointError(f"checkpoint {ckpt} does not match the run's LoRA: {missing[0]} is missing")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state[n].to(p.dtype))
+    load_trainable(policy.denoiser, state, f"checkpoint {ckpt}")
     return policy, cfg, ckpt
 
 
