@@ -63,19 +63,16 @@ def one(name: str, side: int, batch: int, n_mc: int, text_len: int, checkpointin
     """Measure in this process (called in a fresh subprocess)."""
     from fpo_diffusion.algorithms.fpo import FPO
     from fpo_diffusion.config import load_config
-    from fpo_diffusion.trainer import Rollout
+    from fpo_diffusion.lora import prepare_for_training
+    from fpo_diffusion.trainer import Rollout, adamw
 
     dev = C.device()
     cuda = dev.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     policy, ch, make_cond = C.build_policy(name, dtype=dtype, dev=dev)
-    policy.add_lora(rank=8)
-    for p in policy.trainable_parameters():
-        p.data = p.data.float()
-    if checkpointing:
-        policy.denoiser.enable_gradient_checkpointing()
+    params = prepare_for_training(policy, gradient_checkpointing=checkpointing, rank=8)
     policy.denoiser.train()
-    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
+    opt = adamw(params, lr=1e-5)  # the trainer's optimizer
     shape = (ch, side, side)
     cfg = load_config(None, [f"fpo.n_mc={n_mc}", f"train.minibatch_size={batch}"])
     alg = FPO(C.trainer_shim(policy, cfg, shape, "bf16" if cuda else "no"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 import _common as C
+from fpo_diffusion.lora import prepare_for_training
 from fpo_diffusion.trainer import adamw
 import torch
 
@@ -37,13 +38,8 @@ def measure(name: str, *, side: int, batch: int, n_mc: int, text_len: int, repea
     dev = C.device()
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
     policy, ch, make_cond = C.build_policy(name, dtype=dtype, dev=dev)
-    policy.add_lora(rank=8)
-    for p in policy.trainable_parameters():
-        p.data = p.data.float()
-    if gradient_checkpointing:
-        policy.denoiser.enable_gradient_checkpointing()
+    params = prepare_for_training(policy, gradient_checkpointing=gradient_checkpointing, rank=8)
     policy.denoiser.train()
-    params = policy.trainable_parameters()
     opt = adamw(params, lr=1e-5)  # the trainer's optimizer (fused where available)
     shape = (ch, side, side)
     cfg = load_config(None, [f"fpo.n_mc={n_mc}", f"train.minibatch_size={batch}"])

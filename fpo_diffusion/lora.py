@@ -67,6 +67,18 @@ def add_lora(denoiser: nn.Module, *, rank: int = 8, alpha: float | None = None,
     return config
 
 
+def prepare_for_training(policy: Any, *, gradient_checkpointing: bool = False, **lora_kwargs: Any) -> list[nn.Parameter]:
+    """Attach LoRA (``policy.add_lora(**lora_kwargs)``), keep its weights in float32 whatever the base
+    dtype, optionally turn on gradient checkpointing; returns the trainable parameters."""
+    policy.add_lora(**lora_kwargs)
+    params = policy.trainable_parameters()
+    for p in params:
+        p.data = p.data.float()
+    if gradient_checkpointing:
+        policy.denoiser.enable_gradient_checkpointing()
+    return params
+
+
 def lora_parameters(denoiser: nn.Module) -> list[nn.Parameter]:
     """The LoRA parameters of ``denoiser`` (wrapped or not)."""
     return [p for n, p in _unwrap(denoiser).named_parameters() if "lora_" in n]

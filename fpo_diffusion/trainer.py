@@ -115,13 +115,11 @@ class FPOTrainer:
 
         self.policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=acc.device)
         set_seed(cfg.train.seed)  # LoRA init must not depend on what loading consumed of the RNG
-        self.policy.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-                             dropout=cfg.lora.dropout)
-        for p in self.policy.trainable_parameters():  # LoRA weights train in float32
-            p.data = p.data.float()
-        if cfg.train.gradient_checkpointing:
-            self.policy.denoiser.enable_gradient_checkpointing()
-        params = self.policy.trainable_parameters()
+        from .lora import prepare_for_training
+
+        params = prepare_for_training(self.policy, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                      rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                                      target_modules=cfg.lora.target_modules, dropout=cfg.lora.dropout)
         if not params:
             raise ConfigError("the LoRA adapter has no trainable parameters: check lora.target_modules")
 

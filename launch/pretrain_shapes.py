@@ -17,6 +17,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def _apply_overrides(cfg, args) -> None:
+    """The command-line budget, batch size and learning rate of any stage's config."""
+    if args.minutes is not None:
+        cfg.minutes = args.minutes
+    if args.batch_size:
+        cfg.batch_size = args.batch_size
+    if args.lr:
+        cfg.lr = args.lr
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -39,36 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir)
     if args.stage == "vae":
         cfg = P.VAEConfig(seed=args.seed, init_from=args.init_from)
-        if args.minutes is not None:
-            cfg.minutes = args.minutes
-        if args.batch_size:
-            cfg.batch_size = args.batch_size
-        if args.lr:
-            cfg.lr = args.lr
+        _apply_overrides(cfg, args)
         P.train_vae(cfg, work, out)
     elif args.stage == "decoder":
         if not (out / "vae" / "config.json").is_file():
             print(f"error: no trained VAE at {out / 'vae'}; run --stage vae first", file=sys.stderr)
             return 2
         cfg = P.DecoderConfig(seed=args.seed)
-        if args.minutes is not None:
-            cfg.minutes = args.minutes
-        if args.batch_size:
-            cfg.batch_size = args.batch_size
-        if args.lr:
-            cfg.lr = args.lr
+        _apply_overrides(cfg, args)
         P.train_decoder(cfg, work, out)
     else:
         if not (out / "vae" / "config.json").is_file():
             print(f"error: no trained VAE at {out / 'vae'}; run --stage vae first", file=sys.stderr)
             return 2
         cfg = P.TransformerConfig(seed=args.seed, device=args.device, init_from=args.init_from)
-        if args.minutes is not None:
-            cfg.minutes = args.minutes
-        if args.batch_size:
-            cfg.batch_size = args.batch_size
-        if args.lr:
-            cfg.lr = args.lr
+        _apply_overrides(cfg, args)
         P.train_transformer(cfg, work, out)
     return 0
 
