@@ -15,3 +15,16 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Every test builds its Accelerator from scratch: accelerate keeps one process-wide state, and a test
+    that trained in bf16 must not decide the precision of the next test in the same worker."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield

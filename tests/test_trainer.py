@@ -76,11 +76,7 @@ def test_two_ranks_equal_one_rank_and_groups_span_ranks(tmp_path):
 
 
 def _trainer(out, family="sd", resume=None, **extra):
-    from accelerate.state import AcceleratorState
-
     from fpo_diffusion.trainer import FPOTrainer
-
-    AcceleratorState._reset_state(True)  # each in-process run gets its own accelerate settings
 
     return FPOTrainer(load_config(None, tiny_overrides(out, family, **extra)), resume=resume)
 
