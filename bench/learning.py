@@ -99,7 +99,8 @@ class EvalCounter:
 
 
 def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, prompts_per_it: int, group: int,
-            lr: float, n_eval: int, workdir: Path, task: str, guidance: float = 4.5) -> dict:
+            lr: float, n_eval: int, workdir: Path, task: str, guidance: float = 4.5, minibatch: int | None = None,
+            eval_every: int = 1, extra_overrides: tuple[str, ...] = ()) -> dict:
     from fpo_diffusion.config import load_config
     from fpo_diffusion.images import to_pil
     from fpo_diffusion.noise import sample_generator
@@ -109,12 +110,16 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
     if task == "shapes":
         # The shipped shapes model; train on the partial-credit shapes reward (training prompts), score the
         # strict ShapesEval rule on a fixed subset of the held-out prompts (disjoint from training).
-        from fpo_diffusion.shapes.scenes import heldout_metadata
+        from fpo_diffusion.shapes.scenes import TASKS, heldout_metadata
         from rewards.registry import build_reward
 
         model, reward, train_prompts, cfg_scale = "embedded:shapes", "shapes", "embedded:shapes", guidance
         held = heldout_metadata()
-        pick = [held[round(i * (len(held) - 1) / max(1, n_eval - 1))] for i in range(n_eval)]
+        pick = []  # the same number of entries from every task, evenly spaced within the task
+        for tag in TASKS:
+            ms = [m for m in held if m["tag"] == tag]
+            k = max(1, n_eval // len(TASKS))
+            pick += [ms[round(i * (len(ms) - 1) / max(1, k - 1))] for i in range(k)]
         eval_prompts, eval_meta = [m["prompt"] for m in pick], pick
         eval_reward = build_reward("shapes", mode="strict")
         extra = [*extra, "reward.options={shapes: {mode: partial}}"]
@@ -132,8 +137,9 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
         f"prompts.source={train_prompts}", f"reward.weights={{{reward}: 1.0}}", f"sampling.steps={steps}",
         f"sampling.guidance_scale={cfg_scale}", f"sampling.batch_size={prompts_per_it * group}",
         f"train.prompts_per_iteration={prompts_per_it}", f"train.group_size={group}", f"train.iterations={iters}",
-        f"train.minibatch_size={prompts_per_it * group}", f"train.lr={lr}", f"train.seed={seed}",
-        "log.progress=false", "log.tensorboard=false", "log.image_every=0", "checkpoint.every=0", *extra])
+        f"train.minibatch_size={minibatch or prompts_per_it * group}", f"train.lr={lr}", f"train.seed={seed}",
+        "log.progress=false", "log.tensorboard=false", "log.image_every=0", "checkpoint.every=0", *extra,
+        *extra_overrides])
     tr = FPOTrainer(cfg)
     counter = EvalCounter(tr.policy.denoiser)
     eval_cond = tr._encode(eval_prompts)
@@ -151,7 +157,11 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
             x0 = tr.policy.sample(eval_cond, gens, steps=steps, guidance_scale=cfg_scale, negative_cond=neg,
                                   model=tr.model)
             pil = to_pil(tr.policy.decode(x0))
-            return float(score_fn(pil, eval_prompts, eval_meta).mean())
+            scores = score_fn(pil, eval_prompts, eval_meta).float()
+            tags = [m.get("tag", "") for m in eval_meta]
+            # ShapesEval's overall: the mean over tasks of each task's accuracy (one task: the plain mean)
+            return float(torch.stack([scores[[i for i, t in enumerate(tags) if t == u]].mean()
+                                      for u in dict.fromkeys(tags)]).mean())
         finally:
             counter.enabled = True
 
@@ -161,8 +171,9 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
         t0 = time.perf_counter()
         m = tr.train_iteration(it)
         wall += time.perf_counter() - t0
-        curve.append({"iteration": it + 1, "evaluations": counter.evaluations, "seconds": wall, "score": evaluate(),
-                      "train_reward": m["reward/mean"]})
+        if (it + 1) % eval_every == 0 or it + 1 == iters:
+            curve.append({"iteration": it + 1, "evaluations": counter.evaluations, "seconds": wall,
+                          "score": evaluate(), "train_reward": m["reward/mean"]})
     tr.logger.close()
     tr.reward.close()
     return {"family": family, "variant": variant, "seed": seed, "task": task, "curve": curve}
@@ -210,10 +221,12 @@ def summarise(results: list[dict], out: Path) -> str:
         n_seeds = len({r["seed"] for r in runs})
         fig.suptitle(f"{runs[0].get('task', 'colour')} / {fam}: held-out score, mean of {n_seeds} seed(s)")
         fig.tight_layout()
-        fig.savefig(out / f"learning_{fam}.png", dpi=110)
+        task = runs[0].get("task", "colour")
+        fig.savefig(out / (f"learning_{fam}.png" if task == "colour" else f"learning_{task}.png"), dpi=110)
         plt.close(fig)
-        lines.append(f"\n### tiny-{fam} (mean of {n_seeds} seeds; best baseline: {best_base}, final score "
-                     f"{target:.4f})\n" if target is not None else f"\n### tiny-{fam}\n")
+        name = f"tiny-{fam}" if task == "colour" else f"{task} model ({fam})"
+        lines.append(f"\n### {name} (mean of {n_seeds} seeds; best baseline: {best_base}, final score "
+                     f"{target:.4f})\n" if target is not None else f"\n### {name}\n")
         lines.append("| variant | start score | final score | evaluations (total) | evaluations to reach best baseline's "
                      "final | ratio vs baseline | wall-clock (s) |")
         lines.append("|---|---|---|---|---|---|---|")
@@ -225,7 +238,8 @@ def summarise(results: list[dict], out: Path) -> str:
             lines.append(f"| {v} | {c['score'][0]:.4f} | {c['score'][-1]:.4f} | {c['evaluations'][-1]:.0f} | "
                          f"{'not reached' if e is None else f'{e:.0f}'} | {ratio} | {c['seconds'][-1]:.1f} |")
     text = "\n".join(lines)
-    (out / "learning.md").write_text(text + "\n")
+    tasks = sorted({r.get("task", "colour") for r in results})
+    (out / ("learning.md" if tasks == ["colour"] else f"learning_{'_'.join(tasks)}.md")).write_text(text + "\n")
     return text
 
 
@@ -245,6 +259,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="colour: tiny random models, colour-match reward; shapes: the shipped shapes model, "
                          "strict held-out ShapesEval (sd3 family only: FPO x2 vs Flow-GRPO)")
     ap.add_argument("--guidance", type=float, default=4.5, help="CFG scale for --task shapes")
+    ap.add_argument("--minibatch", type=int, default=None, help="samples per optimizer step (default: all of an "
+                    "iteration's samples, one step per iteration)")
+    ap.add_argument("--eval-every", type=int, default=1, help="score the held-out set every N iterations")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra config overrides for every variant (e.g. fpo.kl_beta=0.01)")
     ap.add_argument("--out", default=str(C.ROOT / "bench" / "results"))
     ap.add_argument("--smoke", action="store_true", help="tiny-sd3, FPO-mean + Flow-GRPO, 1 seed, 1 iteration")
     a = ap.parse_args(argv)
@@ -263,13 +282,14 @@ def main(argv: list[str] | None = None) -> None:
             for s in a.seeds:
                 t0 = time.perf_counter()
                 r = run_one(fam, v, s, iters=a.iters, steps=a.steps, prompts_per_it=a.prompts, group=a.group,
-                            lr=a.lr, n_eval=a.n_eval, workdir=work, task=a.task, guidance=a.guidance)
+                            lr=a.lr, n_eval=a.n_eval, workdir=work, task=a.task, guidance=a.guidance,
+                            minibatch=a.minibatch, eval_every=a.eval_every, extra_overrides=tuple(a.set))
                 results.append(r)
                 c = r["curve"]
                 print(f"tiny-{fam} {v} seed {s}: score {c[0]['score']:.4f} -> {c[-1]['score']:.4f} "
                       f"({c[-1]['evaluations']} evaluations, {c[-1]['seconds']:.1f}s train, "
                       f"{time.perf_counter() - t0:.1f}s total)", flush=True)
-                with open(out / "learning.json", "w") as f:
+                with open(out / ("learning.json" if a.task == "colour" else f"learning_{a.task}.json"), "w") as f:
                     json.dump({"args": vars(a), "results": results}, f)
     print(summarise(results, out))
 

@@ -91,6 +91,11 @@ class FPOConfig:
     """``clip`` (PPO for every sample) or ``spo`` (SPO penalty for negative advantages, FPO++)."""
     time_sampling: TimeSampling = field(default_factory=TimeSampling)
     """How ``t`` is drawn for the CFM loss."""
+    group_noise: bool = False
+    """Give every sample of a group (same prompt) the same ``(t, eps)`` pairs: common random
+    numbers. Each sample's estimate is unchanged in distribution; the part of the CFM-loss
+    gradient that comes from the draw of ``(t, eps)`` (not from the sample) is shared and cancels
+    in the advantage-weighted sum, since a group's advantages sum to zero."""
     kl_beta: float = 0.05
     """Weight of the KL anchor ``mean (v_theta - v_ref)^2`` to the frozen base model (adapter off)."""
     fm_anchor_beta: float = 0.0

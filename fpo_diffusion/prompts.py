@@ -60,9 +60,9 @@ def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
     if src == "embedded:tiny":
         items = [PromptItem(p) for p in TINY_PROMPTS]
     elif src == "embedded:shapes":
-        from .shapes.scenes import train_task_metadata  # disjoint from ShapesEval's held-out prompts
+        from .shapes.scenes import training_metadata  # all six tasks, disjoint from ShapesEval's held-out prompts
 
-        items = [PromptItem(m["prompt"], m) for metas in train_task_metadata().values() for m in metas]
+        items = [PromptItem(m["prompt"], m) for m in training_metadata()]
     elif src.startswith("hf:") or (Path(src).is_dir() and (Path(src) / "dataset_info.json").exists()
                                    or (Path(src) / "dataset_dict.json").exists()):
         items = _load_dataset(src, cfg.column)

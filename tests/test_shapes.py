@@ -186,6 +186,12 @@ def test_heldout_split_fixed_and_disjoint():
         assert validate_metadata(m, set(SHAPES)) is None
     for ms in S.train_task_metadata().values():
         assert not ({m["prompt"] for m in ms} & hp)
+    # the RL prompt set of `prompts.source: embedded:shapes`: fixed, all six tasks, never a held-out prompt
+    train = S.training_metadata()
+    assert train == S.training_metadata() and len(train) == S.TRAINING_SET_SIZE
+    assert {m["tag"] for m in train} == set(S.TASKS) and not ({m["prompt"] for m in train} & hp)
+    share = {t: sum(m["tag"] == t for m in train) / len(train) for t in S.TASKS}
+    assert min(share.values()) > 0.05, share
 
 
 def test_training_scenes_satisfy_their_prompts():

@@ -212,3 +212,23 @@ def test_bf16_autocast_gradient_checkpointing_kl_and_anchor_run(tmp_path):
     assert 0.5 < m["fpo/ratio_mean"] < 2.0
     after = dict(tr.policy.denoiser.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("group_noise", [False, True])
+def test_group_noise_shares_t_and_eps_within_a_group_only(tmp_path, group_noise):
+    from fpo_diffusion.trainer import FPOTrainer
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"fpo.group_noise": str(group_noise).lower(),
+                                                                 "train.group_size": 3, "fpo.kl_beta": 0}))
+    tr = FPOTrainer(cfg)
+    ro = tr.rollout(0)
+    prep = tr.algorithm.prepare(ro, 0)
+    t, eps, groups = prep["t"], prep["eps"], ro.global_idx // 3
+    assert t.shape == (9, 2) and len(set(groups.tolist())) == 3
+    for i in range(9):
+        for j in range(9):
+            same = torch.equal(t[i], t[j]) and torch.equal(eps[i], eps[j])
+            assert same == (i == j or (group_noise and groups[i] == groups[j])), (i, j)
+    # on-policy, the ratio is 1 either way
+    loss, stats = tr.algorithm.loss(ro, prep, torch.arange(9), torch.randn(9), iteration=0, epoch=0, step=0)
+    assert abs(stats["ratio_mean"] - 1) < 1e-5 and torch.isfinite(loss)

@@ -39,8 +39,9 @@ class FPO(Algorithm):
     def prepare(self, ro, iteration):
         """``(t, eps)`` drawn once per sample, the rollout policy's losses there, and reference predictions."""
         f, dev = self.cfg.fpo, self.trainer.accelerator.device
+        keys = ro.global_idx // self.cfg.train.group_size if f.group_noise else ro.global_idx
         t, eps = draw_tau_eps(self.trainer.latent_shape, f.n_mc, f.time_sampling, self.cfg.train.seed, iteration,
-                              ro.global_idx)
+                              keys)
         t, eps = t.to(dev), eps.to(dev)
         l_old, ref_pred = [], []
         for mb in _chunks(len(ro.x0), self.cfg.train.minibatch_size):

@@ -202,6 +202,27 @@ def sample_training(rng: np.random.Generator) -> dict:
             return m
 
 
+TRAINING_SET_SIZE = 2048
+"""Entries of :func:`training_metadata` (the RL prompt set of ``prompts.source: embedded:shapes``)."""
+
+
+@lru_cache(maxsize=1)
+def _training_metadata() -> tuple[str, ...]:
+    rng = np.random.default_rng(20_251_126)
+    return tuple(json.dumps(sample_training(rng)) for _ in range(TRAINING_SET_SIZE))
+
+
+def training_metadata() -> list[dict]:
+    """The fixed RL training prompt set: :data:`TRAINING_SET_SIZE` draws of :func:`sample_training`.
+
+    Covers all six tasks in the proportions of :data:`TRAIN_MIX` (the pretraining mix: the
+    colour-free tasks only through training-only phrasings), never a held-out prompt; prompts
+    drawn more than once keep their share. Deterministic (a fixed seed), so every rank and every
+    resumed run sees the same list.
+    """
+    return [json.loads(m) for m in _training_metadata()]
+
+
 # ---------------------------------------------------------------------------------------------
 # scenes
 # ---------------------------------------------------------------------------------------------
@@ -251,5 +272,6 @@ def scene_for(meta: dict, rng: np.random.Generator, max_tries: int = 1000) -> Sc
 __all__ = [
     "TASKS", "RELATIONS", "single_object", "two_object", "counting", "colors", "position", "color_attr",
     "all_task_metadata", "heldout_metadata", "heldout_prompts", "train_task_metadata", "sample_training",
+    "training_metadata",
     "random_scene", "scene_for",
 ]
