@@ -1,0 +1,113 @@
+"""Before/after figures for a training run on the shapes model.
+
+    python eval/compare_shapes.py RUN_DIR BEFORE_EVAL AFTER_EVAL --out docs/default_run
+
+RUN_DIR is a training output folder (its ``metrics.jsonl``); BEFORE_EVAL / AFTER_EVAL are
+``eval/shapes.py`` report folders of the base model and of the run's LoRA (same seeds).
+Writes ``curves.png`` (training reward, own-sample CFM loss ratio, foreground share),
+``before_<task>.png`` / ``after_<task>.png`` (the same held-out prompts and seeds side by side,
+a green or red frame for correct / wrong), ``comparison.md`` (per-task table with the change)
+and copies of ``metrics.jsonl`` and both ``report.json`` (as ``shapes_eval_{before,after}.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ENTRIES_PER_GRID = 12
+
+
+def _smooth(xs: list[float], k: int = 10) -> list[float]:
+    return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
+
+
+def curves(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [m["iteration"] for m in metrics]
+    panels = [("reward/mean", "training reward (partial credit)"),
+              ("policy/cfm_loss_ratio_to_start", "own-sample CFM loss / start"),
+              ("policy/foreground_share", "foreground share")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        ys = [m.get(key, float("nan")) for m in metrics]
+        ax.plot(it, ys, color="0.75", lw=0.8)
+        ax.plot(it, _smooth(ys), color="C0", lw=1.8, label="10-iteration mean")
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[1].axhline(1.5, color="C3", ls=":", lw=1)
+    axes[1].axhline(1 / 1.5, color="C3", ls=":", lw=1)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def grids(before: Path, after: Path, out: Path, tasks: list[str]) -> None:
+    from PIL import Image, ImageOps
+
+    rb = json.loads((before / "report.json").read_text())["records"]
+    ra = {(r["entry"], r["index"]): r for r in json.loads((after / "report.json").read_text())["records"]}
+    for task in tasks:
+        entries = list(dict.fromkeys(r["entry"] for r in rb if r["tag"] == task))[:ENTRIES_PER_GRID]
+        for name, folder, recs in (("before", before, {(r["entry"], r["index"]): r for r in rb}), ("after", after, ra)):
+            rows = [[recs[k] for k in sorted(recs) if k[0] == e] for e in entries]
+            ims = [[ImageOps.expand(Image.open(folder / r["file"]).convert("RGB").resize((96, 96), Image.NEAREST),
+                                    border=3, fill=(40, 170, 40) if r["correct"] else (200, 40, 40)) for r in row]
+                   for row in rows]
+            w = max(len(r) for r in ims) * 104
+            g = Image.new("RGB", (w, len(ims) * 104), "white")
+            for i, row in enumerate(ims):
+                for j, im in enumerate(row):
+                    g.paste(im, (j * 104 + 1, i * 104 + 1))
+            g.save(out / f"{name}_{task}.png")
+
+
+def table(before: dict, after: dict) -> str:
+    lines = ["| task | base model | + LoRA | change |", "|---|---|---|---|"]
+    for t, v in before["per_task"].items():
+        a = after["per_task"][t]["accuracy"]
+        lines.append(f"| {t} | {v['accuracy']:.3f} | {a:.3f} | {a - v['accuracy']:+.3f} |")
+    b, a = before["overall"], after["overall"]
+    lines.append(f"| **overall** | **{b:.3f}** | **{a:.3f}** | **{a - b:+.3f}** |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("before", type=Path)
+    ap.add_argument("after", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tasks", nargs="+", default=["single_object", "two_object", "counting", "colors", "position",
+                                                   "color_attr"])
+    a = ap.parse_args(argv)
+    for p in (a.run / "metrics.jsonl", a.before / "report.json", a.after / "report.json"):
+        if not p.is_file():
+            print(f"error: {p} does not exist", file=sys.stderr)
+            return 2
+    a.out.mkdir(parents=True, exist_ok=True)
+    metrics = [json.loads(ln) for ln in (a.run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    curves(metrics, a.out / "curves.png")
+    grids(a.before, a.after, a.out, a.tasks)
+    sb = json.loads((a.before / "report.json").read_text())["summary"]
+    sa = json.loads((a.after / "report.json").read_text())["summary"]
+    (a.out / "comparison.md").write_text(table(sb, sa) + "\n")
+    shutil.copyfile(a.run / "metrics.jsonl", a.out / "metrics.jsonl")
+    shutil.copyfile(a.before / "report.json", a.out / "shapes_eval_before.json")
+    shutil.copyfile(a.after / "report.json", a.out / "shapes_eval_after.json")
+    print(table(sb, sa))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
