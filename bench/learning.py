@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-learning-runs-"))
     results = []
     for fam in a.families:
-        for v in [v for v in FAMILY_VARIANTS[fam] if v in a.variants]:
-            for s in a.seeds:
+        for s in a.seeds:  # seed-major: a cut-short run still compares every variant on the seeds it finished
+            for v in [v for v in FAMILY_VARIANTS[fam] if v in a.variants]:
                 t0 = time.perf_counter()
                 r = run_one(fam, v, s, iters=a.iters, steps=a.steps, prompts_per_it=a.prompts, group=a.group,
                             lr=a.lr, n_eval=a.n_eval, workdir=work, task=a.task, guidance=a.guidance,
