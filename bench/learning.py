@@ -17,8 +17,13 @@ hook on the denoiser; and **wall-clock** of training (evaluation excluded).
 Flow-GRPO runs on flow families only and DDPO on VP families only, so the colour task runs
 tiny-sd3 (FPO x2, Flow-GRPO) and tiny-sd (FPO x2, DDPO).
 
-    OMP_NUM_THREADS=1 python bench/learning.py --seeds 0 1 2
+    OMP_NUM_THREADS=1 python bench/learning.py --task shapes --seeds 0 1 2 --iters 60 --steps 10 \
+        --prompts 8 --group 8 --minibatch 16 --lr 3e-4 --n-eval 288 --eval-every 20   # BENCHMARKS.md
+    OMP_NUM_THREADS=1 python bench/learning.py --seeds 0 1 2                   # colour task, tiny models
     OMP_NUM_THREADS=1 python bench/learning.py --smoke
+
+Seeds may run in separate processes (``--seeds 0``, ``--seeds 1`` ... with their own ``--out``);
+``--merge DIR...`` then writes one table and plot from their ``learning_<task>.json`` files.
 """
 from __future__ import annotations
 
@@ -266,7 +271,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="extra config overrides for every variant (e.g. fpo.kl_beta=0.01)")
     ap.add_argument("--out", default=str(C.ROOT / "bench" / "results"))
     ap.add_argument("--smoke", action="store_true", help="tiny-sd3, FPO-mean + Flow-GRPO, 1 seed, 1 iteration")
+    ap.add_argument("--merge", nargs="+", metavar="DIR", help="summarise the results of earlier runs (their "
+                    "learning*.json) into --out and exit")
     a = ap.parse_args(argv)
+    if a.merge:
+        results = [r for d in a.merge for f in sorted(Path(d).glob("learning*.json"))
+                   for r in json.loads(f.read_text())["results"]]
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        print(summarise(results, out))
+        return
     C.set_threads(a.threads)
     if a.task == "shapes":
         a.families = ["sd3"]  # the shapes model is an SD3 pipeline; DDPO needs a VP model
