@@ -1,0 +1,52 @@
+"""eval/compare_shapes.py: before/after figures and the per-task table of a shapes run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "eval" / "compare_shapes.py")
+
+
+def _report(folder: Path, correct: list[bool]) -> None:
+    (folder / "images").mkdir(parents=True)
+    recs = []
+    for i, ok in enumerate(correct):
+        tag = "single_object" if i < 2 else "colors"
+        f = f"images/{i // 2:04d}_{i % 2}.png"
+        Image.new("RGB", (48, 48), (128, 128, 128)).save(folder / f)
+        recs.append({"correct": ok, "entry": i // 2, "index": i % 2, "tag": tag, "prompt": f"p{i // 2}", "file": f,
+                     "reason": "", "partial": float(ok)})
+    per = {t: {"accuracy": sum(r["correct"] for r in recs if r["tag"] == t) / 2} for t in ("single_object", "colors")}
+    summary = {"overall": sum(v["accuracy"] for v in per.values()) / 2, "per_task": per}
+    (folder / "report.json").write_text(json.dumps({"summary": summary, "records": recs}))
+
+
+def test_compare_writes_table_curves_and_grids(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(
+        {"iteration": i, "reward/mean": 0.1 * i, "policy/cfm_loss_ratio_to_start": 1.0,
+         "policy/foreground_share": 0.1}) + "\n" for i in range(3)))
+    _report(tmp_path / "before", [True, False, False, False])
+    _report(tmp_path / "after", [True, True, True, False])
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, SCRIPT, str(run), str(tmp_path / "before"), str(tmp_path / "after"),
+                        "--out", str(out), "--tasks", "single_object", "colors"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    table = (out / "comparison.md").read_text()
+    assert "| single_object | 0.500 | 1.000 | +0.500 |" in table
+    assert "| colors | 0.000 | 0.500 | +0.500 |" in table and "**+0.500**" in table
+    for f in ("curves.png", "before_single_object.png", "after_colors.png", "metrics.jsonl",
+              "shapes_eval_before.json", "shapes_eval_after.json"):
+        assert (out / f).stat().st_size > 0, f
+    assert Image.open(out / "before_colors.png").size == (2 * 104, 1 * 104)  # 1 entry x 2 images
+
+
+def test_missing_input_is_one_line_and_exit_2(tmp_path):
+    p = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "nope"), str(tmp_path), str(tmp_path),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
