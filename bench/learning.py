@@ -172,16 +172,19 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
 
     curve = [{"iteration": 0, "evaluations": 0, "seconds": 0.0, "score": evaluate(), "train_reward": float("nan")}]
     wall = 0.0
+    train_curve = []  # every iteration: all variants see the same prompts, so this is a paired comparison
     for it in range(iters):
         t0 = time.perf_counter()
         m = tr.train_iteration(it)
         wall += time.perf_counter() - t0
+        train_curve.append({"iteration": it + 1, "evaluations": counter.evaluations, "reward": m["reward/mean"]})
         if (it + 1) % eval_every == 0 or it + 1 == iters:
             curve.append({"iteration": it + 1, "evaluations": counter.evaluations, "seconds": wall,
                           "score": evaluate(), "train_reward": m["reward/mean"]})
     tr.logger.close()
     tr.reward.close()
-    return {"family": family, "variant": variant, "seed": seed, "task": task, "curve": curve}
+    return {"family": family, "variant": variant, "seed": seed, "task": task, "curve": curve,
+            "train_curve": train_curve}
 
 
 def _mean_curve(runs: list[dict]) -> dict:
