@@ -190,7 +190,9 @@ class PromptConfig:
     source: str = "embedded:shapes"
     """A ``.txt`` file (one prompt a line), a ``.jsonl`` file (``{"prompt": ..., ...metadata}``,
     GenEval style), ``hf:<dataset>[:<split>]`` or a folder saved by ``datasets``, or
-    ``embedded:shapes`` / ``embedded:tiny``."""
+    ``embedded:shapes`` (the shapes world's fixed training set: 2048 GenEval-format entries over
+    all six tasks, never a ShapesEval prompt; ``shapes.scenes.training_metadata``) /
+    ``embedded:tiny``."""
     column: str = "prompt"
     """Prompt column of a ``datasets`` dataset."""
 
