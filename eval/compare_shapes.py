@@ -55,21 +55,22 @@ def curves(metrics: list[dict], path: Path) -> None:
 def grids(before: Path, after: Path, out: Path, tasks: list[str]) -> None:
     from PIL import Image, ImageOps
 
-    rb = json.loads((before / "report.json").read_text())["records"]
-    ra = {(r["entry"], r["index"]): r for r in json.loads((after / "report.json").read_text())["records"]}
+    from fpo_diffusion.shapes.evaluate import _grid
+
+    runs = [(name, folder, json.loads((folder / "report.json").read_text())["records"])
+            for name, folder in (("before", before), ("after", after))]
+    by_entry = {name: {} for name, _, _ in runs}  # run -> entry -> records in image order
+    for name, _, recs in runs:
+        for r in sorted(recs, key=lambda r: (r["entry"], r["index"])):
+            by_entry[name].setdefault(r["entry"], []).append(r)
     for task in tasks:
-        entries = list(dict.fromkeys(r["entry"] for r in rb if r["tag"] == task))[:ENTRIES_PER_GRID]
-        for name, folder, recs in (("before", before, {(r["entry"], r["index"]): r for r in rb}), ("after", after, ra)):
-            rows = [[recs[k] for k in sorted(recs) if k[0] == e] for e in entries]
-            ims = [[ImageOps.expand(Image.open(folder / r["file"]).convert("RGB").resize((96, 96), Image.NEAREST),
-                                    border=3, fill=(40, 170, 40) if r["correct"] else (200, 40, 40)) for r in row]
-                   for row in rows]
-            w = max(len(r) for r in ims) * 104
-            g = Image.new("RGB", (w, len(ims) * 104), "white")
-            for i, row in enumerate(ims):
-                for j, im in enumerate(row):
-                    g.paste(im, (j * 104 + 1, i * 104 + 1))
-            g.save(out / f"{name}_{task}.png")
+        entries = list(dict.fromkeys(r["entry"] for r in runs[0][2] if r["tag"] == task))[:ENTRIES_PER_GRID]
+        for name, folder, _ in runs:
+            rows = [by_entry[name][e] for e in entries]
+            framed = [ImageOps.expand(Image.open(folder / r["file"]).convert("RGB").resize((96, 96), Image.NEAREST),
+                                      border=3, fill=(40, 170, 40) if r["correct"] else (200, 40, 40))
+                      for row in rows for r in row]
+            _grid(framed, ncol=len(rows[0]), scale=1).save(out / f"{name}_{task}.png")
 
 
 def table(before: dict, after: dict) -> str:

@@ -42,7 +42,7 @@ def test_compare_writes_table_curves_and_grids(tmp_path):
     for f in ("curves.png", "before_single_object.png", "after_colors.png", "metrics.jsonl",
               "shapes_eval_before.json", "shapes_eval_after.json"):
         assert (out / f).stat().st_size > 0, f
-    assert Image.open(out / "before_colors.png").size == (2 * 104, 1 * 104)  # 1 entry x 2 images
+    assert Image.open(out / "before_colors.png").size == (2 * (102 + 2) + 2, 1 * (102 + 2) + 2)  # 1 entry x 2 framed images
 
 
 def test_missing_input_is_one_line_and_exit_2(tmp_path):
