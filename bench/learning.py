@@ -107,8 +107,6 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
             lr: float, n_eval: int, workdir: Path, task: str, guidance: float = 4.5, minibatch: int | None = None,
             eval_every: int = 1, extra_overrides: tuple[str, ...] = ()) -> dict:
     from fpo_diffusion.config import load_config
-    from fpo_diffusion.images import to_pil
-    from fpo_diffusion.noise import sample_generator
     from fpo_diffusion.trainer import FPOTrainer
 
     algo, extra = VARIANTS[variant]
@@ -147,21 +145,13 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
         *extra_overrides])
     tr = FPOTrainer(cfg)
     counter = EvalCounter(tr.policy.denoiser)
-    eval_cond = tr._encode(eval_prompts)
     score_fn = eval_reward if eval_reward is not None else (lambda pil, p, m: tr.reward(pil, p, m)[0])
 
     @torch.no_grad()
     def evaluate() -> float:
         counter.enabled = False
         try:
-            n = len(eval_prompts)
-            gens = [sample_generator(10_000 + seed, 0, i, stream=0) for i in range(n)]
-            neg = None
-            if tr.negative_cond is not None:
-                neg = {k: v.expand(n, *v.shape[1:]) for k, v in tr.negative_cond.items()}
-            x0 = tr.policy.sample(eval_cond, gens, steps=steps, guidance_scale=cfg_scale, negative_cond=neg,
-                                  model=tr.model)
-            pil = to_pil(tr.policy.decode(x0))
+            pil = tr.sample_images(eval_prompts, seed=10_000 + seed)
             scores = score_fn(pil, eval_prompts, eval_meta).float()
             tags = [m.get("tag", "") for m in eval_meta]
             # ShapesEval's overall: the mean over tasks of each task's accuracy (one task: the plain mean)

@@ -283,6 +283,29 @@ class FPOTrainer:
         return Rollout(global_idx, prompt_idx, cond, x0, torch.cat(rewards), comps, grid_images,
                        time.perf_counter() - t0, extras)
 
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], seed: int) -> list:
+        """PIL images of the current policy for ``prompts`` through the stock pipeline (deterministic
+        sampler, the config's ``sampling`` settings), image ``i`` from ``sample_generator(seed, 0, i)``.
+
+        The noise depends only on ``seed`` and the position, so two policies (say before and after
+        training) are compared on the same draws. For evaluations; training rollouts use ``rollout``.
+        """
+        s = self.cfg.sampling
+        cond = self._encode(prompts)
+        images = []
+        for chunk in _chunks(len(prompts), s.batch_size):
+            gens = [sample_generator(seed, 0, i, stream=0) for i in range(chunk.start, chunk.stop)]
+            neg = None
+            if self.negative_cond is not None:
+                neg = {k: v.expand(len(gens), *v.shape[1:]) for k, v in self.negative_cond.items()}
+            with self._autocast():
+                x0 = self.policy.sample(cond_index(cond, chunk), gens, steps=s.steps, guidance_scale=s.guidance_scale,
+                                        scheduler=s.scheduler, height=s.height, width=s.width, negative_cond=neg,
+                                        model=self.model)
+            images.extend(to_pil(self.policy.decode(x0.float())))
+        return images
+
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(t.to(self.accelerator.device).contiguous()).cpu()
 

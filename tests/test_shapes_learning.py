@@ -9,7 +9,6 @@ are never used for rollouts, through the stock pipeline sampler, before and afte
 import json
 
 import pytest
-import torch
 
 PROMPTS = [
     {"tag": "single_object", "include": [{"class": s, "count": 1}], "prompt": f"{pre} {a} {s}"}
@@ -19,17 +18,8 @@ PROMPTS = [
 
 
 def _strict_score(tr, reward, seed_base: int, per_prompt: int) -> float:
-    from fpo_diffusion.images import to_pil
-    from fpo_diffusion.noise import sample_generator
-
     items = [it for it in tr.prompts for _ in range(per_prompt)]
-    cond = tr._encode([it.prompt for it in items])
-    gens = [sample_generator(seed_base, 0, i, stream=0) for i in range(len(items))]
-    neg = {k: v.expand(len(items), *v.shape[1:]) for k, v in tr.negative_cond.items()}
-    with torch.no_grad():
-        x0 = tr.policy.sample(cond, gens, steps=tr.cfg.sampling.steps, guidance_scale=tr.cfg.sampling.guidance_scale,
-                              negative_cond=neg, model=tr.model)
-    pil = to_pil(tr.policy.decode(x0))
+    pil = tr.sample_images([it.prompt for it in items], seed=seed_base)
     return float(reward(pil, [it.prompt for it in items], [it.metadata for it in items]).mean())
 
 

@@ -232,3 +232,19 @@ def test_group_noise_shares_t_and_eps_within_a_group_only(tmp_path, group_noise)
     # on-policy, the ratio is 1 either way
     loss, stats = tr.algorithm.loss(ro, prep, torch.arange(9), torch.randn(9), iteration=0, epoch=0, step=0)
     assert abs(stats["ratio_mean"] - 1) < 1e-5 and torch.isfinite(loss)
+
+
+def test_sample_images_uses_fixed_noise_per_position(tmp_path):
+    import numpy as np
+
+    prompts = ["a red circle", "a blue square", "a red circle", "a green cross", "a blue square"]
+    a = _trainer(tmp_path / "a", **{"sampling.batch_size": 2})
+    b = _trainer(tmp_path / "b", **{"sampling.batch_size": 5})
+    ia, ib = a.sample_images(prompts, seed=3), b.sample_images(prompts, seed=3)
+    assert len(ia) == len(prompts) and all(im.size == ia[0].size for im in ia)
+    px = [np.asarray(im, dtype=np.int16) for im in ia]
+    # the same draw whatever the batching (at most 1/255 from batch-size-dependent kernels)
+    assert all(np.abs(x - np.asarray(y, dtype=np.int16)).max() <= 1 for x, y in zip(px, ib))
+    assert (px[0] != px[2]).any()  # same prompt, other position: another noise draw
+    assert all((x == np.asarray(y, dtype=np.int16)).all() for x, y in zip(px, a.sample_images(prompts, seed=3)))
+    assert any((x != np.asarray(y, dtype=np.int16)).any() for x, y in zip(px, a.sample_images(prompts, seed=4)))
