@@ -4,7 +4,8 @@
 
 RUN_DIR is a training output folder (its ``metrics.jsonl``); BEFORE_EVAL / AFTER_EVAL are
 ``eval/shapes.py`` report folders of the base model and of the run's LoRA (same seeds).
-Writes ``curves.png`` (training reward, own-sample CFM loss ratio, foreground share),
+Writes ``curves.png`` (training reward, own-sample CFM loss ratio, foreground share, and the
+training reward per GenEval task when the run's ``samples.jsonl`` records task tags),
 ``before_<task>.png`` / ``after_<task>.png`` (the same held-out prompts and seeds side by side,
 a green or red frame for correct / wrong), ``comparison.md`` (per-task table with the change)
 and copies of ``metrics.jsonl`` and both ``report.json`` (as ``shapes_eval_{before,after}.json``).
@@ -26,7 +27,20 @@ def _smooth(xs: list[float], k: int = 10) -> list[float]:
     return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
 
 
-def curves(metrics: list[dict], path: Path) -> None:
+def task_curves(samples: list[dict], window: int = 25) -> dict[str, tuple[list[float], list[float]]]:
+    """Mean training reward per task over consecutive ``window``-iteration blocks:
+    ``{tag: (block centres, means)}``; samples without a ``tag`` are left out."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for s in samples:
+        if s.get("tag"):
+            acc = sums.setdefault(s["tag"], {}).setdefault(s["iteration"] // window, [0.0, 0])
+            acc[0] += s["reward"]
+            acc[1] += 1
+    return {tag: ([(b + 0.5) * window for b in sorted(blocks)], [blocks[b][0] / blocks[b][1] for b in sorted(blocks)])
+            for tag, blocks in sums.items()}
+
+
+def curves(metrics: list[dict], path: Path, samples: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +50,8 @@ def curves(metrics: list[dict], path: Path) -> None:
     panels = [("reward/mean", "training reward (partial credit)"),
               ("policy/cfm_loss_ratio_to_start", "own-sample CFM loss / start"),
               ("policy/foreground_share", "foreground share")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    per_task = task_curves(samples or [])
+    fig, axes = plt.subplots(1, len(panels) + bool(per_task), figsize=(4.2 * (len(panels) + bool(per_task)), 3.4))
     for ax, (key, title) in zip(axes, panels):
         ys = [m.get(key, float("nan")) for m in metrics]
         ax.plot(it, ys, color="0.75", lw=0.8)
@@ -44,6 +59,14 @@ def curves(metrics: list[dict], path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
+    if per_task:
+        ax = axes[-1]
+        for tag, (xs, ys) in sorted(per_task.items()):
+            ax.plot(xs, ys, marker="o", ms=3, label=tag)
+        ax.set_title("training reward per task (25-iteration means)")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     axes[1].axhline(1.5, color="C3", ls=":", lw=1)
     axes[1].axhline(1 / 1.5, color="C3", ls=":", lw=1)
     axes[0].legend()
@@ -98,7 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     a.out.mkdir(parents=True, exist_ok=True)
     metrics = [json.loads(ln) for ln in (a.run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    curves(metrics, a.out / "curves.png")
+    samples_file = a.run / "samples.jsonl"
+    samples = ([json.loads(ln) for ln in samples_file.read_text().splitlines() if ln.strip()]
+               if samples_file.is_file() else [])
+    if samples and not any("tag" in x for x in samples):  # runs from before samples.jsonl recorded the task
+        from fpo_diffusion.shapes.scenes import training_metadata
+
+        tags = {m["prompt"]: m["tag"] for m in training_metadata()}
+        samples = [{**x, "tag": tags.get(x["prompt"])} for x in samples]
+    curves(metrics, a.out / "curves.png", samples)
     grids(a.before, a.after, a.out, a.tasks)
     sb = json.loads((a.before / "report.json").read_text())["summary"]
     sa = json.loads((a.after / "report.json").read_text())["summary"]

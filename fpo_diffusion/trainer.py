@@ -472,15 +472,19 @@ class FPOTrainer:
         return m
 
     def _log_samples(self, it: int, groups: torch.Tensor, rewards: torch.Tensor, adv: torch.Tensor) -> None:
-        """One row per global sample in ``samples.jsonl``: what was asked, what it scored, its advantage."""
+        """One row per global sample in ``samples.jsonl``: what was asked, what it scored, its advantage
+        (and the prompt's GenEval ``tag`` when its metadata has one, for per-task training curves)."""
         if not self.accelerator.is_main_process:
             return
         import json
 
         with (self.out / "samples.jsonl").open("a") as f:
             for i, (g, r, a) in enumerate(zip(groups.tolist(), rewards.tolist(), adv.tolist())):
-                f.write(json.dumps({"iteration": it, "index": i, "prompt_index": g, "prompt": self.prompts[g].prompt,
-                                    "reward": r, "advantage": a}) + "\n")
+                item = self.prompts[g]
+                row = {"iteration": it, "index": i, "prompt_index": g, "prompt": item.prompt, "reward": r, "advantage": a}
+                if isinstance(item.metadata, dict) and item.metadata.get("tag"):
+                    row["tag"] = item.metadata["tag"]
+                f.write(json.dumps(row) + "\n")
 
     def _save(self, iteration: int) -> Path:
         state = {"iteration": iteration, "nonfinite_in_a_row": self.nonfinite_in_a_row, "cfm_start": self.cfm_start,

@@ -50,3 +50,14 @@ def test_missing_input_is_one_line_and_exit_2(tmp_path):
                         "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_task_curves_are_block_means_per_tag():
+    sys.path.insert(0, str(ROOT / "eval"))
+    from compare_shapes import task_curves
+
+    rows = [{"iteration": i, "reward": float(i), "tag": "colors" if i % 2 else "position"} for i in range(6)]
+    rows.append({"iteration": 0, "reward": 99.0})  # untagged: left out
+    got = task_curves(rows, window=4)
+    assert got["position"] == ([2.0, 6.0], [1.0, 4.0])  # iterations 0, 2 | 4
+    assert got["colors"] == ([2.0, 6.0], [2.0, 5.0])  # iterations 1, 3 | 5

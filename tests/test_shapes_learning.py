@@ -46,3 +46,5 @@ def test_short_fpo_run_raises_the_strict_reward_on_the_shipped_model(tmp_path):
     assert 0.1 < before < 0.7, before
     assert after >= before + 0.15, (before, after, rewards)
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4, rewards
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 * 32 and {r["tag"] for r in rows} == {"single_object"}  # the task of each sample
