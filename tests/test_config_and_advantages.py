@@ -90,3 +90,27 @@ def test_time_sampling_never_hits_zero_weight_and_pairs_are_reproducible():
     assert torch.equal(t1[1:], t2) and torch.equal(e1[1:], e2)  # independent of which rank draws it
     with pytest.raises(ValueError):
         TimeSampling(t_min=0.0)
+
+
+def test_stratified_times_put_one_draw_in_each_quantile_stratum():
+    n = 8
+    uni = TimeSampling(stratified=True)
+    ln = TimeSampling(kind="logit_normal", stratified=True, t_min=1e-4, t_max=1 - 1e-4)
+    ts_u, ts_l = [], []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        t = sample_t(n, uni, g)
+        u = (t - uni.t_min) / (uni.t_max - uni.t_min)  # back to [0, 1) quantiles
+        assert torch.equal(torch.floor(u * n).long(), torch.arange(n))
+        ts_u.append(t)
+        t = sample_t(n, ln, g)
+        q = 0.5 * (1 + torch.erf(torch.logit(t.double()) / 2**0.5))  # the logit-normal CDF
+        assert torch.equal(torch.floor(q * n).clamp(max=n - 1).long(), torch.arange(n))
+        ts_l.append(t)
+    # the marginal density is unchanged: uniform mean / logit-normal median and spread
+    tu, tl = torch.cat(ts_u), torch.cat(ts_l)
+    assert abs(tu.mean().item() - 0.5) < 0.01 and abs(tu.var().item() - 0.96**2 / 12) < 0.005
+    assert abs(tl.median().item() - 0.5) < 0.01 and abs(torch.logit(tl).std().item() - 1.0) < 0.02
+    # the default (unstratified) draw is the plain one, bit for bit
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(sample_t(n, TimeSampling(), a), 0.02 + 0.96 * torch.rand(n, generator=b))
