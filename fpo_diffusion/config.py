@@ -67,8 +67,9 @@ class SamplingConfig:
     """Image height in pixels (``None``: the model's default)."""
     width: int | None = None
     """Image width in pixels (``None``: the model's default)."""
-    batch_size: int = 8
-    """Samples per pipeline call on each rank."""
+    batch_size: int = 64
+    """Samples per pipeline call on each rank (the default fits the shapes model: one call per
+    iteration; set it to what fits in memory for a real model, e.g. 4-16)."""
 
 
 @dataclass
@@ -209,7 +210,7 @@ class TrainConfig:
     """Images per prompt (K): the group advantages are computed over. ``P * K`` must divide by the number of ranks."""
     epochs: int = 1
     """Passes (E) over the iteration's samples."""
-    minibatch_size: int = 16
+    minibatch_size: int = 8
     """Samples per forward/backward on each rank."""
     grad_accum_steps: int = 1
     """Minibatches accumulated per optimizer step."""
