@@ -38,7 +38,8 @@ class TimeSampling:
     """Draw a sample's ``n`` times one per equal-probability stratum of the density (``uniform``
     and ``logit_normal``; ignored for ``grid``): time ``i`` comes from quantiles ``[i/n, (i+1)/n)``. Each time still
     has the chosen density (in a random stratum), so the CFM-loss mean stays unbiased, with less
-    variance from the draw of ``t`` (no ``t`` cluster by chance)."""
+    variance from the draw of ``t`` (no ``t`` cluster by chance). Measured on the shapes default
+    job: no gain (held-out ShapesEval 0.402 with, 0.397-0.421 without), hence off."""
 
     def __post_init__(self):
         if self.kind not in TIME_SAMPLERS:
