@@ -48,9 +48,7 @@ def measure(model_path: str, family: str, *, steps: int, guidance: float, batch:
             sl = slice(st, min(n, st + batch))
             gens = [sample_generator(cfg.train.seed, 0, int(g), stream=0) for g in ro.global_idx[sl]]
             c = {k: v[sl] for k, v in cond.items()}
-            neg = None
-            if tr.negative_cond is not None:
-                neg = {k: v.expand(len(gens), *v.shape[1:]) for k, v in tr.negative_cond.items()}
+            neg = tr.negative_batch(len(gens))
             with torch.no_grad():
                 images += pol.pipeline(**pol._pipe_kwargs(c, neg, float(s.guidance_scale)),
                                        num_inference_steps=s.steps, generator=gens, height=pol.height,

@@ -51,7 +51,8 @@ def curves(metrics: list[dict], path: Path, samples: list[dict] | None = None) -
               ("policy/cfm_loss_ratio_to_start", "own-sample CFM loss / start"),
               ("policy/foreground_share", "foreground share")]
     per_task = task_curves(samples or [])
-    fig, axes = plt.subplots(1, len(panels) + bool(per_task), figsize=(4.2 * (len(panels) + bool(per_task)), 3.4))
+    n_axes = len(panels) + bool(per_task)
+    fig, axes = plt.subplots(1, n_axes, figsize=(4.2 * n_axes, 3.4))
     for ax, (key, title) in zip(axes, panels):
         ys = [m.get(key, float("nan")) for m in metrics]
         ax.plot(it, ys, color="0.75", lw=0.8)

@@ -244,14 +244,10 @@ class FPOTrainer:
             for chunk in bar:
                 gens = [sample_generator(cfg.train.seed + seed_offset, iteration, int(g), stream=0)
                         for g in global_idx[chunk]]
-                neg = None
-                if self.negative_cond is not None:
-                    neg = {k: v.expand(len(gens), *v.shape[1:]) for k, v in self.negative_cond.items()}
+                neg = self.negative_batch(len(gens))
                 with self._autocast():
                     if use_reference:  # the frozen base model through the stock pipeline
-                        x0, ext = self.policy.sample(cond_index(cond, chunk), gens, steps=s.steps,
-                                                     guidance_scale=s.guidance_scale, scheduler=s.scheduler,
-                                                     height=s.height, width=s.width, negative_cond=neg), {}
+                        x0, ext = self.stock_sample(cond_index(cond, chunk), gens, neg), {}
                     else:
                         x0, ext = self.algorithm.sample(cond_index(cond, chunk), gens, neg, iteration)
                 x0 = x0.float()
@@ -283,6 +279,21 @@ class FPOTrainer:
         return Rollout(global_idx, prompt_idx, cond, x0, torch.cat(rewards), comps, grid_images,
                        time.perf_counter() - t0, extras)
 
+    def negative_batch(self, n: int) -> Cond | None:
+        """The negative-prompt condition repeated for ``n`` rows (``None`` without CFG)."""
+        if self.negative_cond is None:
+            return None
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self.negative_cond.items()}
+
+    def stock_sample(self, cond: Cond, generators: list[torch.Generator], negative_cond: Cond | None, *,
+                     model=None) -> torch.Tensor:
+        """Final latents from the stock pipeline with the config's ``sampling`` settings (``model``:
+        the denoiser to run, ``None`` for the policy's own, e.g. inside ``policy.reference()``)."""
+        s = self.cfg.sampling
+        return self.policy.sample(cond, generators, steps=s.steps, guidance_scale=s.guidance_scale,
+                                  scheduler=s.scheduler, height=s.height, width=s.width, negative_cond=negative_cond,
+                                  model=model)
+
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seed: int) -> list:
         """PIL images of the current policy for ``prompts`` through the stock pipeline (deterministic
@@ -291,18 +302,12 @@ class FPOTrainer:
         The noise depends only on ``seed`` and the position, so two policies (say before and after
         training) are compared on the same draws. For evaluations; training rollouts use ``rollout``.
         """
-        s = self.cfg.sampling
         cond = self._encode(prompts)
         images = []
-        for chunk in _chunks(len(prompts), s.batch_size):
+        for chunk in _chunks(len(prompts), self.cfg.sampling.batch_size):
             gens = [sample_generator(seed, 0, i, stream=0) for i in range(chunk.start, chunk.stop)]
-            neg = None
-            if self.negative_cond is not None:
-                neg = {k: v.expand(len(gens), *v.shape[1:]) for k, v in self.negative_cond.items()}
             with self._autocast():
-                x0 = self.policy.sample(cond_index(cond, chunk), gens, steps=s.steps, guidance_scale=s.guidance_scale,
-                                        scheduler=s.scheduler, height=s.height, width=s.width, negative_cond=neg,
-                                        model=self.model)
+                x0 = self.stock_sample(cond_index(cond, chunk), gens, self.negative_batch(len(gens)), model=self.model)
             images.extend(to_pil(self.policy.decode(x0.float())))
         return images
 
@@ -482,7 +487,7 @@ class FPOTrainer:
             for i, (g, r, a) in enumerate(zip(groups.tolist(), rewards.tolist(), adv.tolist())):
                 item = self.prompts[g]
                 row = {"iteration": it, "index": i, "prompt_index": g, "prompt": item.prompt, "reward": r, "advantage": a}
-                if isinstance(item.metadata, dict) and item.metadata.get("tag"):
+                if item.metadata.get("tag"):
                     row["tag"] = item.metadata["tag"]
                 f.write(json.dumps(row) + "\n")
 

@@ -39,10 +39,7 @@ class Algorithm(ABC):
     def sample(self, cond: Cond, generators: list[torch.Generator], negative_cond: Cond | None,
                iteration: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Final latents ``[n, *L]`` and per-sample extras (batch first). Default: the stock pipeline."""
-        s = self.cfg.sampling
-        x0 = self.policy.sample(cond, generators, steps=s.steps, guidance_scale=s.guidance_scale, scheduler=s.scheduler,
-                                height=s.height, width=s.width, negative_cond=negative_cond, model=self.trainer.model)
-        return x0, {}
+        return self.trainer.stock_sample(cond, generators, negative_cond, model=self.trainer.model), {}
 
     @abstractmethod
     def prepare(self, ro: "Rollout", iteration: int) -> dict[str, torch.Tensor]:
