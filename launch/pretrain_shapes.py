@@ -1,30 +1,42 @@
-"""Pretrain the shapes world's text-to-image model (DESIGN.md, "The embedded world").
+"""Pretrain the shapes world's text-to-image model (ShapesEval 2; DESIGN.md, "The embedded world").
 
-    python launch/pretrain_shapes.py --stage vae --minutes 15
-    python launch/pretrain_shapes.py --stage decoder --minutes 20      # optional: decoder only, encoder frozen
-    python launch/pretrain_shapes.py --stage transformer --minutes 60
+    python launch/pretrain_shapes.py --out DIR                 # every stage: vae, then transformer
+    python launch/pretrain_shapes.py --out DIR --stage vae     # one stage (also: decoder, transformer)
 
-Each stage is seeded, resumable (re-run the same command: it continues from
-``--work-dir/<stage>/ckpt.pt``) and stops after ``--minutes`` of training. The result is a stock
-``StableDiffusion3Pipeline`` folder (default ``fpo_diffusion/assets/shapes_sd3``).
+Seeded and deterministic (a resumed stage is bit-for-bit the uninterrupted one on CPU). Each
+stage has a fixed number of steps; ``--minutes`` caps one call's wall-clock: the stage
+checkpoints under ``--work-dir/<stage>/ckpt.pt`` and stops, and the same command continues it.
+Progress is shown per stage. The result is a stock ``StableDiffusion3Pipeline`` folder
+(default ``fpo_diffusion/assets/shapes_sd3``; the shipped one was made by this command with
+the defaults, see the README).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _apply_overrides(cfg, args) -> None:
-    """The command-line budget, batch size and learning rate of any stage's config."""
-    if args.minutes is not None:
-        cfg.minutes = args.minutes
+    """The command-line length, batch size and learning rate of any stage's config."""
+    if args.steps is not None:
+        cfg.steps = args.steps
     if args.batch_size:
         cfg.batch_size = args.batch_size
     if args.lr:
         cfg.lr = args.lr
+
+
+def _positive(kind):
+    def parse(text: str):
+        v = kind(text)
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,38 +45,43 @@ def main(argv: list[str] | None = None) -> int:
     from fpo_diffusion.shapes import pretrain as P
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["vae", "decoder", "transformer"], required=True)
-    ap.add_argument("--minutes", type=float, default=None, help="training time budget of the stage")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: leave cores to others)")
-    ap.add_argument("--work-dir", default="runs/pretrain_shapes", help="stage checkpoints (resume from here)")
+    ap.add_argument("--stage", choices=["all", "vae", "decoder", "transformer"], default="all",
+                    help="all (default) = vae, then transformer")
+    ap.add_argument("--minutes", type=_positive(float), default=None,
+                    help="wall-clock cap of this call (stops with a checkpoint; re-run to continue)")
+    ap.add_argument("--steps", type=_positive(int), default=None, help="length of the stage (one stage only)")
+    ap.add_argument("--threads", type=_positive(int), default=2, help="torch CPU threads")
+    ap.add_argument("--work-dir", default=None, help="stage checkpoints (resume from here); default OUT/../.pretrain-OUTNAME")
     ap.add_argument("--out", default=str(P.DEFAULT_ASSET), help="pipeline folder to write")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--batch-size", type=_positive(int), default=None)
+    ap.add_argument("--lr", type=_positive(float), default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--init-from", default=None, help="vae stage: start from this AutoencoderKL folder; transformer stage: from this stage ckpt.pt")
     args = ap.parse_args(argv)
+    if args.stage == "all" and (args.steps or args.batch_size or args.lr):
+        ap.error("--steps/--batch-size/--lr apply to one stage: pass --stage too")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    work = Path(args.work_dir)
-    if args.stage == "vae":
-        cfg = P.VAEConfig(seed=args.seed, init_from=args.init_from)
-        _apply_overrides(cfg, args)
-        P.train_vae(cfg, work, out)
-    elif args.stage == "decoder":
-        if not (out / "vae" / "config.json").is_file():
-            print(f"error: no trained VAE at {out / 'vae'}; run --stage vae first", file=sys.stderr)
-            return 2
-        cfg = P.DecoderConfig(seed=args.seed)
-        _apply_overrides(cfg, args)
-        P.train_decoder(cfg, work, out)
-    else:
-        if not (out / "vae" / "config.json").is_file():
-            print(f"error: no trained VAE at {out / 'vae'}; run --stage vae first", file=sys.stderr)
-            return 2
-        cfg = P.TransformerConfig(seed=args.seed, device=args.device, init_from=args.init_from)
-        _apply_overrides(cfg, args)
-        P.train_transformer(cfg, work, out)
+    work = Path(args.work_dir) if args.work_dir else out.parent / f".pretrain-{out.name}"
+    deadline = time.time() + args.minutes * 60 if args.minutes else None
+    stages = ["vae", "transformer"] if args.stage == "all" else [args.stage]
+    t0 = time.time()
+    try:
+        for stage in stages:
+            if stage != "vae" and not (out / "vae" / "config.json").is_file():
+                print(f"error: no trained VAE at {out / 'vae'}; run --stage vae first", file=sys.stderr)
+                return 2
+            cfg = {"vae": P.VAEConfig, "decoder": P.DecoderConfig, "transformer": P.TransformerConfig}[stage](seed=args.seed)
+            if stage == "transformer":
+                cfg.device = args.device
+            _apply_overrides(cfg, args)
+            if deadline is not None:
+                cfg.minutes = max(0.0, (deadline - time.time()) / 60.0)
+            {"vae": P.train_vae, "decoder": P.train_decoder, "transformer": P.train_transformer}[stage](cfg, work, out)
+    except P.StageIncomplete as e:
+        print(f"{e} (work dir {work})")
+        return 3
+    print(f"pretraining done in {(time.time() - t0) / 60:.1f} min: {out}")
     return 0
 
 

@@ -9,7 +9,10 @@ from .base import Reward
 _REGISTRY: dict[str, type[Reward]] = {}
 
 # Modules imported on first lookup so that ``build_reward`` sees every built-in reward.
-_BUILTIN_MODULES = ["rewards.builtin", "rewards.simple", "rewards.geneval.reward", "rewards.shapes_reward"]
+_BUILTIN_MODULES = ["rewards.builtin", "rewards.simple", "rewards.geneval.reward"]
+PLUGIN_GROUP = "fpo_diffusion.rewards"
+"""Entry-point group of rewards other packages provide (value: a module that registers them on import),
+e.g. the shapes world's ``shapes = "fpo_diffusion.shapes.reward"``. ``rewards`` never imports them by name."""
 
 
 def register_reward(name: str) -> Callable[[type[Reward]], type[Reward]]:
@@ -23,12 +26,17 @@ def register_reward(name: str) -> Callable[[type[Reward]], type[Reward]]:
 
 
 def _load_builtins() -> None:
+    from importlib.metadata import entry_points
+
     for mod in _BUILTIN_MODULES:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
             if e.name != mod:
                 raise
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name not in _REGISTRY:
+            importlib.import_module(ep.value)
 
 
 def available_rewards() -> list[str]:

@@ -10,7 +10,7 @@ from PIL import Image
 from fpo_diffusion.shapes import scenes as S
 from fpo_diffusion.shapes.detector import ShapesDetector, analyse
 from fpo_diffusion.shapes.render import Obj, render, render_array
-from fpo_diffusion.shapes.world import BACKGROUND, COLORS, SHAPES, shape_mask
+from fpo_diffusion.shapes.world import BACKGROUND, CANVAS, COLORS, GRID, SHAPES, cells, shape_mask
 from rewards.geneval.metadata import validate_metadata
 from rewards.geneval.rules import COLORS as GENEVAL_COLORS
 from rewards.geneval.rules import evaluate
@@ -30,26 +30,42 @@ def _kept(dets):
     return {k: v for k, v in filter_detections(dets, "single_object").items() if v}
 
 
+def _all_metadata():
+    return {t: [m for g in gs for m in g] for t, gs in S.combination_groups().items()}
+
+
 def test_vocabulary_is_geneval_and_distinct():
-    assert set(COLORS) <= set(GENEVAL_COLORS)
+    assert list(COLORS) == list(GENEVAL_COLORS)  # GenEval's ten colour names, pink and brown included
+    assert len(SHAPES) >= 12 and GRID == 4 and CANVAS == 64
     for a in SHAPES:
         for b in SHAPES:
             if a != b:
                 ma, mb = shape_mask(a), shape_mask(b)
-                assert (ma & mb).sum() / (ma | mb).sum() <= 0.785
+                assert (ma & mb).sum() / (ma | mb).sum() <= 0.80, (a, b)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_detector_exact_for_every_class_colour_and_cell(shape):
+    for color in COLORS:
+        for cell in cells():
+            o = Obj(shape, color, cell)
+            dets = DET.detect(render([o]))
+            assert list(dets) == [shape], (shape, color, cell)
+            d = dets[shape][0]
+            assert (d.color, d.box, d.score) == (color, tuple(float(v) for v in o.box()), 1.0)
 
 
 def test_render_deterministic():
     rng = np.random.default_rng(0)
     sc = S.random_scene(rng, 4)
     assert np.array_equal(render_array(sc), render_array(list(sc)))
-    assert render(sc).size == (48, 48)
+    assert render(sc).size == (CANVAS, CANVAS)
 
 
 @pytest.mark.parametrize("task", S.TASKS)
 def test_detector_scores_renders_perfectly(task):
     rng = np.random.default_rng(123)
-    metas = [m for m in S.heldout_metadata() if m["tag"] == task] + S.all_task_metadata()[task][:40]
+    metas = [m for m in S.heldout_metadata() if m["tag"] == task] + S.train_task_metadata()[task][:40]
     for i in range(120):
         m = metas[i % len(metas)]
         assert _ok(S.scene_for(m, rng), m), m["prompt"]
@@ -124,7 +140,7 @@ def test_color_attr_binding():
 
 def test_paint_is_not_an_object():
     for col in [(220, 30, 30), (255, 255, 255)]:
-        full = Image.new("RGB", (48, 48), col)
+        full = Image.new("RGB", (CANVAS, CANVAS), col)
         assert DET.detect(full) == {}
     a = render_array([])
     a[4:40, 4:40] = (220, 30, 30)  # a big blob over several cells
@@ -138,7 +154,7 @@ def test_blob_that_matches_no_shape_is_not_an_object():
     a[18:30, 20:26] = (220, 30, 30)  # a 6x12 bar
     assert _kept(DET.detect(a)) == {}
     b = render_array([])
-    yy, xx = np.mgrid[0:48, 0:48]
+    yy, xx = np.mgrid[0:CANVAS, 0:CANVAS]
     b[((xx - 24) / 6.0) ** 2 + ((yy - 24) / 3.0) ** 2 <= 1] = (30, 70, 230)  # a flat ellipse
     assert _kept(DET.detect(b)) == {}
 
@@ -150,7 +166,7 @@ def test_two_touching_objects_are_not_two_objects():
 
 
 def test_metadata_valid_for_all_tasks():
-    allm = S.all_task_metadata()
+    allm = _all_metadata()
     assert set(allm) == set(S.TASKS)
     from shared_data import geneval_dir
 
@@ -173,32 +189,105 @@ def test_metadata_valid_for_all_tasks():
     assert S.colors("circle", "orange")["prompt"] == "a photo of an orange circle"
 
 
-def test_heldout_split_fixed_and_disjoint():
-    held = S.heldout_metadata()
-    assert len(held) >= 300 and len({m["prompt"] for m in held}) >= 300
-    assert {m["tag"] for m in held} == set(S.TASKS)
-    assert held == S.heldout_metadata()
-    hp = S.heldout_prompts()
-    rng = np.random.default_rng(0)
-    for _ in range(3000):
-        m = S.sample_training(rng)
-        assert m["prompt"] not in hp
-        assert validate_metadata(m, set(SHAPES)) is None
-    for ms in S.train_task_metadata().values():
-        assert not ({m["prompt"] for m in ms} & hp)
-    # the RL prompt set of `prompts.source: embedded:shapes`: fixed, all six tasks, never a held-out prompt
+def test_split_by_combination_invariants():
+    sp = S.split()
+    assert sp == S.split()  # fixed
+    for part, sizes in (("test", S.TEST_SIZES), ("validation", S.VALIDATION_SIZES)):
+        for task in S.TASKS:
+            ms = sp[part][task]
+            assert len({m["prompt"] for m in ms}) == len(ms) == sizes[task], (part, task)
+    for task in ("two_object", "colors", "position", "color_attr"):
+        assert len(sp["test"][task]) >= 60, task  # GenEval-sized where the world allows
+    assert {m["prompt"] for m in sp["test"]["single_object"]} == {S.single_object(s)["prompt"] for s in SHAPES}
     train = S.training_metadata()
-    assert train == S.training_metadata() and len(train) == S.TRAINING_SET_SIZE
-    assert {m["tag"] for m in train} == set(S.TASKS) and not ({m["prompt"] for m in train} & hp)
-    share = {t: sum(m["tag"] == t for m in train) / len(train) for t in S.TASKS}
-    assert min(share.values()) > 0.05, share
+    train_prompts = {m["prompt"] for m in train} | {m["prompt"] for ms in sp["train"].values() for m in ms}
+    held = S.heldout_prompts()
+    assert not (train_prompts & held)  # no test or validation string is ever a training prompt
+    # test and validation share no prompt, except single_object (all 12 classes, other seeds)
+    shared = {m["prompt"] for ms in sp["test"].values() for m in ms} & {
+        m["prompt"] for ms in sp["validation"].values() for m in ms}
+    assert shared == {m["prompt"] for m in sp["test"]["single_object"]}
+    # split by combination: a combination's other phrasings are never on the other side
+    def key(m):
+        inc = m["include"]
+        return (m["tag"],) + tuple(sorted(json.dumps({k: v for k, v in r.items() if k != "position"}, sort_keys=True)
+                                          for r in inc))
+    test_keys = {key(m) for ms in sp["test"].values() for m in ms}
+    assert not (test_keys & {key(m) for ms in sp["train"].values() for m in ms})
+    # every class, colour, count and relation of the test set appears in training prompts
+    vt, vtr = S.vocabulary([m for ms in sp["test"].values() for m in ms]), S.vocabulary(train)
+    assert vt["class"] == vtr["class"] == set(SHAPES) and vt["color"] <= vtr["color"]
+    assert vt["count"] == vtr["count"] == {2, 3, 4} and vt["relation"] == vtr["relation"] == set(S.RELATIONS)
+    # the RL prompt set: fixed, equal shares of the five tasks that have training prompts
+    assert train == S.training_metadata()
+    share = {t: sum(m["tag"] == t for m in train) for t in S.TASKS}
+    assert share["single_object"] == 0 and len(set(share.values()) - {0}) == 1
+    for m in train[::37]:
+        assert validate_metadata(m, set(SHAPES)) is None
+    # the evaluation sets: every task, fixed
+    test = S.heldout_metadata()
+    assert {m["tag"] for m in test} == set(S.TASKS) and test == S.heldout_metadata()
+    assert all(sum(m["tag"] == t for m in test) >= S.TEST_ENTRIES_PER_TASK for t in S.TASKS)
+    assert all(sum(m["tag"] == t for m in S.validation_metadata()) >= S.VALIDATION_ENTRIES_PER_TASK for t in S.TASKS)
 
 
 def test_training_scenes_satisfy_their_prompts():
     rng = np.random.default_rng(3)
-    for _ in range(200):
-        m = S.sample_training(rng)
+    train = S.training_metadata()
+    for i in range(200):
+        m = train[(i * 97) % len(train)]
         assert _ok(S.scene_for(m, rng), m), m["prompt"]
+
+
+def _caption_facts(text):
+    """(classes named, colours named, {class: stated count}) of a pretraining caption."""
+    import re
+
+    from fpo_diffusion.shapes.world import NUMBERS, PLURALS
+
+    words = text.replace(",", " ").split()
+    classes = {s for s in SHAPES if s in words or PLURALS[s] in words}
+    colors = {c for c in COLORS if c in words}
+    counts = {}
+    for n, w in NUMBERS.items():
+        for m in re.finditer(rf"\b{w} (?:(?:{'|'.join(COLORS)}) )?(\w+)", text):
+            for s in SHAPES:
+                if m.group(1) == PLURALS[s]:
+                    counts[s] = n
+    return classes, colors, counts
+
+
+def test_pretraining_captions_are_incomplete_but_never_wrong():
+    rng = np.random.default_rng(5)
+    style = S.CaptionStyle()
+    stated = {"count": 0, "multi": 0, "position": 0, "pairs": 0, "empty": 0}
+    for _ in range(3000):
+        scene, text = S.pretraining_example(rng, style)
+        if not text:
+            stated["empty"] += 1
+            continue
+        classes, colors, counts = _caption_facts(text)
+        assert classes == {o.shape for o in scene}, (text, scene)  # every class named, no other
+        assert colors <= {o.color for o in scene}, (text, scene)
+        for s, n in counts.items():
+            assert n == sum(o.shape == s for o in scene), (text, scene)
+        multi = [s for s in {o.shape for o in scene} if sum(o.shape == s for o in scene) > 1]
+        stated["multi"] += len(multi)
+        stated["count"] += sum(s in counts for s in multi)
+        if len(scene) == 2 and scene[0].shape != scene[1].shape:
+            stated["pairs"] += 1
+            rel = [r for r in S.RELATIONS if f" {r} " in text]
+            stated["position"] += bool(rel)
+            if rel:  # a stated relation holds under GenEval's geometry
+                from rewards.geneval.rules import relative_position
+
+                a, b = scene
+                assert rel[0] in relative_position(a.box(), b.box()), (text, scene)
+    assert 0.25 < stated["count"] / stated["multi"] < 0.45  # p_count = 0.35
+    assert 0.08 < stated["position"] / stated["pairs"] < 0.25  # p_position = 0.15
+    assert 0.07 < stated["empty"] / 3000 < 0.13
+    with pytest.raises(ValueError):
+        S.CaptionStyle(p_count=1.5)
 
 
 def test_shapes_reward():
@@ -215,7 +304,7 @@ def test_shapes_reward():
     m = S.color_attr("circle", "red", "square", "blue")
     half = render([Obj("circle", "red", (0, 0)), Obj("square", "green", (2, 2))])
     empty = render([])
-    paint = Image.new("RGB", (48, 48), (220, 30, 30))
+    paint = Image.new("RGB", (CANVAS, CANVAS), (220, 30, 30))
     extra = render([Obj("circle", "red", (0, 0)), Obj("square", "blue", (2, 2)), Obj("cross", "white", (1, 1))])
     r = partial([half, empty, paint, extra], ["p"] * 4, [m] * 4).tolist()
     assert r[0] == 0.5  # one clause of two; a square of the wrong colour is an asked-for shape, not stray paint

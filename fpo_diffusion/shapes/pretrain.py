@@ -1,13 +1,17 @@
 """Pretraining of the shapes world's text-to-image model (logic behind ``launch/pretrain_shapes.py``).
 
-Stages, each deterministic (seeded), resumable (checkpoint in ``work_dir/<stage>/ckpt.pt``)
-and time-budgeted (``minutes``):
+Stages, each deterministic (seeded; every schedule is a function of the step, so a resumed
+stage is bit-for-bit the uninterrupted one on CPU), resumable (checkpoint in
+``work_dir/<stage>/ckpt.pt``), with a fixed length in ``steps`` and a wall-clock cap per call
+(``minutes``: the stage checkpoints and stops; the same call continues it):
 
 * ``vae``: a tiny ``AutoencoderKL`` whose latent cell is one grid cell (downsampling = 16),
   trained on rendered random scenes (L1 + L2 + small KL).
 * ``transformer``: a tiny ``SD3Transformer2DModel`` (patch 1, joint attention) trained with
   rectified flow on normalised VAE latents, conditioned on two tiny jointly trained
-  ``CLIPTextModelWithProjection`` encoders (no T5), CFG dropout 10 %.
+  ``CLIPTextModelWithProjection`` encoders (no T5), on scenes with web-alt-text-like captions
+  (``scenes.CaptionStyle``: counts, positions and colour binding often left out), CFG dropout
+  10 % (``CaptionStyle.p_empty``).
 
 Each finished stage writes its part of a stock ``StableDiffusion3Pipeline`` folder.
 """
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .render import render_array, to_tensor_batch
-from .scenes import random_scene
+from .scenes import CaptionStyle, pretraining_example, random_scene
 from .world import CANVAS, CELL, GRID
 
 _BG_T = torch.tensor([c / 127.5 - 1.0 for c in (128, 128, 128)]).view(1, 3, 1, 1)
@@ -65,10 +69,14 @@ def _batch_scenes(seed: int, step: int, batch: int, stream: int = 0):
     return [random_scene(rng) for _ in range(batch)], rng
 
 
-def _progress(total_s: float, desc: str):
+def _progress(total_steps: int, done: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=int(total_s), desc=desc, unit="s", mininterval=10, smoothing=0.1)
+    return tqdm(total=int(total_steps), initial=int(done), desc=desc, unit="step", mininterval=10, smoothing=0.1)
+
+
+class StageIncomplete(Exception):
+    """A stage hit its wall-clock cap (``minutes``) before ``steps``: it is checkpointed; re-run to continue."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +84,10 @@ def _progress(total_s: float, desc: str):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class VAEConfig:
-    minutes: float = 15.0
+    steps: int = 3000
+    """Length of the stage (the learning-rate schedule runs over it)."""
+    minutes: float = 1e9
+    """Wall-clock cap of one call: checkpoint and stop (re-run to continue)."""
     batch_size: int = 32
     lr: float = 2e-3
     kl_weight: float = 1e-5
@@ -126,17 +137,15 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
         torch.set_rng_state(st["torch_rng"])
         log(f"[vae] resumed at step {step} ({elapsed/60:.1f} min)")
     n_params = sum(p.numel() for p in vae.parameters())
-    log(f"[vae] {n_params/1e6:.2f}M parameters, budget {cfg.minutes} min")
-    budget = cfg.minutes * 60.0
+    log(f"[vae] {n_params/1e6:.2f}M parameters, {cfg.steps} steps")
     vae.train()
-    pbar = _progress(budget, "vae")
-    pbar.update(int(elapsed))
-    t_last_ckpt = time.time()
+    pbar = _progress(cfg.steps, step, "vae")
+    t_last_ckpt = t_call = time.time()
     ema = None
-    while elapsed < budget:
+    while step < cfg.steps and time.time() - t_call < cfg.minutes * 60.0:
         t0 = time.time()
-        # cosine decay over the budget, short warmup
-        frac = min(elapsed / budget, 1.0)
+        # cosine decay over the stage, short warmup
+        frac = step / cfg.steps
         lr = cfg.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -161,7 +170,7 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
         step += 1
         dt = time.time() - t0
         elapsed += dt
-        pbar.update(int(elapsed) - pbar.n)
+        pbar.update(1)
         ema = rec.item() if ema is None else 0.98 * ema + 0.02 * rec.item()
         if step % 50 == 0:
             log(f"[vae] step {step} t={elapsed/60:.1f}min rec={ema:.4f} kl={kl.item():.3f} ce={ce.item():.3f} "
@@ -173,6 +182,8 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
     pbar.close()
     _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "aux": aux.state_dict(),
                       "elapsed": elapsed, "torch_rng": torch.get_rng_state()})
+    if step < cfg.steps:
+        raise StageIncomplete(f"[vae] stopped at step {step}/{cfg.steps} ({elapsed/60:.1f} min); re-run to continue")
     vae.eval()
     # latent statistics -> scaling/shift factors
     with torch.no_grad():
@@ -192,7 +203,8 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class DecoderConfig:
-    minutes: float = 20.0
+    steps: int = 3000
+    minutes: float = 1e9
     batch_size: int = 32
     lr: float = 1e-3
     fg_weight: float = 9.0
@@ -217,10 +229,8 @@ def train_decoder(cfg: DecoderConfig, work_dir: Path, out_dir: Path = DEFAULT_AS
         vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"])
         step, elapsed = st["step"], st["elapsed"]
         log(f"[decoder] resumed at step {step} ({elapsed/60:.1f} min)")
-    budget = cfg.minutes * 60.0
-    pbar = _progress(budget, "decoder")
-    pbar.update(int(elapsed))
-    t_ck = time.time()
+    pbar = _progress(cfg.steps, step, "decoder")
+    t_ck = t_call = time.time()
     ema = None
     vae.encoder.eval()
     vae.decoder.train()
@@ -228,9 +238,9 @@ def train_decoder(cfg: DecoderConfig, work_dir: Path, out_dir: Path = DEFAULT_AS
     def save():
         _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed})
 
-    while elapsed < budget:
+    while step < cfg.steps and time.time() - t_call < cfg.minutes * 60.0:
         t0 = time.time()
-        frac = min(elapsed / budget, 1.0)
+        frac = step / cfg.steps
         lr = cfg.lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -249,7 +259,7 @@ def train_decoder(cfg: DecoderConfig, work_dir: Path, out_dir: Path = DEFAULT_AS
         step += 1
         dt = time.time() - t0
         elapsed += dt
-        pbar.update(int(elapsed) - pbar.n)
+        pbar.update(1)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0:
             log(f"[decoder] step {step} t={elapsed/60:.1f}min rec={ema:.4f} lr={lr:.2e} {cfg.batch_size/dt:.0f} img/s")
@@ -257,6 +267,8 @@ def train_decoder(cfg: DecoderConfig, work_dir: Path, out_dir: Path = DEFAULT_AS
             save(); t_ck = time.time()
     pbar.close()
     save()
+    if step < cfg.steps:
+        raise StageIncomplete(f"[decoder] stopped at step {step}/{cfg.steps} ({elapsed/60:.1f} min); re-run to continue")
     vae.eval()
     vae.to(torch.float16).save_pretrained(out_dir / "vae")
     log(f"[decoder] done: {step} steps; saved to {out_dir / 'vae'} (encoder and scaling factors unchanged)")
@@ -266,8 +278,8 @@ def train_decoder(cfg: DecoderConfig, work_dir: Path, out_dir: Path = DEFAULT_AS
 # ---------------------------------------------------------------------------------------------
 # stage 2: text encoders + transformer
 # ---------------------------------------------------------------------------------------------
-TOKEN_LEN = 20
-"""CLIP context length of the shipped tokenizers (the longest prompt has 13 tokens)."""
+TOKEN_LEN = 32
+"""CLIP context length of the shipped tokenizers (the longest caption has 24 tokens)."""
 TEXT_DIM = 32
 
 
@@ -366,12 +378,14 @@ def encode_text(tokenizer, te1, te2, prompts: list[str], n_zero: int = 256):
 
 @dataclass
 class TransformerConfig:
-    minutes: float = 60.0
+    steps: int = 12000
+    """Length of the stage (the learning-rate schedule runs over it)."""
+    minutes: float = 1e9
+    """Wall-clock cap of one call: checkpoint and stop (re-run to continue)."""
     batch_size: int = 64
     lr: float = 6e-4
     seed: int = 0
-    pool_size: int = 20000
-    cfg_dropout: float = 0.1
+    pool_size: int = 40000
     ema_decay: float = 0.999
     num_layers: int = 4
     ckpt_every_s: float = 120.0
@@ -391,14 +405,13 @@ def _load_vae(out_dir: Path):
 def _build_pool(cfg: TransformerConfig, vae, path: Path, log=print):
     if path.is_file():
         return torch.load(path, weights_only=False)
-    from .scenes import sample_training, scene_for
-
     rng = np.random.default_rng([cfg.seed, 7])
     prompts, arrays = [], []
+    style = CaptionStyle()
     for _ in range(cfg.pool_size):
-        m = sample_training(rng)
-        prompts.append(m["prompt"])
-        arrays.append(render_array(scene_for(m, rng)))
+        scene, text = pretraining_example(rng, style)
+        prompts.append(text)
+        arrays.append(render_array(scene))
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(arrays), 256):
@@ -435,31 +448,29 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
     n_tr = sum(p.numel() for p in tr.parameters())
     n_te = sum(p.numel() for p in te1.parameters()) * 2
     log(f"[transformer] transformer {n_tr/1e6:.2f}M + text encoders {n_te/1e6:.2f}M parameters, "
-        f"budget {cfg.minutes} min")
-    budget = cfg.minutes * 60.0
+        f"{cfg.steps} steps")
     N = len(pool["prompts"])
     zproc = ZeroTokenBias()
     tr.set_attn_processor(zproc)  # training copy only; ``ema`` keeps the stock processor
     modules.train()
-    pbar = _progress(budget, "transformer")
-    pbar.update(int(elapsed))
-    t_ck = time.time()
+    pbar = _progress(cfg.steps, step, "transformer")
+    t_ck = t_call = time.time()
     avg = None
 
     def save():
         _save_ckpt(ckpt, {"model": modules.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                           "step": step, "elapsed": elapsed})
 
-    while elapsed < budget:
+    while step < cfg.steps and time.time() - t_call < cfg.minutes * 60.0:
         t0 = time.time()
-        frac = min(elapsed / budget, 1.0)
+        frac = step / cfg.steps
         lr = cfg.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         rng = np.random.default_rng([cfg.seed, 11, step])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = torch.from_numpy(rng.integers(0, N, size=cfg.batch_size))
-        prompts = [pool["prompts"][i] if rng.random() >= cfg.cfg_dropout else "" for i in idx.tolist()]
+        prompts = [pool["prompts"][i] for i in idx.tolist()]  # CFG dropout is in the captions (p_empty)
         z0 = pool["mean"][idx] + pool["std"][idx] * torch.randn(pool["mean"][idx].shape, generator=gen)
         z0 = (z0 - sh) * sf
         eps = torch.randn(z0.shape, generator=gen)
@@ -484,7 +495,7 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
         step += 1
         dt = time.time() - t0
         elapsed += dt
-        pbar.update(int(elapsed) - pbar.n)
+        pbar.update(1)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 50 == 0:
             log(f"[transformer] step {step} t={elapsed/60:.1f}min loss={avg:.4f} lr={lr:.2e} "
@@ -493,6 +504,9 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
             save(); t_ck = time.time()
     pbar.close()
     save()
+    if step < cfg.steps:
+        raise StageIncomplete(f"[transformer] stopped at step {step}/{cfg.steps} ({elapsed/60:.1f} min); "
+                              "re-run to continue")
     export_pipeline(ema["te1"], ema["te2"], ema["tr"], out_dir)
     log(f"[transformer] done: {step} steps, {step*cfg.batch_size} samples; pipeline saved to {out_dir}")
     return out_dir

@@ -1,27 +1,35 @@
-"""Scene generator: GenEval-format metadata for the six tasks, prompts, scenes, splits.
+"""ShapesEval 2: GenEval-format metadata for the six tasks, the split by combination, scenes,
+and the web-alt-text-like captions the base model is pretrained on.
 
 Metadata dicts have exactly the format of GenEval's ``evaluation_metadata.jsonl`` lines::
 
-    {"tag": "position", "include": [{"class": "square", "count": 1},
-     {"class": "circle", "count": 1, "position": ["left of", 0]}],
-     "prompt": "a photo of a circle left of a square"}
+    {"tag": "position", "include": [{"class": "heart", "count": 1},
+     {"class": "star", "count": 1, "position": ["left of", 0]}],
+     "prompt": "a photo of a star left of a heart"}
 
-The held-out split (:func:`heldout_metadata`) is fixed: it holds *every* prompt of the three
-colour-free tasks whose prompt spaces are tiny in this world (single_object: 4 prompts,
-two_object: 12, counting: 12), half of ``colors`` and ``position`` and 40 % of
-``color_attr`` (chosen by a stable hash). Training prompts (:func:`sample_training`) come from
-the rest of the six tasks plus training-only phrasings: the colour-free tasks paraphrased
-("an image of a circle", "a picture of two squares", "a circle and a cross", "a photo of one
-circle") and coloured variants ("a photo of two red circles", "a photo of a red circle and a
-square", "a photo of a red circle left of a blue square"). They never equal a held-out prompt,
-so a held-out score measures transfer to unseen prompt strings (for the colour-free tasks: the
-"a photo of ..." template, seen in training only with colours or positions).
+**The split** (:func:`split`) is by *combination*, fixed and seeded: every prompt of GenEval's
+six templates in this world is grouped by what it combines (a class; an unordered pair of
+classes; a class and a count; a class and a colour; an unordered pair of classes with every
+relation and order; an unordered pair of coloured classes), and whole groups go to ``test``
+(ShapesEval), ``validation`` (for choosing hyper-parameters) or ``train`` (the RL prompts).
+No test or validation prompt string is a training prompt, and every class, colour, count and
+relation of the test set occurs in training prompts (both checked when the split is built and
+pinned by tests). ``single_object`` holds out every class's prompt (as GenEval's 80 are all its
+classes): classes reach training only inside the other five tasks, and its validation entries
+are the same 12 prompts at other seeds (the one place validation and test share strings).
+``counting`` has only 36 prompts in a 12-class world (18 test, 6 validation, 12 train).
+
+**Pretraining captions** (:func:`pretraining_example`) behave like web alt-text: they always
+name the classes, but state counts, positions and which colour belongs to which object only
+some of the time (:class:`CaptionStyle`, the documented knobs). That is the deficit RL has to
+fix, as on real models.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -32,8 +40,21 @@ from .world import COLORS, MAX_OBJECTS, NUMBERS, SHAPES, article, cells, plural
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 """GenEval's six tasks, in the official report order."""
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-HELDOUT_MIN_PER_TASK = 52
-"""Each task gets at least this many held-out entries (prompts cycle when a task has fewer)."""
+COUNTS: tuple[int, ...] = (2, 3, 4)
+"""Counting prompts ask for 2, 3 or 4 objects (GenEval's counts)."""
+SPLIT_SEED = 20_261_202
+"""Seed of the split (a new seed is a new benchmark: do not change it)."""
+
+TEST_SIZES = {"single_object": 12, "two_object": 64, "counting": 18, "colors": 60, "position": 96, "color_attr": 80}
+"""Distinct test prompts per task (GenEval: 80, 99, 80, 94, 100, 100); single_object and counting are
+bounded by the world (12 and 36 prompts in all)."""
+VALIDATION_SIZES = {"single_object": 12, "two_object": 20, "counting": 6, "colors": 20, "position": 48,
+                    "color_attr": 40}
+"""Distinct validation prompts per task (single_object: the test prompts, other seeds)."""
+TEST_ENTRIES_PER_TASK = 80
+"""ShapesEval entries per task (prompts cycle when a task has fewer; each entry gets its own seeds)."""
+VALIDATION_ENTRIES_PER_TASK = 40
+"""Validation entries per task."""
 
 
 def _a(word: str) -> str:
@@ -73,152 +94,137 @@ def color_attr(a: str, ca: str, b: str, cb: str) -> dict:
             "prompt": f"a photo of {_a(ca)} {a} and {_a(cb)} {b}"}
 
 
-def all_task_metadata() -> dict[str, list[dict]]:
-    """Every prompt of the six tasks in this world, per task (deterministic order)."""
-    pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b]
+def _pairs() -> list[tuple[str, str]]:
+    return list(itertools.combinations(SHAPES, 2))
+
+
+def combination_groups() -> dict[str, list[list[dict]]]:
+    """Every prompt of the six tasks, grouped by the combination it asks for (deterministic order)."""
     return {
-        "single_object": [single_object(s) for s in SHAPES],
-        "two_object": [two_object(a, b) for a, b in pairs],
-        "counting": [counting(s, n) for s in SHAPES for n in (2, 3, 4)],
-        "colors": [colors(s, c) for s in SHAPES for c in COLORS],
-        "position": [position(a, r, b) for a, b in pairs for r in RELATIONS],
-        "color_attr": [color_attr(a, ca, b, cb) for a, b in pairs for ca in COLORS for cb in COLORS if ca != cb],
+        "single_object": [[single_object(s)] for s in SHAPES],
+        "two_object": [[two_object(a, b), two_object(b, a)] for a, b in _pairs()],
+        "counting": [[counting(s, n)] for s in SHAPES for n in COUNTS],
+        "colors": [[colors(s, c)] for s in SHAPES for c in COLORS],
+        "position": [[position(x, r, y) for x, y in ((a, b), (b, a)) for r in RELATIONS] for a, b in _pairs()],
+        "color_attr": [[color_attr(a, ca, b, cb), color_attr(b, cb, a, ca)] for a, b in _pairs()
+                       for ca in COLORS for cb in COLORS if ca != cb],
     }
 
 
-def _canonical(meta: dict) -> str:
-    """Key shared by prompts that differ only in the order of their two objects."""
-    inc = meta["include"]
-    if meta["tag"] in ("two_object", "color_attr"):
-        inc = sorted(inc, key=lambda r: json.dumps(r, sort_keys=True))
-    return meta["tag"] + json.dumps(inc, sort_keys=True) if meta["tag"] != "position" else meta["prompt"]
+def _take(groups: list[list[dict]], n: int, rng: np.random.Generator, one_order: bool) -> tuple[list[dict], list[list[dict]]]:
+    """Whole groups until ``n`` prompts (``one_order``: one random member per group); the rest."""
+    out, i = [], 0
+    while len(out) < n and i < len(groups):
+        g = groups[i]
+        out.extend([g[int(rng.integers(len(g)))]] if one_order else g)
+        i += 1
+    return out[:n] if one_order else out, groups[i:]
 
 
-def _hash01(key: str) -> float:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
-
-
-HELDOUT_FRACTION = {"single_object": 1.0, "two_object": 1.0, "counting": 1.0, "colors": 0.5, "position": 0.5, "color_attr": 0.4}
+def vocabulary(metas: list[dict]) -> dict[str, set]:
+    """The classes, colours, counts and relations a list of metadata uses."""
+    v = {"class": set(), "color": set(), "count": set(), "relation": set()}
+    for m in metas:
+        for r in m["include"]:
+            v["class"].add(r["class"])
+            if r.get("color"):
+                v["color"].add(r["color"])
+            if m["tag"] == "counting":
+                v["count"].add(int(r["count"]))
+            if r.get("position"):
+                v["relation"].add(r["position"][0])
+    return v
 
 
 @lru_cache(maxsize=1)
-def _split() -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
-    held, train = {}, {}
-    for task, metas in all_task_metadata().items():
-        f = HELDOUT_FRACTION[task]
-        held[task] = [m for m in metas if _hash01("shapes-heldout-v1:" + _canonical(m)) < f]
-        train[task] = [m for m in metas if _hash01("shapes-heldout-v1:" + _canonical(m)) >= f]
-    return held, train
+def _split_json() -> str:
+    for attempt in range(100):
+        rng = np.random.default_rng([SPLIT_SEED, attempt])
+        out = {"test": {}, "validation": {}, "train": {}}
+        for task, groups in combination_groups().items():
+            order = rng.permutation(len(groups))
+            groups = [groups[int(i)] for i in order]
+            one_order = task == "color_attr"  # 5940 combinations: one phrasing each in test / validation
+            if task == "single_object":
+                out["test"][task] = [g[0] for g in groups]
+                out["validation"][task] = [g[0] for g in groups]
+                out["train"][task] = []
+                continue
+            out["test"][task], rest = _take(groups, TEST_SIZES[task], rng, one_order)
+            out["validation"][task], rest = _take(rest, VALIDATION_SIZES[task], rng, one_order)
+            out["train"][task] = [m for g in rest for m in g]
+        train = [m for ms in out["train"].values() for m in ms]
+        test = [m for ms in out["test"].values() for m in ms]
+        vt, vtr = vocabulary(test), vocabulary(train)
+        if all(vt[k] <= vtr[k] for k in vt):
+            return json.dumps(out)
+    raise RuntimeError("no split covers the test vocabulary")  # pragma: no cover
+
+
+def split() -> dict[str, dict[str, list[dict]]]:
+    """``{"test" | "validation" | "train": {task: [metadata, ...]}}``: distinct prompts per task (fresh copies)."""
+    return json.loads(_split_json())
 
 
 def heldout_prompts() -> set[str]:
-    """The distinct held-out prompt strings."""
-    return {m["prompt"] for ms in _split()[0].values() for m in ms}
+    """Every test and validation prompt string (never a training prompt)."""
+    s = split()
+    return {m["prompt"] for part in ("test", "validation") for ms in s[part].values() for m in ms}
 
 
-def heldout_metadata(min_per_task: int = HELDOUT_MIN_PER_TASK) -> list[dict]:
-    """The fixed ShapesEval prompt set: every held-out prompt, each task cycled to >= ``min_per_task`` entries.
-
-    Returns copies in task order; entries of a task with few distinct prompts repeat (they get
-    different seeds at evaluation). Default: 506 entries, 319 distinct prompts.
-    """
+def _entries(part: str, per_task: int) -> list[dict]:
+    s = split()[part]
     out = []
     for task in TASKS:
-        ms = _split()[0][task]
-        n = max(min_per_task, len(ms))
-        out.extend(json.loads(json.dumps(ms[i % len(ms)])) for i in range(n))
+        ms = s[task]
+        out.extend(json.loads(json.dumps(ms[i % len(ms)])) for i in range(max(per_task, len(ms)) if ms else 0))
     return out
 
 
+def heldout_metadata(min_per_task: int = TEST_ENTRIES_PER_TASK) -> list[dict]:
+    """The fixed ShapesEval test set: each task's test prompts cycled to ``min_per_task`` entries, task order.
+
+    Default: 480 entries over 330 distinct prompts. Entries of a task with few distinct prompts
+    repeat; each entry gets its own seeds at evaluation.
+    """
+    return _entries("test", min_per_task)
+
+
+def validation_metadata(min_per_task: int = VALIDATION_ENTRIES_PER_TASK) -> list[dict]:
+    """The validation set (for hyper-parameters; never report it as the result): 240 entries by default."""
+    return _entries("validation", min_per_task)
+
+
 def train_task_metadata() -> dict[str, list[dict]]:
-    """The six tasks' prompts that are *not* held out (empty for single_object/two_object/counting)."""
-    return _split()[1]
+    """The six tasks' training prompts (empty for single_object: all 12 are held out)."""
+    return split()["train"]
 
 
-# ---------------------------------------------------------------------------------------------
-# training-only phrasings (never equal to a GenEval-task prompt)
-# ---------------------------------------------------------------------------------------------
-PARAPHRASES: tuple[str, ...] = ("an image of", "a picture of", "a drawing of", "")
-"""Training-only prefixes for the colour-free tasks (the held-out prompts all say "a photo of")."""
-
-
-def _prefixed(prefix: str, rest: str) -> str:
-    return f"{prefix} {rest}".strip()
-
-
-def _extra(rng: np.random.Generator) -> dict:
-    k = int(rng.integers(6))
-    s = SHAPES[int(rng.integers(len(SHAPES)))]
-    c = COLORS[int(rng.integers(len(COLORS)))]
-    others = [x for x in SHAPES if x != s]
-    pre = PARAPHRASES[int(rng.integers(len(PARAPHRASES)))]
-    if k == 0:  # one uncoloured object: "an image of a circle", "a photo of one circle"
-        text = f"a photo of one {s}" if rng.random() < 0.25 else _prefixed(pre, _a(s))
-        return {"tag": "single_object", "include": [{"class": s, "count": 1}], "prompt": text}
-    if k == 1:  # counting, coloured ("a photo of two red circles") or paraphrased ("an image of two circles")
-        n = int(rng.integers(2, MAX_OBJECTS + 1))
-        if rng.random() < 0.5:
-            return {"tag": "counting", "include": [{"class": s, "count": n, "color": c}],
-                    "exclude": [{"class": s, "count": n + 1}], "prompt": f"a photo of {NUMBERS[n]} {c} {plural(s, n)}"}
-        return {"tag": "counting", "include": [{"class": s, "count": n}], "exclude": [{"class": s, "count": n + 1}],
-                "prompt": _prefixed(pre, f"{NUMBERS[n]} {plural(s, n)}")}
-    b = others[int(rng.integers(len(others)))]
-    if k == 2:  # two uncoloured objects, paraphrased
-        return {"tag": "two_object", "include": [{"class": s, "count": 1}, {"class": b, "count": 1}],
-                "prompt": _prefixed(pre, f"{_a(s)} and {_a(b)}")}
-    if k == 3:  # one object coloured, the other not
-        if rng.random() < 0.5:
-            return {"tag": "two_object", "include": [{"class": s, "count": 1, "color": c}, {"class": b, "count": 1}],
-                    "prompt": f"a photo of {_a(c)} {s} and {_a(b)}"}
-        return {"tag": "two_object", "include": [{"class": b, "count": 1}, {"class": s, "count": 1, "color": c}],
-                "prompt": f"a photo of {_a(b)} and {_a(c)} {s}"}
-    if k == 4:  # uncoloured position, paraphrased
-        rel = RELATIONS[int(rng.integers(4))]
-        return {"tag": "position", "include": [{"class": b, "count": 1}, {"class": s, "count": 1, "position": [rel, 0]}],
-                "prompt": _prefixed(pre, f"{_a(s)} {rel} {_a(b)}")}
-    # coloured position
-    cb = COLORS[int(rng.integers(len(COLORS)))]
-    rel = RELATIONS[int(rng.integers(4))]
-    return {"tag": "position", "include": [{"class": b, "count": 1, "color": cb},
-                                           {"class": s, "count": 1, "color": c, "position": [rel, 0]}],
-            "prompt": f"a photo of {_a(c)} {s} {rel} {_a(cb)} {b}"}
-
-
-TRAIN_MIX = {"colors": 0.12, "position": 0.13, "color_attr": 0.2, "extra": 0.55}
-
-
-def sample_training(rng: np.random.Generator) -> dict:
-    """One training metadata dict (never a held-out prompt)."""
-    keys = list(TRAIN_MIX)
-    k = keys[int(rng.choice(len(keys), p=np.array(list(TRAIN_MIX.values())) / sum(TRAIN_MIX.values())))]
-    held = heldout_prompts()
-    while True:
-        if k == "extra":
-            m = _extra(rng)
-        else:
-            ms = train_task_metadata()[k]
-            m = json.loads(json.dumps(ms[int(rng.integers(len(ms)))]))
-        if m["prompt"] not in held:
-            return m
-
-
-TRAINING_SET_SIZE = 2048
-"""Entries of :func:`training_metadata` (the RL prompt set of ``prompts.source: embedded:shapes``)."""
+TRAINING_ENTRIES_PER_TASK = 400
+"""Entries per task of :func:`training_metadata` (five tasks: single_object is all held out)."""
 
 
 @lru_cache(maxsize=1)
 def _training_metadata() -> tuple[str, ...]:
-    rng = np.random.default_rng(20_251_126)
-    return tuple(json.dumps(sample_training(rng)) for _ in range(TRAINING_SET_SIZE))
+    rng = np.random.default_rng([SPLIT_SEED, 1])
+    out = []
+    for task in TASKS:
+        ms = train_task_metadata()[task]
+        if not ms:
+            continue
+        order = rng.permutation(len(ms))
+        n = TRAINING_ENTRIES_PER_TASK
+        out.extend(json.dumps(ms[int(order[i % len(ms)])]) for i in range(n))
+    return tuple(out)
 
 
 def training_metadata() -> list[dict]:
-    """The fixed RL training prompt set: :data:`TRAINING_SET_SIZE` draws of :func:`sample_training`.
+    """The fixed RL training prompt set (``prompts.source: embedded:shapes``).
 
-    Covers all six tasks in the proportions of :data:`TRAIN_MIX` (the pretraining mix: the
-    colour-free tasks only through training-only phrasings), never a held-out prompt; prompts
-    drawn more than once keep their share. Deterministic (a fixed seed), so every rank and every
-    resumed run sees the same list.
+    :data:`TRAINING_ENTRIES_PER_TASK` entries for each task that has training prompts (two_object,
+    counting, colors, position, color_attr: equal shares; small tasks repeat their prompts),
+    GenEval's own templates, never a test or validation prompt. Deterministic, so every rank and
+    every resumed run sees the same list.
     """
     return [json.loads(m) for m in _training_metadata()]
 
@@ -261,7 +267,7 @@ def scene_for(meta: dict, rng: np.random.Generator, max_tries: int = 1000) -> Sc
             objs.extend(g)
         ok = True
         for r, g in zip(inc, groups):
-            if "position" in r:
+            if r.get("position"):
                 rel, tgt = r["position"]
                 ok = ok and all(rel in relative_position(o.box(), t.box()) for o in g for t in groups[int(tgt)])
         if ok:
@@ -269,9 +275,131 @@ def scene_for(meta: dict, rng: np.random.Generator, max_tries: int = 1000) -> Sc
     raise RuntimeError(f"could not place a scene for {meta['prompt']!r}")
 
 
+# ---------------------------------------------------------------------------------------------
+# pretraining captions: web alt-text
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CaptionStyle:
+    """How often a pretraining caption states what GenEval tests (the base model's deficit).
+
+    Classes are always named; the rest is stated with these probabilities, otherwise left out
+    (counts become a bare plural, relations become "and", colours are dropped or listed apart
+    from their objects).
+    """
+
+    p_color: float = 0.6
+    """A caption names the objects' colours."""
+    p_bind: float = 0.4
+    """Given colours and two or more objects: each colour is written next to its object ("a red star
+    and a blue heart"); otherwise the colours are listed after the objects ("a star and a heart, blue and red")."""
+    p_count: float = 0.35
+    """A class drawn 2-4 times is given its number ("three stars"); otherwise a bare plural ("stars")."""
+    p_position: float = 0.15
+    """A two-object scene's relation is stated ("a star left of a heart"); otherwise "a star and a heart"."""
+    p_photo: float = 0.6
+    """The caption starts with "a photo of" (else "an image of", "a picture of" or nothing)."""
+    p_empty: float = 0.1
+    """The caption is empty (classifier-free guidance dropout)."""
+    kinds: tuple[float, float, float, float] = (0.25, 0.3, 0.2, 0.25)
+    """Scene kinds: one object, two objects of different classes, 2-4 objects of one class, 1-4 of any class."""
+
+    def __post_init__(self):
+        for name in ("p_color", "p_bind", "p_count", "p_position", "p_photo", "p_empty"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"CaptionStyle.{name} must be in [0, 1], got {v}")
+        if len(self.kinds) != 4 or min(self.kinds) < 0 or sum(self.kinds) <= 0:
+            raise ValueError(f"CaptionStyle.kinds must be 4 non-negative weights, got {self.kinds}")
+
+
+PREFIXES: tuple[str, ...] = ("an image of", "a picture of", "")
+
+
+def _noun_phrase(shape: str, n: int, color: str | None, style: CaptionStyle, rng) -> str:
+    word = plural(shape, n)
+    if color:
+        word = f"{color} {word}"
+    if n == 1:
+        return _a(word)
+    return f"{NUMBERS[n]} {word}" if rng.random() < style.p_count else word
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def caption(scene: Scene, rng: np.random.Generator, style: CaptionStyle = CaptionStyle()) -> str:
+    """An alt-text-like caption of ``scene`` (see :class:`CaptionStyle`); never wrong, often incomplete."""
+    from rewards.geneval.rules import relative_position
+
+    if not scene or rng.random() < style.p_empty:
+        return ""
+    by_class: dict[str, list[Obj]] = {}
+    for o in scene:
+        by_class.setdefault(o.shape, []).append(o)
+    with_color = rng.random() < style.p_color
+    groups = list(by_class.items())
+    # a colour can sit next to its noun only when every object of the class has that colour
+    uniform = {s: len({o.color for o in g}) == 1 for s, g in groups}
+    bind = with_color and (len(scene) == 1 or rng.random() < style.p_bind) and all(uniform.values())
+    if len(scene) == 2 and len(groups) == 2 and rng.random() < style.p_position:
+        a, b = scene
+        rels = sorted(relative_position(a.box(), b.box()))
+        if rels:
+            rel = rels[int(rng.integers(len(rels)))]
+            na = _noun_phrase(a.shape, 1, a.color if bind else None, style, rng)
+            nb = _noun_phrase(b.shape, 1, b.color if bind else None, style, rng)
+            body = f"{na} {rel} {nb}"
+            if with_color and not bind:
+                body += ", " + " and ".join(sorted({a.color, b.color}, key=lambda _: rng.random()))
+            return _prefix(body, style, rng)
+    parts = [_noun_phrase(s, len(g), g[0].color if bind else None, style, rng) for s, g in groups]
+    body = _join(parts)
+    if with_color and not bind:
+        cols = sorted({o.color for o in scene})
+        rng.shuffle(cols)
+        body += ", " + _join(cols)
+    return _prefix(body, style, rng)
+
+
+def _prefix(body: str, style: CaptionStyle, rng) -> str:
+    if rng.random() < style.p_photo:
+        return f"a photo of {body}"
+    return f"{PREFIXES[int(rng.integers(len(PREFIXES)))]} {body}".strip()
+
+
+def pretraining_scene(rng: np.random.Generator, style: CaptionStyle = CaptionStyle()) -> Scene:
+    """A random scene of one of the four kinds of :attr:`CaptionStyle.kinds`."""
+    w = np.asarray(style.kinds, dtype=np.float64)
+    kind = int(rng.choice(4, p=w / w.sum()))
+    all_cells = cells()
+    if kind == 0:
+        n, shapes = 1, [SHAPES[int(rng.integers(len(SHAPES)))]]
+    elif kind == 1:
+        n = 2
+        shapes = [SHAPES[int(i)] for i in rng.choice(len(SHAPES), size=2, replace=False)]
+    elif kind == 2:
+        n = int(rng.integers(2, MAX_OBJECTS + 1))
+        shapes = [SHAPES[int(rng.integers(len(SHAPES)))]] * n
+    else:
+        n = int(rng.integers(1, MAX_OBJECTS + 1))
+        shapes = [SHAPES[int(rng.integers(len(SHAPES)))] for _ in range(n)]
+    same_color = kind == 2 and rng.random() < 0.5
+    col = COLORS[int(rng.integers(len(COLORS)))]
+    idx = rng.choice(len(all_cells), size=n, replace=False)
+    return [Obj(s, col if same_color else COLORS[int(rng.integers(len(COLORS)))], all_cells[int(i)])
+            for s, i in zip(shapes, idx)]
+
+
+def pretraining_example(rng: np.random.Generator, style: CaptionStyle = CaptionStyle()) -> tuple[Scene, str]:
+    """One pretraining pair: a scene and its alt-text caption."""
+    scene = pretraining_scene(rng, style)
+    return scene, caption(scene, rng, style)
+
+
 __all__ = [
-    "TASKS", "RELATIONS", "single_object", "two_object", "counting", "colors", "position", "color_attr",
-    "all_task_metadata", "heldout_metadata", "heldout_prompts", "train_task_metadata", "sample_training",
-    "training_metadata",
-    "random_scene", "scene_for",
+    "TASKS", "RELATIONS", "COUNTS", "single_object", "two_object", "counting", "colors", "position", "color_attr",
+    "combination_groups", "split", "vocabulary", "heldout_metadata", "validation_metadata", "heldout_prompts",
+    "train_task_metadata", "training_metadata", "random_scene", "scene_for", "CaptionStyle", "caption",
+    "pretraining_scene", "pretraining_example",
 ]

@@ -17,18 +17,20 @@ Options:
 
 Range: strict ``[-paint_penalty, 1]`` (``[0, 1]`` by default); partial ``[-0.5, 1]`` by default.
 Every image needs its GenEval-format metadata (``include``/``exclude``/``tag``), as produced by
-``fpo_diffusion.shapes.scenes``.
+``fpo_diffusion.shapes.scenes``. Part of the shapes world: it registers itself in the reward
+registry through the ``fpo_diffusion.rewards`` entry point (``rewards`` never imports it).
 """
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .base import Reward, RewardError
-from .registry import register_reward
+from rewards.base import Reward, RewardError
+from rewards.registry import register_reward
+
+from .detector import analyse, foreground_share
 
 STRAY_SCALE = 144.0
 
@@ -36,7 +38,6 @@ STRAY_SCALE = 144.0
 def shapes_score(image: Image.Image, meta: dict, mode: str = "strict", paint_penalty: float = 0.0,
                  thresholds=None) -> tuple[float, dict]:
     """Score one image; returns ``(reward, info)`` with the rules' result and the stray-paint count."""
-    from fpo_diffusion.shapes.detector import analyse
     from rewards.geneval.detection import Detection
     from rewards.geneval.rules import Thresholds, evaluate, filter_detections
 
@@ -68,7 +69,7 @@ def shapes_score(image: Image.Image, meta: dict, mode: str = "strict", paint_pen
     stray = float(fg - wanted)
     r -= paint_penalty * min(1.0, stray / STRAY_SCALE)
     return float(r), {"correct": res.correct, "reason": res.reason, "clauses": res.clauses, "stray_px": stray,
-                      "foreground_share": float(sum(c.area for c in comps)) / float(np.prod(np.asarray(image).shape[:2]))}
+                      "foreground_share": foreground_share(image)}
 
 
 @register_reward("shapes")

@@ -1,0 +1,49 @@
+"""How the shapes world plugs into the toolkit by name (entry points in ``pyproject.toml``).
+
+* model ``embedded:shapes`` (group ``fpo_diffusion.models``): :func:`model`;
+* prompt sources ``embedded:shapes`` (the RL training prompts) and ``embedded:shapes-validation``
+  / ``embedded:shapes-test`` (group ``fpo_diffusion.prompts``);
+* reward ``shapes`` (group ``fpo_diffusion.rewards``): :mod:`fpo_diffusion.shapes.reward`.
+
+The core never imports this package; it looks the names up through the entry points.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSET = Path(__file__).resolve().parent.parent / "assets" / "shapes_sd3"
+"""The shipped, pretrained shapes text-to-image model (a stock ``StableDiffusion3Pipeline`` folder)."""
+
+
+def model() -> dict:
+    """The shipped model: family, folder, and the policy options that make it cheap.
+
+    The model was trained without T5 (its ``text_encoder_3`` is a null encoder whose output is
+    exactly zero), so the pipeline's 256 zero context tokens can be replaced by one token with
+    its attention logit raised by ``log(256)``: identical results, several times cheaper
+    (``SD3Policy``'s zero-token option).
+    """
+    if not (ASSET / "model_index.json").is_file():
+        raise FileNotFoundError(f"the embedded shapes model is missing at {ASSET}")
+    return {"family": "sd3", "path": str(ASSET), "zero_tokens": 256}
+
+
+def training_prompts() -> list[dict]:
+    """``embedded:shapes``: the fixed RL training prompt set (``scenes.training_metadata``)."""
+    from .scenes import training_metadata
+
+    return training_metadata()
+
+
+def validation_prompts() -> list[dict]:
+    """``embedded:shapes-validation``: the validation split (for evaluation during training and tuning)."""
+    from .scenes import validation_metadata
+
+    return validation_metadata()
+
+
+def test_prompts() -> list[dict]:
+    """``embedded:shapes-test``: the ShapesEval test split (report results on it; never tune on it)."""
+    from .scenes import heldout_metadata
+
+    return heldout_metadata()
