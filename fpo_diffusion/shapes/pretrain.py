@@ -88,6 +88,8 @@ class VAEConfig:
     """Length of the stage (the learning-rate schedule runs over it)."""
     minutes: float = 1e9
     """Wall-clock cap of one call: checkpoint and stop (re-run to continue)."""
+    pause_after: int | None = None
+    """Stop this call after this many steps, like a wall-clock cap but deterministic (tests)."""
     batch_size: int = 32
     lr: float = 2e-3
     kl_weight: float = 1e-5
@@ -142,7 +144,8 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
     pbar = _progress(cfg.steps, step, "vae")
     t_last_ckpt = t_call = time.time()
     ema = None
-    while step < cfg.steps and time.time() - t_call < cfg.minutes * 60.0:
+    stop = cfg.steps if cfg.pause_after is None else min(cfg.steps, step + cfg.pause_after)
+    while step < stop and time.time() - t_call < cfg.minutes * 60.0:
         t0 = time.time()
         # cosine decay over the stage, short warmup
         frac = step / cfg.steps
@@ -205,6 +208,7 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
 class DecoderConfig:
     steps: int = 3000
     minutes: float = 1e9
+    pause_after: int | None = None
     batch_size: int = 32
     lr: float = 1e-3
     fg_weight: float = 9.0
@@ -238,7 +242,8 @@ def train_decoder(cfg: DecoderConfig, work_dir: Path, out_dir: Path = DEFAULT_AS
     def save():
         _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed})
 
-    while step < cfg.steps and time.time() - t_call < cfg.minutes * 60.0:
+    stop = cfg.steps if cfg.pause_after is None else min(cfg.steps, step + cfg.pause_after)
+    while step < stop and time.time() - t_call < cfg.minutes * 60.0:
         t0 = time.time()
         frac = step / cfg.steps
         lr = cfg.lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -382,6 +387,8 @@ class TransformerConfig:
     """Length of the stage (the learning-rate schedule runs over it)."""
     minutes: float = 1e9
     """Wall-clock cap of one call: checkpoint and stop (re-run to continue)."""
+    pause_after: int | None = None
+    """Stop this call after this many steps (deterministic; tests)."""
     batch_size: int = 64
     lr: float = 6e-4
     seed: int = 0
@@ -461,7 +468,8 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
         _save_ckpt(ckpt, {"model": modules.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                           "step": step, "elapsed": elapsed})
 
-    while step < cfg.steps and time.time() - t_call < cfg.minutes * 60.0:
+    stop = cfg.steps if cfg.pause_after is None else min(cfg.steps, step + cfg.pause_after)
+    while step < stop and time.time() - t_call < cfg.minutes * 60.0:
         t0 = time.time()
         frac = step / cfg.steps
         lr = cfg.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -512,19 +520,43 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
     return out_dir
 
 
+def null_t5(dim: int = 2 * TEXT_DIM):
+    """``(T5EncoderModel, T5TokenizerFast)`` whose every output is exactly zero.
+
+    The model was trained without T5, where the pipeline fills the T5 part of the context with
+    zeros. A one-layer T5 with a zero final norm gives exactly those zeros, and makes the folder
+    a complete SD3 pipeline that ``StableDiffusion3Pipeline.from_pretrained(path)`` and
+    ``DiffusionPipeline.from_pretrained(path)`` load with no extra arguments. The tokenizer
+    knows three tokens (``<pad>``, ``</s>``, ``<unk>``): what it makes of a prompt never matters.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    tk = Tokenizer(models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)], unk_id=2))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+    enc = T5EncoderModel(T5Config(vocab_size=3, d_model=dim, d_kv=8, d_ff=8, num_layers=1, num_heads=1))
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.zero_()
+    return enc.eval(), tok
+
+
 def export_pipeline(te1, te2, tr, out_dir: Path) -> None:
     """Write the stock ``StableDiffusion3Pipeline`` folder (VAE already in ``out_dir/vae``)."""
     from diffusers import StableDiffusion3Pipeline
 
     vae = _load_vae(out_dir)
     tok = build_tokenizer()
+    t5, t5_tok = null_t5()
     pipe = StableDiffusion3Pipeline(transformer=tr.eval(), scheduler=build_scheduler(), vae=vae,
                                     text_encoder=te1.eval(), tokenizer=tok, text_encoder_2=te2.eval(),
-                                    tokenizer_2=copy_tok(tok), text_encoder_3=None, tokenizer_3=None)
+                                    tokenizer_2=copy_tok(tok), text_encoder_3=t5, tokenizer_3=t5_tok)
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         m.to(torch.float16)  # half the bytes on disk; every component loads back as float32
     pipe.save_pretrained(out_dir)
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         cfg_path = out_dir / name / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["dtype"] = "float32"  # transformers' dtype="auto" follows the config, diffusers defaults to float32
@@ -532,15 +564,9 @@ def export_pipeline(te1, te2, tr, out_dir: Path) -> None:
 
 
 def load_pipeline(path: str | Path = DEFAULT_ASSET, **kwargs):
-    """``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
-
-    The shipped model has no T5; diffusers refuses to load a SD3 folder without it unless the
-    missing components are passed as ``None`` (its documented way to drop T5).
-    """
+    """``StableDiffusion3Pipeline.from_pretrained(path, **kwargs)``: the stock call (the folder is complete)."""
     from diffusers import StableDiffusion3Pipeline
 
-    kwargs.setdefault("text_encoder_3", None)
-    kwargs.setdefault("tokenizer_3", None)
     return StableDiffusion3Pipeline.from_pretrained(str(path), **kwargs)
 
 
