@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=_positive(float), default=None,
                     help="wall-clock cap of this call (stops with a checkpoint; re-run to continue)")
     ap.add_argument("--steps", type=_positive(int), default=None, help="length of the stage (one stage only)")
-    ap.add_argument("--threads", type=_positive(int), default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=_positive(int), default=1,
+                    help="torch CPU threads (default 1: one thread is robust to other jobs on the cores)")
     ap.add_argument("--work-dir", default=None, help="stage checkpoints (resume from here); default OUT/../.pretrain-OUTNAME")
     ap.add_argument("--out", default=str(P.DEFAULT_ASSET), help="pipeline folder to write")
     ap.add_argument("--seed", type=int, default=0)
