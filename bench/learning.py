@@ -1,13 +1,18 @@
-"""Learning efficiency: FPO (``mean`` and ``per_sample`` ratios) against Flow-GRPO and DDPO.
+"""Learning efficiency: FPO against the strongest baselines in the same trainer, fairly.
 
-Same model, reward, prompts, seeds, sampler steps, CFG scale, LoRA and learning rate for every
-algorithm; each algorithm keeps its own published defaults otherwise (FPO: ``fpo.*``,
-Flow-GRPO: ``flow_grpo.*``, DDPO: ``ddpo.*``). After every iteration the policy is scored on
-held-out prompts with fixed seeds through the stock (deterministic) pipeline sampler.
+Same model, reward, prompts, seeds, sampler steps, CFG scale, LoRA and budget for every
+algorithm; each algorithm keeps its own published defaults otherwise (``fpo.*``,
+``flow_grpo.*``, ``ddpo.*``, ``awm.*``, ``diffusion_nft.*``) and gets **its own learning rate**,
+chosen from a grid (``--lrs``, at least 3) on the **validation** split (``--tune``: one run per
+variant and learning rate, scored on ShapesEval's validation prompts; never the test set).
+Then ``--seeds`` runs per variant at its chosen rate are scored on the **test** split. Runs are
+separate processes (``--jobs N`` at a time, one thread each). Every curve point is the mean over
+seeds with its standard error; the table gives each variant's evaluations to reach the best
+baseline's final test score, per seed and as mean +- SE.
 
-Tasks: ``--task shapes``: the shipped shapes model (SD3 family: FPO x2 vs Flow-GRPO), trained on
-the partial-credit ``shapes`` reward, scored by the strict ShapesEval rule on a fixed subset of
-held-out prompts. ``--task colour``: the tiny random models with a reward that cannot be
+Tasks: ``--task shapes``: the shipped shapes model (SD3 family), trained on the partial-credit
+``shapes`` reward, scored by the strict ShapesEval rule on a fixed subset of the chosen split.
+``--task colour``: the tiny random models with a reward that cannot be
 gamed: each prompt names a colour and the reward is ``1 - mean |pixel - target colour|``,
 maximal only for the requested colour. Held-out prompts name the same colours with other nouns.
 
@@ -17,13 +22,12 @@ hook on the denoiser; and **wall-clock** of training (evaluation excluded).
 Flow-GRPO runs on flow families only and DDPO on VP families only, so the colour task runs
 tiny-sd3 (FPO x2, Flow-GRPO) and tiny-sd (FPO x2, DDPO).
 
-    OMP_NUM_THREADS=1 python bench/learning.py --task shapes --seeds 0 1 2 --iters 60 --steps 10 \
-        --prompts 8 --group 8 --minibatch 16 --lr 3e-4 --n-eval 288 --eval-every 20   # BENCHMARKS.md
-    OMP_NUM_THREADS=1 python bench/learning.py --seeds 0 1 2                   # colour task, tiny models
-    OMP_NUM_THREADS=1 python bench/learning.py --smoke
+    python bench/learning.py --task shapes --variants fpo-mean awm diffusion_nft flow_grpo \
+        --lrs 1e-4 3e-4 1e-3 --tune --seeds 0 1 2 --jobs 2 --iters 40 --eval-every 10   # BENCHMARKS.md
+    python bench/learning.py --seeds 0 1 2                   # colour task, tiny models, one --lr
+    python bench/learning.py --smoke
 
-Seeds may run in separate processes (``--seeds 0``, ``--seeds 1`` ... with their own ``--out``);
-``--merge DIR...`` then writes one table and plot from their ``learning_<task>.json`` files.
+``--merge DIR...`` writes one table and plot from earlier runs' ``learning_<task>.json`` files.
 """
 from __future__ import annotations
 
@@ -44,10 +48,20 @@ EVAL_NOUNS = ("car", "bird")
 VARIANTS = {  # name -> (algorithm, overrides)
     "fpo-mean": ("fpo", ["fpo.ratio_mode=mean"]),
     "fpo-per_sample": ("fpo", ["fpo.ratio_mode=per_sample"]),
+    "awm": ("awm", []),
+    "diffusion_nft": ("diffusion_nft", []),
     "flow_grpo": ("flow_grpo", []),
     "ddpo": ("ddpo", []),
 }
-FAMILY_VARIANTS = {"sd3": ("fpo-mean", "fpo-per_sample", "flow_grpo"), "sd": ("fpo-mean", "fpo-per_sample", "ddpo")}
+FLOW_ONLY = {"flow_grpo"}
+VP_ONLY = {"ddpo"}
+OURS = ("fpo-mean", "fpo-per_sample")
+"""The variants that are FPO; the others are the baselines."""
+
+
+def family_variants(family: str, wanted: list[str]) -> list[str]:
+    bad = VP_ONLY if family != "sd" else FLOW_ONLY
+    return [v for v in wanted if v not in bad]
 
 
 def _register_colour_reward() -> None:
@@ -105,19 +119,19 @@ class EvalCounter:
 
 def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, prompts_per_it: int, group: int,
             lr: float, n_eval: int, workdir: Path, task: str, guidance: float = 4.5, minibatch: int | None = None,
-            eval_every: int = 1, extra_overrides: tuple[str, ...] = ()) -> dict:
+            eval_every: int = 1, extra_overrides: tuple[str, ...] = (), split: str = "test") -> dict:
     from fpo_diffusion.config import load_config
     from fpo_diffusion.trainer import FPOTrainer
 
     algo, extra = VARIANTS[variant]
     if task == "shapes":
         # The shipped shapes model; train on the partial-credit shapes reward (training prompts), score the
-        # strict ShapesEval rule on a fixed subset of the held-out prompts (disjoint from training).
-        from fpo_diffusion.shapes.scenes import TASKS, heldout_metadata
+        # strict ShapesEval rule on a fixed subset of the validation or test split (disjoint from training).
+        from fpo_diffusion.shapes.scenes import TASKS, heldout_metadata, validation_metadata
         from rewards.registry import build_reward
 
         model, reward, train_prompts, cfg_scale = "embedded:shapes", "shapes", "embedded:shapes", guidance
-        held = heldout_metadata()
+        held = {"test": heldout_metadata, "validation": validation_metadata}[split]()
         pick = []  # the same number of entries from every task, evenly spaced within the task
         for tag in TASKS:
             ms = [m for m in held if m["tag"] == tag]
@@ -134,7 +148,7 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
         eval_prompts = (base * max(1, -(-n_eval // len(base))))[:n_eval]
         eval_meta = [{} for _ in eval_prompts]
         eval_reward = None
-    out = workdir / f"{task}-{family}-{variant}-s{seed}"
+    out = workdir / f"{task}-{family}-{variant}-s{seed}-lr{lr:g}-{split}"
     cfg = load_config(None, [
         f"output_dir={out}", f"algorithm={algo}", f"model.family={family}", f"model.path={model}",
         f"prompts.source={train_prompts}", f"reward.weights={{{reward}: 1.0}}", f"sampling.steps={steps}",
@@ -151,7 +165,7 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
     def evaluate() -> float:
         counter.enabled = False
         try:
-            pil = tr.sample_images(eval_prompts, seed=10_000 + seed)
+            pil = tr.sample_images(eval_prompts, seed=10_000 + (500_000 if split == "validation" else 0))
             scores = score_fn(pil, eval_prompts, eval_meta).float()
             tags = [m.get("tag", "") for m in eval_meta]
             # ShapesEval's overall: the mean over tasks of each task's accuracy (one task: the plain mean)
@@ -173,93 +187,200 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
                           "score": evaluate(), "train_reward": m["reward/mean"]})
     tr.logger.close()
     tr.reward.close()
-    return {"family": family, "variant": variant, "seed": seed, "task": task, "curve": curve,
-            "train_curve": train_curve}
+    return {"family": family, "variant": variant, "seed": seed, "task": task, "lr": lr, "split": split,
+            "curve": curve, "train_curve": train_curve}
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    import statistics
+
+    m = statistics.fmean(xs)
+    return m, (statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan"))
 
 
 def _mean_curve(runs: list[dict]) -> dict:
     n = min(len(r["curve"]) for r in runs)
-    keys = ("evaluations", "seconds", "score")
-    return {k: [sum(r["curve"][i][k] for r in runs) / len(runs) for i in range(n)] for k in keys}
+    out = {k: [] for k in ("evaluations", "seconds", "score", "score_se")}
+    for i in range(n):
+        for k in ("evaluations", "seconds"):
+            out[k].append(sum(r["curve"][i][k] for r in runs) / len(runs))
+        m, se = _mean_se([r["curve"][i]["score"] for r in runs])
+        out["score"].append(m)
+        out["score_se"].append(se)
+    return out
 
 
-def evals_to_reach(curve: dict, target: float) -> float | None:
-    for e, s in zip(curve["evaluations"], curve["score"]):
+def evals_to_reach(curve, target: float) -> float | None:
+    """First evaluation count at which a curve (``{"evaluations": [...], "score": [...]}`` or a run's point list)
+    reaches ``target``; ``None`` if it never does."""
+    pts = zip(curve["evaluations"], curve["score"]) if isinstance(curve, dict) else \
+        ((p["evaluations"], p["score"]) for p in curve)
+    for e, s in pts:
         if s >= target:
             return e
     return None
 
 
-def summarise(results: list[dict], out: Path) -> str:
+def choose_lrs(tune: list[dict]) -> dict[tuple[str, str], float]:
+    """Per (family, variant): the learning rate with the best final validation score (mean over its runs)."""
+    best: dict[tuple[str, str], tuple[float, float]] = {}
+    for key in {(r["family"], r["variant"]) for r in tune}:
+        by_lr: dict[float, list[float]] = {}
+        for r in tune:
+            if (r["family"], r["variant"]) == key:
+                by_lr.setdefault(r["lr"], []).append(r["curve"][-1]["score"])
+        lr = max(by_lr, key=lambda x: (sum(by_lr[x]) / len(by_lr[x]), -x))
+        best[key] = (lr, sum(by_lr[lr]) / len(by_lr[lr]))
+    return {k: v[0] for k, v in best.items()}
+
+
+def summarise(results: list[dict], out: Path, tune: list[dict] | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines = []
+    if tune:
+        lines.append("\n### Learning rates chosen on the validation split (final validation score per rate)\n")
+        lines.append("| variant | " + " | ".join(f"lr {lr:g}" for lr in sorted({r['lr'] for r in tune})) + " | chosen |")
+        lines.append("|---|" + "---|" * (len({r['lr'] for r in tune}) + 1))
+        chosen = choose_lrs(tune)
+        for (fam, v), lr in sorted(chosen.items()):
+            cells = []
+            for x in sorted({r["lr"] for r in tune}):
+                sc = [r["curve"][-1]["score"] for r in tune if (r["family"], r["variant"], r["lr"]) == (fam, v, x)]
+                cells.append(f"{sum(sc) / len(sc):.3f}" if sc else "-")
+            lines.append(f"| {v} | " + " | ".join(cells) + f" | {lr:g} |")
     for fam in sorted({r["family"] for r in results}):
         runs = [r for r in results if r["family"] == fam]
-        variants = [v for v in FAMILY_VARIANTS[fam] if any(r["variant"] == v for r in runs)]
+        variants = list(dict.fromkeys(r["variant"] for r in runs))
         curves = {v: _mean_curve([r for r in runs if r["variant"] == v]) for v in variants}
-        base = [v for v in variants if not v.startswith("fpo")]
+        base = [v for v in variants if v not in OURS]
         best_base = max(base, key=lambda v: curves[v]["score"][-1]) if base else None
         target = curves[best_base]["score"][-1] if best_base else None
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for v in variants:
             c = curves[v]
-            axes[0].plot(c["evaluations"], c["score"], label=v, marker=".")
-            axes[1].plot(c["seconds"], c["score"], label=v, marker=".")
+            se = [0.0 if x != x else x for x in c["score_se"]]
+            for ax, xs in zip(axes, (c["evaluations"], c["seconds"])):
+                ax.errorbar(xs, c["score"], yerr=se, label=v, marker=".", capsize=2)
         for ax, xl in zip(axes, ("model evaluations (forward + backward rows)", "training wall-clock (s)")):
             ax.set_xlabel(xl)
-            ax.set_ylabel("held-out score")
+            ax.set_ylabel("score (mean ± SE over seeds)")
             if target is not None:
                 ax.axhline(target, color="grey", ls=":", lw=1)
             ax.grid(alpha=0.3)
         axes[0].legend()
         n_seeds = len({r["seed"] for r in runs})
-        fig.suptitle(f"{runs[0].get('task', 'colour')} / {fam}: held-out score, mean of {n_seeds} seed(s)")
-        fig.tight_layout()
         task = runs[0].get("task", "colour")
+        fig.suptitle(f"{task} / {fam}: {runs[0].get('split', 'test')} score, mean ± SE of {n_seeds} seed(s)")
+        fig.tight_layout()
         fig.savefig(out / (f"learning_{fam}.png" if task == "colour" else f"learning_{task}.png"), dpi=110)
         plt.close(fig)
         name = f"tiny-{fam}" if task == "colour" else f"{task} model ({fam})"
-        lines.append(f"\n### {name} (mean of {n_seeds} seeds; best baseline: {best_base}, final score "
-                     f"{target:.4f})\n" if target is not None else f"\n### {name}\n")
-        lines.append("| variant | start score | final score | evaluations (total) | evaluations to reach best baseline's "
-                     "final | ratio vs baseline | wall-clock (s) |")
-        lines.append("|---|---|---|---|---|---|---|")
-        base_e = evals_to_reach(curves[best_base], target) if best_base else None
+        lines.append(f"\n### {name}: {runs[0].get('split', 'test')} split, {n_seeds} seeds"
+                     + (f"; best baseline {best_base}, final score {target:.3f}\n" if target is not None else "\n"))
+        lines.append("| variant | lr | start | final (mean ± SE) | per seed | evaluations (total) | evaluations to "
+                     "reach the best baseline's final: per seed | mean ± SE | ratio vs baseline | wall-clock (s) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        reach = {}
         for v in variants:
+            vr = sorted((r for r in runs if r["variant"] == v), key=lambda r: r["seed"])
+            reach[v] = [evals_to_reach(r["curve"], target) if target is not None else None for r in vr]
+        base_reached = [e for e in reach.get(best_base, []) if e is not None]
+        for v in variants:
+            vr = sorted((r for r in runs if r["variant"] == v), key=lambda r: r["seed"])
             c = curves[v]
-            e = evals_to_reach(c, target) if target is not None else None
-            ratio = f"{base_e / e:.2f}x fewer" if (e and base_e) else ("not reached" if e is None else "-")
-            lines.append(f"| {v} | {c['score'][0]:.4f} | {c['score'][-1]:.4f} | {c['evaluations'][-1]:.0f} | "
-                         f"{'not reached' if e is None else f'{e:.0f}'} | {ratio} | {c['seconds'][-1]:.1f} |")
+            finals = [r["curve"][-1]["score"] for r in vr]
+            m, se = _mean_se(finals)
+            got = [e for e in reach[v] if e is not None]
+            per_seed = ", ".join("-" if e is None else f"{e:.0f}" for e in reach[v])
+            if got and len(got) == len(reach[v]):
+                em, ese = _mean_se(got)
+                reach_txt = f"{em:.0f} ± {ese:.0f}" if ese == ese else f"{em:.0f}"
+            else:
+                em, reach_txt = None, f"{len(got)}/{len(reach[v])} seeds reached"
+            ratio = (f"{(sum(base_reached) / len(base_reached)) / em:.2f}x fewer"
+                     if (em and base_reached and v != best_base) else "-")
+            lines.append(f"| {v} | {vr[0].get('lr', float('nan')):g} | {c['score'][0]:.3f} | {m:.3f} ± {se:.3f} | "
+                         f"{', '.join(f'{x:.3f}' for x in finals)} | {c['evaluations'][-1]:.0f} | {per_seed} | "
+                         f"{reach_txt} | {ratio} | {c['seconds'][-1]:.0f} |")
     text = "\n".join(lines)
     tasks = sorted({r.get("task", "colour") for r in results})
     (out / ("learning.md" if tasks == ["colour"] else f"learning_{'_'.join(tasks)}.md")).write_text(text + "\n")
     return text
 
 
+def _run_job(job: dict) -> dict:
+    """One run in its own process (one thread), so runs go in parallel without sharing threads."""
+    import os
+    import subprocess
+    import sys
+
+    path = Path(job["workdir"]) / f"job-{job['variant']}-{job['family']}-s{job['seed']}-lr{job['lr']:g}-{job['split']}.json"
+    if not path.exists():
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        spec = path.with_suffix(".spec")
+        spec.write_text(json.dumps(job))
+        subprocess.run([sys.executable, __file__, "--run-job", str(spec)], check=True, env=env)
+    return json.loads(path.read_text())
+
+
+def _job_main(spec: Path) -> None:
+    job = json.loads(spec.read_text())
+    C.set_threads(1)
+    res = run_one(job["family"], job["variant"], job["seed"], iters=job["iters"], steps=job["steps"],
+                  prompts_per_it=job["prompts"], group=job["group"], lr=job["lr"], n_eval=job["n_eval"],
+                  workdir=Path(job["workdir"]), task=job["task"], guidance=job["guidance"], minibatch=job["minibatch"],
+                  eval_every=job["eval_every"], extra_overrides=tuple(job["set"]), split=job["split"])
+    tmp = spec.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    tmp.replace(spec.with_suffix(".json"))
+
+
+def _run_all(jobs: list[dict], n_parallel: int, label: str) -> list[dict]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    results = []
+    with ThreadPoolExecutor(max_workers=n_parallel) as ex:
+        for job, r in zip(jobs, ex.map(_run_job, jobs)):
+            c = r["curve"]
+            print(f"[{label}] {job['variant']} lr {job['lr']:g} seed {job['seed']}: score {c[0]['score']:.3f} -> "
+                  f"{c[-1]['score']:.3f} ({c[-1]['evaluations']} evaluations, {c[-1]['seconds']:.0f}s train)", flush=True)
+            results.append(r)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--run-job"]:
+        _job_main(Path(argv[1]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--families", nargs="+", default=["sd3", "sd"], choices=["sd3", "sd"])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["fpo-mean", "awm", "diffusion_nft", "flow_grpo", "ddpo"],
+                    choices=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prompts", type=int, default=4, help="prompts per iteration")
     ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="one learning rate for every variant (without --tune)")
+    ap.add_argument("--lrs", nargs="+", type=float, default=None, help="learning-rate grid for --tune (>= 3 values)")
+    ap.add_argument("--tune", action="store_true", help="choose each variant's rate from --lrs on the validation split")
+    ap.add_argument("--tune-iters", type=int, default=None, help="iterations of a tuning run (default --iters)")
     ap.add_argument("--n-eval", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process and one thread each)")
     ap.add_argument("--task", choices=["colour", "shapes"], default="colour",
                     help="colour: tiny random models, colour-match reward; shapes: the shipped shapes model, "
-                         "strict held-out ShapesEval (sd3 family only: FPO x2 vs Flow-GRPO)")
+                         "strict ShapesEval (sd3 family)")
     ap.add_argument("--guidance", type=float, default=4.5, help="CFG scale for --task shapes")
     ap.add_argument("--minibatch", type=int, default=None, help="samples per optimizer step (default: all of an "
                     "iteration's samples, one step per iteration)")
-    ap.add_argument("--eval-every", type=int, default=1, help="score the held-out set every N iterations")
+    ap.add_argument("--eval-every", type=int, default=1, help="score the evaluation set every N iterations")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra config overrides for every variant (e.g. fpo.kl_beta=0.01)")
     ap.add_argument("--out", default=str(C.ROOT / "bench" / "results"))
@@ -267,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--merge", nargs="+", metavar="DIR", help="summarise the results of earlier runs (their "
                     "learning*.json) into --out and exit")
     a = ap.parse_args(argv)
+    if a.tune and (not a.lrs or len(a.lrs) < 3):
+        ap.error("--tune needs a grid of at least 3 learning rates (--lrs)")
     if a.merge:
         results = [r for d in a.merge for f in sorted(Path(d).glob("learning*.json"))
                    for r in json.loads(f.read_text())["results"]]
@@ -274,7 +397,6 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         print(summarise(results, out))
         return
-    C.set_threads(a.threads)
     if a.task == "shapes":
         a.families = ["sd3"]  # the shapes model is an SD3 pipeline; DDPO needs a VP model
     out = Path(tempfile.mkdtemp(prefix="bench-learning-")) if a.smoke else Path(a.out)
@@ -283,22 +405,23 @@ def main(argv: list[str] | None = None) -> None:
         a.families, a.variants, a.seeds, a.iters, a.steps, a.prompts, a.group, a.n_eval = \
             ["sd3"], ["fpo-mean", "flow_grpo"], [0], 1, 2, 2, 2, 4
     work = Path(tempfile.mkdtemp(prefix="bench-learning-runs-"))
-    results = []
-    for fam in a.families:
-        for s in a.seeds:  # seed-major: a cut-short run still compares every variant on the seeds it finished
-            for v in [v for v in FAMILY_VARIANTS[fam] if v in a.variants]:
-                t0 = time.perf_counter()
-                r = run_one(fam, v, s, iters=a.iters, steps=a.steps, prompts_per_it=a.prompts, group=a.group,
-                            lr=a.lr, n_eval=a.n_eval, workdir=work, task=a.task, guidance=a.guidance,
-                            minibatch=a.minibatch, eval_every=a.eval_every, extra_overrides=tuple(a.set))
-                results.append(r)
-                c = r["curve"]
-                print(f"tiny-{fam} {v} seed {s}: score {c[0]['score']:.4f} -> {c[-1]['score']:.4f} "
-                      f"({c[-1]['evaluations']} evaluations, {c[-1]['seconds']:.1f}s train, "
-                      f"{time.perf_counter() - t0:.1f}s total)", flush=True)
-                with open(out / ("learning.json" if a.task == "colour" else f"learning_{a.task}.json"), "w") as f:
-                    json.dump({"args": vars(a), "results": results}, f)
-    print(summarise(results, out))
+    common = {"iters": a.iters, "steps": a.steps, "prompts": a.prompts, "group": a.group, "n_eval": a.n_eval,
+              "workdir": str(work), "task": a.task, "guidance": a.guidance, "minibatch": a.minibatch,
+              "eval_every": a.eval_every, "set": list(a.set)}
+    tune, chosen = [], {}
+    if a.tune:
+        split = "validation" if a.task == "shapes" else "test"  # the colour task has one prompt set
+        jobs = [{**common, "iters": a.tune_iters or a.iters, "eval_every": a.tune_iters or a.iters, "family": f,
+                 "variant": v, "seed": 1000, "lr": lr, "split": split}
+                for f in a.families for v in family_variants(f, a.variants) for lr in a.lrs]
+        tune = _run_all(jobs, a.jobs, "tune")
+        chosen = choose_lrs(tune)
+    jobs = [{**common, "family": f, "variant": v, "seed": s, "lr": chosen.get((f, v), a.lr), "split": "test"}
+            for f in a.families for s in a.seeds for v in family_variants(f, a.variants)]
+    results = _run_all(jobs, a.jobs, "test")
+    with open(out / ("learning.json" if a.task == "colour" else f"learning_{a.task}.json"), "w") as f:
+        json.dump({"args": vars(a), "tune": tune, "results": results}, f)
+    print(summarise(results, out, tune))
 
 
 if __name__ == "__main__":
