@@ -390,18 +390,69 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b=3"`` -> ``(["a", "b"], 3)`` (the value is parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
-    key, raw = text.split("=", 1)
-    if not key or any(not p for p in key.split(".")):
+def _split_key(key: str, text: str) -> list[str]:
+    """``a."b.c".d`` -> ``["a", "b.c", "d"]``: a double-quoted part keeps its dots."""
+    parts, cur, quoted, was_quoted = [], "", False, False
+    for ch in key:
+        if ch == '"':
+            quoted, was_quoted = not quoted, True
+        elif ch == "." and not quoted:
+            parts.append((cur, was_quoted))
+            cur, was_quoted = "", False
+        else:
+            cur += ch
+    if quoted:
+        raise ConfigError(f"override {text!r} has an unclosed quote in its key")
+    parts.append((cur, was_quoted))
+    if any(not p and not q for p, q in parts):
         raise ConfigError(f"override {text!r} has an empty key")
+    return [p for p, _ in parts]
+
+
+def _split_assignment(text: str) -> tuple[str, str]:
+    """The key and the raw value of ``key=value``, split at the first ``=`` outside double quotes."""
+    quoted = False
+    for i, ch in enumerate(text):
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "=" and not quoted:
+            return text[:i], text[i + 1:]
+    if quoted:
+        raise ConfigError(f"override {text!r} has an unclosed quote in its key")
+    raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> ``(["a", "b"], 3)`` (the value is parsed as YAML).
+
+    A double-quoted part of the key keeps its dots (``reward.weights."remote:http://127.0.0.1:8765"=1``);
+    the names under ``reward.weights`` / ``reward.options`` need no quotes (see :func:`load_config`).
+    """
+    key, raw = _split_assignment(text)
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    keys = _split_key(key, text)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except (yaml.YAMLError, ValueError, RecursionError):  # e.g. a date-like 2020-13-45, 10^5 digits, [[[[...
         value = raw
-    return key.split("."), value
+    return keys, value
+
+
+def _reward_name_keys(keys: list[str], reward: dict) -> list[str]:
+    """Rejoin a reward name that the dots of a URL split: ``reward.weights.<name>`` takes the whole rest as the
+    name; ``reward.options.<name>.<option>...`` the longest prefix of the rest that names a reward in
+    ``weights`` or ``options`` (else the first part)."""
+    if len(keys) < 3 or keys[0] != "reward" or keys[1] not in ("weights", "options"):
+        return keys
+    rest = keys[2:]
+    if keys[1] == "weights":
+        return [*keys[:2], ".".join(rest)]
+    known = set(reward.get("weights") or {}) | set(reward.get("options") or {}) if isinstance(reward, dict) else set()
+    for n in range(len(rest), 0, -1):
+        if ".".join(rest[:n]) in known:
+            return [*keys[:2], ".".join(rest[:n]), *rest[n:]]
+    return keys
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -437,13 +488,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = _merge(data, read_yaml(path))
     for text in overrides or []:
         keys, value = parse_override(text)
+        keys = _reward_name_keys(keys, data.get("reward"))
+        if len(keys) >= 4 and keys[:2] == ["reward", "options"] and isinstance(data.get("reward"), dict) \
+                and isinstance(data["reward"].get("options"), dict):
+            data["reward"]["options"].setdefault(keys[2], {})  # reward.options.<name>.<option>=v needs no YAML first
         node = data
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):
                 raise ConfigError(f"unknown config field {'.'.join(keys)} (in override {text!r})")
             node = node[k]
-        if keys[-1] not in node and node is not data.get("reward", {}).get("weights") \
-                and node is not data.get("reward", {}).get("options"):
+        free = keys[:2] in (["reward", "weights"], ["reward", "options"]) and len(keys) >= 3  # names of rewards, options
+        if keys[-1] not in node and not free:
             raise ConfigError(f"unknown config field {'.'.join(keys)} (in override {text!r})")
         node[keys[-1]] = value
     default_reward = config_to_dict(Config())["reward"]
@@ -451,6 +506,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if isinstance(reward, dict) and reward.get("weights") != default_reward["weights"] \
             and reward.get("options") == default_reward["options"]:
         reward["options"] = {}  # the default options belong to the default reward only
+    if isinstance(reward, dict) and isinstance(reward.get("options"), dict) and isinstance(reward.get("weights"), dict):
+        for name, opts in default_reward["options"].items():  # e.g. reward.options.<url>.timeout=3 with new weights
+            if name not in reward["weights"] and reward["options"].get(name) == opts:
+                del reward["options"][name]
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg
