@@ -7,8 +7,8 @@
 * :func:`export_lora` writes ``pytorch_lora_weights.safetensors`` through the family's own
   ``Pipeline.save_lora_weights`` (with the adapter config as metadata, so ``lora_alpha``
   survives), so a stock ``pipe.load_lora_weights(out_dir)`` reproduces the trained denoiser.
-* :func:`merge_lora` fuses the adapter into the base weights and removes the peft layers, so
-  ``policy.pipeline.save_pretrained`` writes a plain pipeline.
+* :func:`merge_lora` fuses the adapter into the base weights and removes the peft layers (diffusers'
+  ``fuse_lora`` / ``unload_lora_weights``), so ``policy.pipeline.save_pretrained`` writes a plain pipeline.
 """
 from __future__ import annotations
 
@@ -119,17 +119,18 @@ def export_lora(policy: Any, out_dir: str | os.PathLike, state_dict: dict[str, t
 
 
 def merge_lora(policy: Any) -> None:
-    """Fuse the adapter into the denoiser's base weights and remove the peft layers (in place)."""
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    """Fuse the adapter into the denoiser's base weights and remove the peft layers (in place).
 
+    Through diffusers' public LoRA API: ``pipeline.fuse_lora(components=[denoiser])`` then
+    ``pipeline.unload_lora_weights()``, as a user of a stock pipeline would.
+    """
     den = _unwrap(policy.denoiser)
-    for m in den.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.merge()
-    recurse_remove_peft_layers(den)
-    if hasattr(den, "peft_config"):
-        del den.peft_config
-    den._hf_peft_config_loaded = False
+    if not getattr(den, "peft_config", None):
+        raise ValueError("the policy has no LoRA adapter to merge (call add_lora first)")
+    pipe = policy.pipeline
+    if getattr(pipe, policy.denoiser_attr, None) is not den:
+        raise ValueError(f"the pipeline's {policy.denoiser_attr} is not the policy's denoiser; cannot merge through it")
+    pipe.fuse_lora(components=[policy.denoiser_attr], lora_scale=1.0, adapter_names=[ADAPTER_NAME])
+    pipe.unload_lora_weights()
     policy.lora_config = None
     den.requires_grad_(False)
