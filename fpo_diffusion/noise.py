@@ -29,11 +29,11 @@ class TimeSampling:
     t_max: float = 0.98
     """Largest ``t``; keeps away from ``t = 1`` (pure noise, no signal about ``x0``)."""
     logit_mean: float = 0.0
-    """Mean of the normal before the sigmoid (``logit_normal``)."""
+    """Mean of the normal before the sigmoid (``logit_normal``; finite)."""
     logit_std: float = 1.0
-    """Std of the normal before the sigmoid (``logit_normal``)."""
+    """Std of the normal before the sigmoid (``logit_normal``; finite, > 0)."""
     grid_size: int = 10
-    """Number of grid points (``grid``)."""
+    """Number of grid points (``grid``; >= 1)."""
     stratified: bool = False
     """Draw a sample's ``n`` times one per equal-probability stratum of the density (``uniform``
     and ``logit_normal``; ignored for ``grid``): time ``i`` comes from quantiles ``[i/n, (i+1)/n)``. Each time still
@@ -46,6 +46,12 @@ class TimeSampling:
             raise ValueError(f"fpo.time_sampling.kind must be one of {TIME_SAMPLERS}, got {self.kind!r}")
         if not 0.0 < self.t_min < self.t_max < 1.0:
             raise ValueError(f"need 0 < t_min < t_max < 1, got t_min={self.t_min}, t_max={self.t_max}")
+        if not math.isfinite(self.logit_mean):
+            raise ValueError(f"fpo.time_sampling.logit_mean must be a finite number, got {self.logit_mean}")
+        if not 0 < self.logit_std < math.inf:
+            raise ValueError(f"fpo.time_sampling.logit_std must be a finite number > 0, got {self.logit_std}")
+        if self.grid_size < 1:
+            raise ValueError(f"fpo.time_sampling.grid_size must be >= 1, got {self.grid_size}")
 
 
 def sample_t(n: int, cfg: TimeSampling, generator: torch.Generator) -> torch.Tensor:
