@@ -72,6 +72,15 @@ def check_prompts(prompts: list[str]) -> list[str]:
 _OPTIONAL_COMPONENTS = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor", "safety_checker")
 
 
+def _dtype_keyword() -> str:
+    """The ``from_pretrained`` keyword for the weights' dtype: ``dtype`` since diffusers 0.42 deprecated
+    ``torch_dtype`` (huggingface/diffusers#14205); older releases know only ``torch_dtype``."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+
+
 def _absent_optional_components(path: str) -> dict[str, None]:
     """``{name: None}`` for optional components a local pipeline folder does not have.
 
@@ -158,7 +167,7 @@ class PipelinePolicy(Policy):
         accepted = set(inspect.signature(pipe_cls.__init__).parameters)
         absent = {k: v for k, v in _absent_optional_components(path).items() if k in accepted}
         extra = {**cls._from_pretrained_kwargs(), **absent, **kwargs}
-        pipe = pipe_cls.from_pretrained(path, torch_dtype=dtype, **extra)
+        pipe = pipe_cls.from_pretrained(path, **{_dtype_keyword(): dtype}, **extra)
         pipe.to(device)
         return cls(pipe, **pkw)
 
