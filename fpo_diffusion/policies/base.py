@@ -26,6 +26,12 @@ from torch import nn
 Cond = dict[str, torch.Tensor]
 
 
+def batch_slices(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` of at most ``size`` rows (batches in order)."""
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
 def cond_index(cond: Cond, idx: torch.Tensor | list[int] | slice) -> Cond:
     """Select batch rows of every tensor of ``cond``."""
     if isinstance(idx, list):

@@ -1,9 +1,9 @@
-"""Sampling helpers for rollouts: scheduler selection by user-facing name.
+"""Schedulers by user-facing name (``sampling.scheduler``).
 
-Rollouts themselves go through each policy's ``sample()``, which calls the stock diffusers
-pipeline with ``output_type="latent"``; this module maps a scheduler name to a diffusers
-scheduler built from the pipeline's own scheduler config (``Cls.from_config(base.config,
-**overrides)``), so the training noise schedule (betas, shift, prediction type) is kept.
+A policy's ``sample()`` calls the stock diffusers pipeline with ``output_type="latent"``; this
+module maps a scheduler name to a diffusers scheduler built from the pipeline's own
+scheduler config (``Cls.from_config(base.config, **overrides)``), so the training noise
+schedule (betas, shift, prediction type) is kept.
 
 VP names (``euler``, ``euler_ancestral``, ``dpmsolver++``/``dpm``, ``unipc``, ``ddim``,
 ``ddpm``, ``pndm``, ``heun``, ``lms``) need a VP base scheduler (SD1.x/2.x, SDXL); flow names
