@@ -194,7 +194,7 @@ class PipelinePolicy(Policy):
 
     @contextlib.contextmanager
     def _sampling_setup(self, model: nn.Module | None, scheduler: str | None) -> Iterator[None]:
-        from ..rollout import make_scheduler
+        from .schedulers import make_scheduler
 
         pipe = self.pipeline
         old_den, old_sched = getattr(pipe, self.denoiser_attr), pipe.scheduler
