@@ -129,8 +129,17 @@ class SamplingConfig:
     batch_size: int = 64
     """Samples per pipeline call on each rank (>= 1; the default fits the shapes model: one call per
     iteration; set it to what fits in memory for a real model, e.g. 4-16)."""
+    distilled_guidance: float = 3.5
+    """FLUX only: the *embedded* (distilled) guidance of FLUX.1-dev-style transformers, what
+    ``FluxPipeline(guidance_scale=...)`` calls guidance (stock default 3.5; finite, >= 0). It goes into the
+    transformer's guidance embedding, in rollouts and in the CFM loss alike. Distinct from
+    ``guidance_scale`` above, which for FLUX is true CFG (the pipeline's ``true_cfg_scale``, a second
+    forward pass with the negative prompt). Ignored by models without a guidance embedding (FLUX.1-schnell)
+    and by the other families."""
 
     def __post_init__(self):
+        _require("sampling.distilled_guidance", self.distilled_guidance, 0, math.inf, hi_open=True,
+                 why="FLUX.1-dev's stock value is 3.5")
         if self.scheduler is not None:
             _nonempty("sampling.scheduler", self.scheduler, "null: the pipeline's own")
         _require("sampling.steps", self.steps, 1)

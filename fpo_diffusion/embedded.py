@@ -67,7 +67,7 @@ def load_model(family: str, path: str, *, dtype: str = "float32", device: str | 
     # The shapes model has no T5: the stock pipeline pads its context with 256 identical zero
     # tokens. One zero token with its attention logit raised by log(256) is exactly equivalent
     # (identical tokens keep identical states) and makes every forward several times cheaper.
-    from .shapes.evaluate import fast_zero_tokens
+    from .policies.sd3 import fast_zero_tokens
 
     policy = load_policy(family, path, dtype=torch_dtype(dtype), device=device, max_sequence_length=1)
     fast_zero_tokens(policy.pipeline, max_sequence_length=256)

@@ -35,7 +35,8 @@ def load_trained_policy(run_dir: str | Path, checkpoint: str = "latest", *, ema:
     cfg = load_config(run_dir / "config.yaml")
     ckpt = resolve_resume(checkpoint, run_dir / "checkpoints")
     read_state(ckpt)
-    policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=device)
+    policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=device,
+                        distilled_guidance=cfg.sampling.distilled_guidance)
     torch.manual_seed(cfg.train.seed)
     policy.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                     dropout=cfg.lora.dropout)

@@ -75,7 +75,8 @@ class Trainer:
         # Model + LoRA
         from .embedded import load_model
 
-        self.policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=acc.device)
+        self.policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=acc.device,
+                                 distilled_guidance=cfg.sampling.distilled_guidance)
         set_seed(cfg.train.seed)  # LoRA init must not depend on what loading consumed of the RNG
         from .lora import prepare_for_training
 

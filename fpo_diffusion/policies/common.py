@@ -16,20 +16,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .base import Cond, Policy, cond_repeat, cond_to
+from .base import Cond, Policy, cond_repeat, cond_to, unwrap_model
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/FSDP-style (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.Module) and hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def resolve_path(path: str | os.PathLike) -> str:

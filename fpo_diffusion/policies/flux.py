@@ -22,9 +22,10 @@ from torch import nn
 
 from .base import Cond
 from .common import PipelinePolicy
-from .sd3 import FlowPolicyMixin
+from .sd3 import SD3_LORA_TARGETS, FlowPolicyMixin
 
-FLUX_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+FLUX_LORA_TARGETS = SD3_LORA_TARGETS
+"""The same joint-attention projections as SD3 (image and text streams)."""
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
