@@ -1,5 +1,7 @@
-"""Shared helpers of the benchmarks: real architectures with random weights, a minimal trainer
-shim for running an :class:`~fpo_diffusion.algorithms.base.Algorithm` outside the loop, timing.
+"""Shared helpers of the benchmarks: real architectures with random weights, timing, tables.
+
+An :class:`~fpo_diffusion.algorithms.base.Algorithm` runs outside the loop on an
+``AlgorithmContext.for_policy(cfg, policy)``.
 
 Real architectures are built from their published configs (no download): the SD1.5 UNet
 (``runwayml/stable-diffusion-v1-5``, ``unet/config.json``) and the SD3.5-Medium transformer
@@ -9,13 +11,11 @@ latents and random text embeddings of the real widths directly).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,25 +87,6 @@ def build_policy(name: str, *, dtype: torch.dtype = torch.float32, dev: torch.de
             return {"prompt_embeds": torch.randn(n, text_len, jd, device=dev, dtype=dtype),
                     "pooled_prompt_embeds": torch.randn(n, pd, device=dev, dtype=dtype)}
     return policy, ch, cond
-
-
-class _Acc:
-    """The slice of ``accelerate.Accelerator`` an algorithm uses (device, autocast)."""
-
-    def __init__(self, dev: torch.device, mixed_precision: str = "no"):
-        self.device = dev
-        self.mixed_precision = mixed_precision
-
-    def autocast(self):
-        if self.mixed_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-
-def trainer_shim(policy, cfg, latent_shape: tuple[int, ...], mixed_precision: str = "no"):
-    """A stand-in for :class:`FPOTrainer` with what ``FPO.prepare/loss`` read."""
-    return SimpleNamespace(cfg=cfg, policy=policy, model=policy.denoiser, latent_shape=tuple(latent_shape),
-                           accelerator=_Acc(policy.device, mixed_precision), negative_cond=None)
 
 
 def sync() -> None:

@@ -64,7 +64,9 @@ def one(name: str, side: int, batch: int, n_mc: int, text_len: int, checkpointin
     from fpo_diffusion.algorithms.fpo import FPO
     from fpo_diffusion.config import load_config
     from fpo_diffusion.lora import prepare_for_training
-    from fpo_diffusion.trainer import Rollout, adamw
+    from fpo_diffusion.algorithms import AlgorithmContext
+    from fpo_diffusion.rollout import Rollout
+    from fpo_diffusion.update import adamw
 
     dev = C.device()
     cuda = dev.type == "cuda"
@@ -75,7 +77,7 @@ def one(name: str, side: int, batch: int, n_mc: int, text_len: int, checkpointin
     opt = adamw(params, lr=1e-5)  # the trainer's optimizer
     shape = (ch, side, side)
     cfg = load_config(None, [f"fpo.n_mc={n_mc}", f"train.minibatch_size={batch}"])
-    alg = FPO(C.trainer_shim(policy, cfg, shape, "bf16" if cuda else "no"))
+    alg = FPO(AlgorithmContext.for_policy(cfg, policy, latent_shape=shape, mixed_precision="bf16" if cuda else "no"))
     x0 = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(dev)
     ro = Rollout(torch.arange(batch), torch.arange(batch), make_cond(batch, text_len), x0, torch.zeros(batch), {})
     prep = alg.prepare(ro, 0)

@@ -1,6 +1,6 @@
 """Rollout cost: our rollout against a plain stock diffusers pipeline call, measured in one run.
 
-ratio = time(FPOTrainer.rollout: final latents from the stock pipeline with
+ratio = time(Trainer.rollout: final latents from the stock pipeline with
         ``output_type="latent"``, VAE decode, PIL conversion, reward scoring (overlapped),
         foreground-share bookkeeping)
       / time(the stock pipeline called with the same model, text embeddings, steps, CFG
@@ -24,7 +24,7 @@ def measure(model_path: str, family: str, *, steps: int, guidance: float, batch:
             repeats: int, reward: str) -> dict:
     from fpo_diffusion.config import load_config
     from fpo_diffusion.noise import sample_generator
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
     out = tempfile.mkdtemp(prefix="bench-rollout-")
     prompts = "embedded:shapes" if model_path == "embedded:shapes" else "embedded:tiny"
@@ -33,10 +33,10 @@ def measure(model_path: str, family: str, *, steps: int, guidance: float, batch:
         f"reward.weights={{{reward}: 1.0}}", f"sampling.steps={steps}", f"sampling.guidance_scale={guidance}",
         f"sampling.batch_size={batch}", f"train.prompts_per_iteration={groups}", "train.group_size=2",
         "log.progress=false", "log.tensorboard=false", "log.image_every=0"])
-    tr = FPOTrainer(cfg)
+    tr = Trainer(cfg)
     pol, s = tr.policy, cfg.sampling
     ro = tr.rollout(0)  # warm-up: caches the text embeddings, as in training
-    cond = tr._encode([tr.prompts[i].prompt for i in ro.prompt_idx.tolist()])
+    cond = tr.sampler.conditions([tr.prompts[i].prompt for i in ro.prompt_idx.tolist()])
     n = len(ro.x0)
 
     def ours():
@@ -48,7 +48,7 @@ def measure(model_path: str, family: str, *, steps: int, guidance: float, batch:
             sl = slice(st, min(n, st + batch))
             gens = [sample_generator(cfg.train.seed, 0, int(g), stream=0) for g in ro.global_idx[sl]]
             c = {k: v[sl] for k, v in cond.items()}
-            neg = tr.negative_batch(len(gens))
+            neg = tr.sampler.negative_batch(len(gens))
             with torch.no_grad():
                 images += pol.pipeline(**pol._pipe_kwargs(c, neg, float(s.guidance_scale)),
                                        num_inference_steps=s.steps, generator=gens, height=pol.height,

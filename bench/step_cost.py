@@ -18,7 +18,7 @@ import argparse
 
 import _common as C
 from fpo_diffusion.lora import prepare_for_training
-from fpo_diffusion.trainer import adamw
+from fpo_diffusion.update import adamw
 import torch
 
 DEFAULTS = {  # model -> (image side in latent cells, batch B, N_mc, text tokens, repeats)
@@ -33,7 +33,8 @@ def measure(name: str, *, side: int, batch: int, n_mc: int, text_len: int, repea
             mixed_precision: str = "no", gradient_checkpointing: bool = False) -> dict:
     from fpo_diffusion.algorithms.fpo import FPO
     from fpo_diffusion.config import load_config
-    from fpo_diffusion.trainer import Rollout
+    from fpo_diffusion.algorithms import AlgorithmContext
+    from fpo_diffusion.rollout import Rollout
 
     dev = C.device()
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
@@ -43,7 +44,7 @@ def measure(name: str, *, side: int, batch: int, n_mc: int, text_len: int, repea
     opt = adamw(params, lr=1e-5)  # the trainer's optimizer (fused where available)
     shape = (ch, side, side)
     cfg = load_config(None, [f"fpo.n_mc={n_mc}", f"train.minibatch_size={batch}"])
-    alg = FPO(C.trainer_shim(policy, cfg, shape, mixed_precision))
+    alg = FPO(AlgorithmContext.for_policy(cfg, policy, latent_shape=shape, mixed_precision=mixed_precision))
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, *shape, generator=g).to(dev)
     cond = make_cond(batch, text_len)
@@ -60,7 +61,7 @@ def measure(name: str, *, side: int, batch: int, n_mc: int, text_len: int, repea
     cond_r = {k: v.repeat_interleave(n_mc, dim=0) for k, v in cond.items()}
 
     def raw():
-        with alg.trainer.accelerator.autocast():
+        with alg.ctx.autocast():
             pred = policy._forward(policy.denoiser, x_t, mt, cond_r)
         pred.float().pow(2).mean().backward()
         opt.zero_grad(set_to_none=True)

@@ -7,7 +7,8 @@
 
 ``generate`` splits prompts across ``accelerate launch`` ranks and resumes. ``--detector``
 takes a ``Mask2FormerForUniversalSegmentation`` folder or ``module:attr`` (a detector object,
-or a class/factory called without arguments). Errors: one line on stderr, exit status 1.
+or a class/factory called without arguments; without it ``score`` says what to pass and exits 2).
+Errors: one line on stderr, exit status 1.
 """
 from __future__ import annotations
 
@@ -69,10 +70,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+DETECTOR_HUB_ID = "facebook/mask2former-swin-small-coco-instance"
+"""The Mask2Former Swin-S COCO instance checkpoint on the Hugging Face hub (``transformers`` format)."""
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from rewards.geneval.rules import Thresholds
     from rewards.geneval.score import find_prompt_folders, score_images, write_results
 
+    if args.detector is None:
+        print(f"geneval score: error: pass --detector DIR, a Mask2Former folder (download it once: huggingface-cli "
+              f"download {DETECTOR_HUB_ID} --local-dir DIR), or --detector module:attr", file=sys.stderr)
+        return 2
     outfile = Path(args.outfile) if args.outfile else Path(args.imagedir) / "results.jsonl"
     if outfile.exists() and not args.overwrite:
         raise GenEvalInputError(f"{outfile} exists (pass --overwrite to replace it)")
@@ -130,12 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="official per-image results JSONL")
     s.add_argument("imagedir")
-    s.add_argument("--detector", required=True, help="Mask2Former folder or module:attr")
+    s.add_argument("--detector", default=None,
+                   help=f"Mask2Former folder (a download of {DETECTOR_HUB_ID}) or module:attr")
     s.add_argument("--outfile", default=None, help="default: <imagedir>/results.jsonl")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--clip-model", default="ViT-L-14")
-    s.add_argument("--clip-pretrained", default="openai")
+    s.add_argument("--clip-model", default="ViT-L-14", help="open_clip model of the colour classifier")
+    s.add_argument("--clip-pretrained", default="openai",
+                   help="its open_clip weights (openai: OpenAI's ViT-L/14, fetched by open_clip on first use)")
     s.add_argument("--threshold", type=float, default=0.3)
     s.add_argument("--counting-threshold", type=float, default=0.9)
     s.add_argument("--max-objects", type=int, default=16)

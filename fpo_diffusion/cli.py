@@ -1,11 +1,70 @@
-"""Shared command-line plumbing: one clear error line and a non-zero exit for bad input."""
+"""Shared command-line plumbing: one clear error line and a non-zero exit for bad input.
+
+* :func:`run_cli` turns the user errors below into ``<prog>: error: <one line>`` and exit status 2;
+* :class:`ArgumentParser` is argparse whose errors are such a line too (argparse's own prints a
+  usage block first), and whose positionals may follow options (``--stop-after 2 a.b=1``);
+* :func:`int_at_least` / :func:`float_at_least` are argparse ``type=`` checks for counts and sizes
+  (``--images 0``, ``--steps -1`` are refused with one line naming the option).
+"""
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from typing import Callable
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+
+class UsageError(ValueError):
+    """Bad command-line arguments (printed by :func:`run_cli` as one line, exit status 2)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors raise :class:`UsageError` (one line under :func:`run_cli`)
+    and whose :meth:`parse_args` lets positionals and options mix (``a.b=1 --stop-after 2 c.d=3``)."""
+
+    def error(self, message: str):  # argparse calls this for every bad argument
+        raise UsageError(f"{' '.join(message.split())} (see --help)")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        try:
+            return self.parse_intermixed_args(args, namespace)
+        except TypeError:  # sub-commands or nargs=REMAINDER cannot be intermixed
+            return super().parse_args(args, namespace)
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= lo``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def float_at_least(lo: float, *, strict: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number ``>= lo`` (``> lo`` with ``strict``)."""
+    rel = ">" if strict else ">="
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {rel} {lo}, got {text!r}") from None
+        if not math.isfinite(value) or (value <= lo if strict else value < lo):
+            raise argparse.ArgumentTypeError(f"must be a finite number {rel} {lo}, got {text}")
+        return value
+
+    parse.__name__ = f"number {rel} {lo}"
+    return parse
+
 
 #: Exceptions that mean "the user's input is wrong": printed as one line, exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, FileExistsError,

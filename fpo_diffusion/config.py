@@ -24,6 +24,49 @@ class ConfigError(ValueError):
     """Bad configuration (file, field or value)."""
 
 
+def _require(name: str, value: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+             hi_open: bool = False, why: str = "") -> None:
+    """ConfigError naming ``name`` unless ``lo <= value <= hi`` (``lo_open``/``hi_open``: strict); NaN never passes.
+
+    The fields' own range checks (``__post_init__`` of each section) are built from this, so every
+    message reads ``<section.field> must be <range>, got <value>``.
+    """
+    ok = value == value  # NaN
+    if lo is not None:
+        ok = ok and (value > lo if lo_open else value >= lo)
+    if hi is not None:
+        ok = ok and (value < hi if hi_open else value <= hi)
+    if ok:
+        return
+    if lo is not None and hi == math.inf and hi_open:
+        rng = f"a finite number {'>' if lo_open else '>='} {lo}"
+    elif lo is not None and hi is not None:
+        rng = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        rng = f"{'<' if hi_open else '<='} {hi}"
+    raise ConfigError(f"{name} must be {rng}, got {value}{f' ({why})' if why else ''}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """ConfigError naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _nonempty(name: str, value: str, why: str = "") -> None:
+    if not value.strip():
+        raise ConfigError(f"{name} must not be empty{f' ({why})' if why else ''}")
+
+
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "auto")
+"""``model.family`` values (the keys of ``fpo_diffusion.policies.POLICIES`` plus ``auto``)."""
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+"""``train.lr_schedule`` values: the ``diffusers.optimization.get_scheduler`` names that need nothing but
+the warm-up and the number of steps."""
+
+
 @dataclass
 class ModelConfig:
     """Which model is the policy."""
@@ -36,19 +79,35 @@ class ModelConfig:
     dtype: str = "float32"
     """Dtype of the frozen weights: ``float32``, ``bfloat16`` or ``float16``. LoRA weights stay float32."""
 
+    def __post_init__(self):
+        _choice("model.family", self.family, FAMILIES)
+        _nonempty("model.path", self.path)
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
 
 @dataclass
 class LoRAConfig:
     """The LoRA adapter on the denoiser (UNet or transformer)."""
 
     rank: int = 8
-    """LoRA rank."""
+    """LoRA rank (>= 1)."""
     alpha: float | None = None
-    """LoRA alpha (scale = alpha / rank); ``None`` means ``alpha = rank``."""
+    """LoRA alpha (> 0; scale = alpha / rank); ``None`` means ``alpha = rank``."""
     dropout: float = 0.0
-    """LoRA dropout; keep 0 so the on-policy ratio is exactly 1."""
+    """LoRA dropout in ``[0, 1)``; keep 0 so the on-policy ratio is exactly 1."""
     target_modules: list[str] | None = None
-    """Module-name suffixes to adapt; ``None``: the family's attention projections."""
+    """Module-name suffixes to adapt (a non-empty list); ``None``: the family's attention projections."""
+
+    def __post_init__(self):
+        _require("lora.rank", self.rank, 1)
+        if self.alpha is not None:
+            _require("lora.alpha", self.alpha, 0, math.inf, lo_open=True, hi_open=True,
+                     why="the LoRA's scale is alpha / rank: 0 trains nothing; null means alpha = rank")
+        _require("lora.dropout", self.dropout, 0, 1, hi_open=True)
+        if self.target_modules is not None and (not self.target_modules or not all(m.strip() for m in self.target_modules)):
+            raise ConfigError(f"lora.target_modules must be non-empty module-name suffixes, got {self.target_modules!r} "
+                             f"(null: the family's attention projections)")
 
 
 @dataclass
@@ -58,18 +117,38 @@ class SamplingConfig:
     scheduler: str | None = None
     """Sampler name (``euler``, ``dpmsolver++``, ``unipc``, ``ddim``, ``flow_euler``...); ``None``: the pipeline's own."""
     steps: int = 20
-    """Denoising steps per rollout."""
+    """Denoising steps per rollout (>= 1)."""
     guidance_scale: float = 4.5
-    """Classifier-free guidance scale (``<= 1`` turns CFG off)."""
+    """Classifier-free guidance scale (finite, >= 0; ``<= 1`` turns CFG off)."""
     negative_prompt: str = ""
     """Negative prompt used with CFG."""
     height: int | None = None
-    """Image height in pixels (``None``: the model's default)."""
+    """Image height in pixels (>= 1, a multiple of the model's latent cell; ``None``: the model's default)."""
     width: int | None = None
-    """Image width in pixels (``None``: the model's default)."""
+    """Image width in pixels (>= 1, a multiple of the model's latent cell; ``None``: the model's default)."""
     batch_size: int = 64
-    """Samples per pipeline call on each rank (the default fits the shapes model: one call per
+    """Samples per pipeline call on each rank (>= 1; the default fits the shapes model: one call per
     iteration; set it to what fits in memory for a real model, e.g. 4-16)."""
+    distilled_guidance: float = 3.5
+    """FLUX only: the *embedded* (distilled) guidance of FLUX.1-dev-style transformers, what
+    ``FluxPipeline(guidance_scale=...)`` calls guidance (stock default 3.5; finite, >= 0). It goes into the
+    transformer's guidance embedding, in rollouts and in the CFM loss alike. Distinct from
+    ``guidance_scale`` above, which for FLUX is true CFG (the pipeline's ``true_cfg_scale``, a second
+    forward pass with the negative prompt). Ignored by models without a guidance embedding (FLUX.1-schnell)
+    and by the other families."""
+
+    def __post_init__(self):
+        _require("sampling.distilled_guidance", self.distilled_guidance, 0, math.inf, hi_open=True,
+                 why="FLUX.1-dev's stock value is 3.5")
+        if self.scheduler is not None:
+            _nonempty("sampling.scheduler", self.scheduler, "null: the pipeline's own")
+        _require("sampling.steps", self.steps, 1)
+        _require("sampling.guidance_scale", self.guidance_scale, 0, math.inf, hi_open=True,
+                 why="values <= 1 turn CFG off")
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                _require(f"sampling.{name}", getattr(self, name), 1, why="null: the model's default")
+        _require("sampling.batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -77,17 +156,17 @@ class FPOConfig:
     """The FPO objective (``fpo_diffusion/fpo.py``)."""
 
     n_mc: int = 8
-    """Number of ``(t, eps)`` pairs per sample (N_mc)."""
+    """Number of ``(t, eps)`` pairs per sample (N_mc, >= 1)."""
     ratio_mode: str = "mean"
     """``mean`` (FPO paper) or ``per_sample`` (FPO++)."""
     beta: float = 5.0
-    """Scale on the loss difference inside the exp; sets how far the ratio moves per step."""
+    """Scale on the loss difference inside the exp (finite, > 0); sets how far the ratio moves per step."""
     delta: float | None = None
-    """Clamp on the loss difference before the exp; ``None``: no clamp."""
+    """Clamp on the loss difference before the exp (> 0); ``None``: no clamp."""
     eps_clip: float = 0.2
-    """PPO clip range."""
+    """PPO clip range, in ``(0, 1)``."""
     eps_clip_high: float | None = None
-    """Separate upper clip range; ``None``: same as ``eps_clip``."""
+    """Separate upper clip range (finite, > 0); ``None``: same as ``eps_clip``."""
     negative_adv: str = "clip"
     """``clip`` (PPO for every sample) or ``spo`` (SPO penalty for negative advantages, FPO++)."""
     time_sampling: TimeSampling = field(default_factory=TimeSampling)
@@ -99,11 +178,22 @@ class FPOConfig:
     in the advantage-weighted sum, since a group's advantages sum to zero. Measured on the shapes
     default job: no gain (held-out ShapesEval 0.395 with, 0.413 without), hence off."""
     kl_beta: float = 0.05
-    """Weight of the KL anchor ``mean (v_theta - v_ref)^2`` to the frozen base model (adapter off)."""
+    """Weight of the KL anchor ``mean (v_theta - v_ref)^2`` to the frozen base model (adapter off; finite, >= 0)."""
     fm_anchor_beta: float = 0.0
-    """Weight of a flow-matching loss on samples drawn from the base model at the start (0: off)."""
+    """Weight of a flow-matching loss on samples drawn from the base model at the start (finite, >= 0; 0: off)."""
     fm_anchor_samples: int = 16
-    """Number of base-model samples (per rank) kept for the flow-matching anchor."""
+    """Number of base-model samples (per rank) kept for the flow-matching anchor (>= 1)."""
+
+    def __post_init__(self):
+        _require("fpo.n_mc", self.n_mc, 1)
+        if self.eps_clip_high is not None:
+            _require("fpo.eps_clip_high", self.eps_clip_high, 0, math.inf, lo_open=True, hi_open=True)
+        for name in ("kl_beta", "fm_anchor_beta"):
+            _require(f"fpo.{name}", getattr(self, name), 0, math.inf, hi_open=True,
+                     why="a negative weight pushes the policy away from what it anchors to")
+        _require("fpo.fm_anchor_samples", self.fm_anchor_samples, 1)
+        _require("fpo.beta", self.beta, 0, math.inf, lo_open=True, hi_open=True)
+        fpo_objective(self)  # ratio_mode, negative_adv, beta, delta, eps_clip (the objective checks its own)
 
 
 @dataclass
@@ -124,14 +214,14 @@ class FlowGRPOConfig:
     """Weight of the KL to the frozen base model, ``||mean - mean_ref||^2 / (2 std^2)`` per step (0: off)."""
 
     def __post_init__(self):
-        if not self.noise_level > 0:
-            raise ValueError(f"flow_grpo.noise_level must be > 0, got {self.noise_level}")
+        if not 0 < self.noise_level < math.inf:
+            raise ValueError(f"flow_grpo.noise_level must be a finite number > 0, got {self.noise_level}")
         if not 0 < self.clip_range < 1:
             raise ValueError(f"flow_grpo.clip_range must be in (0, 1), got {self.clip_range}")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"flow_grpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        if self.kl_beta < 0:
-            raise ValueError(f"flow_grpo.kl_beta must be >= 0, got {self.kl_beta}")
+        if not 0 <= self.kl_beta < math.inf:
+            raise ValueError(f"flow_grpo.kl_beta must be a finite number >= 0, got {self.kl_beta}")
 
 
 @dataclass
@@ -152,14 +242,14 @@ class DDPOConfig:
     """Weight of the KL to the frozen base model, ``||mean - mean_ref||^2 / (2 std^2)`` per step (0: off)."""
 
     def __post_init__(self):
-        if not self.eta > 0:
-            raise ValueError(f"ddpo.eta must be > 0, got {self.eta}")
+        if not 0 < self.eta < math.inf:
+            raise ValueError(f"ddpo.eta must be a finite number > 0, got {self.eta}")
         if not 0 < self.clip_range < 1:
             raise ValueError(f"ddpo.clip_range must be in (0, 1), got {self.clip_range}")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"ddpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        if self.kl_beta < 0:
-            raise ValueError(f"ddpo.kl_beta must be >= 0, got {self.kl_beta}")
+        if not 0 <= self.kl_beta < math.inf:
+            raise ValueError(f"ddpo.kl_beta must be a finite number >= 0, got {self.kl_beta}")
 
 
 @dataclass
@@ -169,9 +259,15 @@ class AdvantageConfig:
     std: str = "group"
     """``group``: divide by each group's reward std; ``global``: by the std of the whole batch."""
     clip: float = 5.0
-    """Advantages are clipped to ``[-clip, clip]``."""
+    """Advantages are clipped to ``[-clip, clip]`` (> 0; ``.inf``: no clip)."""
     eps: float = 1e-4
-    """Added to the std."""
+    """Added to the std (finite, > 0: a group whose rewards are all equal gets advantage 0, not 0/0)."""
+
+    def __post_init__(self):
+        if self.std not in ("group", "global"):
+            raise ConfigError(f"advantage.std must be group or global, got {self.std!r}")
+        _require("advantage.clip", self.clip, 0, lo_open=True, why="clip <= 0 makes every advantage -clip or 0")
+        _require("advantage.eps", self.eps, 0, math.inf, lo_open=True, hi_open=True)
 
 
 @dataclass
@@ -182,6 +278,15 @@ class RewardConfig:
     """``{reward name: weight}``; every component is logged separately."""
     options: dict[str, dict] = field(default_factory=lambda: {"shapes": {"mode": "partial"}})
     """``{reward name: {option: value}}`` passed to each reward's constructor (e.g. ``{remote: {url: ...}}``)."""
+
+    def __post_init__(self):
+        if not self.weights:
+            raise ConfigError("reward.weights is empty: name at least one reward")
+        for name, w in self.weights.items():
+            if not math.isfinite(w):
+                raise ConfigError(f"reward.weights.{name} must be a finite number, got {w}")
+        if not any(self.weights.values()):
+            raise ConfigError("reward.weights are all 0: the reward would be 0 for every sample")
 
 
 @dataclass
@@ -197,37 +302,45 @@ class PromptConfig:
     column: str = "prompt"
     """Prompt column of a ``datasets`` dataset."""
 
+    def __post_init__(self):
+        _nonempty("prompts.source", self.source)
+        _nonempty("prompts.column", self.column)
+
 
 @dataclass
 class TrainConfig:
     """The optimisation loop."""
 
     iterations: int = 125
-    """Number of FPO iterations (rollout + update)."""
+    """Number of FPO iterations (rollout + update; >= 1)."""
     prompts_per_iteration: int = 8
-    """Distinct prompts per iteration (P), across all ranks."""
+    """Distinct prompts per iteration (P, >= 1), across all ranks."""
     group_size: int = 8
-    """Images per prompt (K): the group advantages are computed over. ``P * K`` must divide by the number of ranks."""
+    """Images per prompt (K, >= 2): the group advantages are computed over. ``P * K`` must divide by the
+    number of ranks. The trainer estimates an iteration's memory from ``P * K`` and refuses sizes that
+    cannot fit."""
     epochs: int = 1
-    """Passes (E) over the iteration's samples."""
+    """Passes (E, >= 1) over the iteration's samples."""
     minibatch_size: int = 8
-    """Samples per forward/backward on each rank."""
+    """Samples per forward/backward on each rank (>= 1)."""
     grad_accum_steps: int = 1
-    """Minibatches accumulated per optimizer step."""
+    """Minibatches accumulated per optimizer step (>= 1)."""
     lr: float = 3e-4
-    """AdamW learning rate."""
+    """AdamW learning rate (finite, > 0). A step that makes any weight non-finite is undone and
+    counted as skipped (``train.max_nonfinite_in_a_row``)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW weight decay (finite, >= 0)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW betas."""
+    """AdamW betas: two numbers in ``[0, 1)``."""
     adam_eps: float = 1e-8
-    """AdamW epsilon."""
+    """AdamW epsilon (finite, > 0)."""
     lr_schedule: str = "constant"
-    """``constant``, ``linear`` or ``cosine`` (any name ``diffusers.optimization.get_scheduler`` knows)."""
+    """``constant``, ``constant_with_warmup``, ``linear``, ``cosine``, ``cosine_with_restarts`` or
+    ``polynomial`` (``diffusers.optimization.get_scheduler``)."""
     warmup_steps: int = 0
-    """Optimizer steps of linear warm-up."""
+    """Optimizer steps of linear warm-up (>= 0; needs a schedule other than ``constant``, which has none)."""
     max_grad_norm: float | None = 1.0
-    """Gradient-norm clip (``None``: off)."""
+    """Gradient-norm clip (finite, > 0; ``None``: off)."""
     mixed_precision: str = "no"
     """``no``, ``bf16`` or ``fp16`` (through accelerate)."""
     gradient_checkpointing: bool = False
@@ -235,9 +348,36 @@ class TrainConfig:
     ema_decay: float | None = None
     """EMA of the LoRA weights (used for export); ``None``: off."""
     seed: int = 0
-    """Seed of everything (prompts, rollouts, ``(t, eps)`` pairs)."""
+    """Seed of everything (prompts, rollouts, ``(t, eps)`` pairs); in ``[0, 2**32)``."""
     max_nonfinite_in_a_row: int = 3
-    """Stop after this many consecutive updates skipped for NaN/Inf."""
+    """Stop after this many consecutive updates skipped for NaN/Inf (>= 1)."""
+
+    def __post_init__(self):
+        for name in ("iterations", "prompts_per_iteration", "epochs", "minibatch_size", "grad_accum_steps"):
+            _require(f"train.{name}", getattr(self, name), 1)
+        _require("train.group_size", self.group_size, 2,
+                 why="advantages are relative to the group: a group of one always has advantage 0")
+        _require("train.lr", self.lr, 0, math.inf, lo_open=True, hi_open=True)
+        _require("train.weight_decay", self.weight_decay, 0, math.inf, hi_open=True)
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas must be two numbers [beta1, beta2], got {self.adam_betas}")
+        for i, b in enumerate(self.adam_betas):
+            _require(f"train.adam_betas[{i}]", b, 0, 1, hi_open=True)
+        _require("train.adam_eps", self.adam_eps, 0, math.inf, lo_open=True, hi_open=True)
+        _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _require("train.warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps and self.lr_schedule == "constant":
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} has no effect with train.lr_schedule=constant; "
+                             f"use constant_with_warmup (or linear, cosine)")
+        if self.max_grad_norm is not None:
+            _require("train.max_grad_norm", self.max_grad_norm, 0, math.inf, lo_open=True, hi_open=True,
+                     why="null turns clipping off")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        _require("train.seed", self.seed, 0, 2**32, hi_open=True)
+        _require("train.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, 1)
 
 
 @dataclass
@@ -251,13 +391,21 @@ class LogConfig:
     wandb_project: str = "fpo-diffusion"
     """W&B project name."""
     image_every: int = 5
-    """Log an image grid every this many iterations (0: never)."""
+    """Log an image grid every this many iterations (>= 0; 0: never)."""
     grid_images: int = 16
-    """Images in a logged grid."""
+    """Images in a logged grid (>= 1)."""
     collapse_ratio: float = 1.5
-    """Warn when the policy's CFM loss on its own samples leaves ``[start / r, start * r]``."""
+    """Warn when the policy's CFM loss on its own samples leaves ``[start / r, start * r]`` (``r > 1``;
+    ``.inf``: never)."""
     progress: bool = True
     """Show tqdm progress bars."""
+
+    def __post_init__(self):
+        _nonempty("log.wandb_project", self.wandb_project)
+        _require("log.image_every", self.image_every, 0, why="0: never")
+        _require("log.grid_images", self.grid_images, 1)
+        _require("log.collapse_ratio", self.collapse_ratio, 1, lo_open=True,
+                 why="the warning band is [start / r, start * r]; .inf: never warn")
 
 
 @dataclass
@@ -265,9 +413,13 @@ class CheckpointConfig:
     """Checkpoints under ``<output_dir>/checkpoints``."""
 
     every: int = 25
-    """Save every this many iterations (and at the end); 0: only at the end."""
+    """Save every this many iterations (and at the end); 0: only at the end. >= 0."""
     keep_last: int = 2
-    """Keep this many most recent checkpoints."""
+    """Keep this many most recent checkpoints (>= 0; 0: keep all)."""
+
+    def __post_init__(self):
+        _require("checkpoint.every", self.every, 0, why="0: only at the end")
+        _require("checkpoint.keep_last", self.keep_last, 0, why="0: keep all")
 
 
 @dataclass
@@ -275,9 +427,9 @@ class Config:
     """A whole training run."""
 
     output_dir: str = "runs/fpo-shapes"
-    """Where the run writes config, metrics, TensorBoard, checkpoints and the exported LoRA."""
+    """Where the run writes config, metrics, TensorBoard, checkpoints and the exported LoRA (not empty)."""
     algorithm: str = "fpo"
-    """``fpo``, or a baseline in the same loop (see ``fpo_diffusion/algorithms``)."""
+    """``fpo``, ``flow_grpo`` or ``ddpo``: FPO or a baseline in the same loop (see ``fpo_diffusion/algorithms``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -290,6 +442,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        _nonempty("output_dir", self.output_dir, "an empty output_dir would write the run into the current directory")
+        _choice("algorithm", self.algorithm, ALGORITHMS)
+
+
+ALGORITHMS = ("fpo", "flow_grpo", "ddpo")
+"""``algorithm`` values (the keys of ``fpo_diffusion.algorithms.ALGORITHMS``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,18 +550,69 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b=3"`` -> ``(["a", "b"], 3)`` (the value is parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
-    key, raw = text.split("=", 1)
-    if not key or any(not p for p in key.split(".")):
+def _split_key(key: str, text: str) -> list[str]:
+    """``a."b.c".d`` -> ``["a", "b.c", "d"]``: a double-quoted part keeps its dots."""
+    parts, cur, quoted, was_quoted = [], "", False, False
+    for ch in key:
+        if ch == '"':
+            quoted, was_quoted = not quoted, True
+        elif ch == "." and not quoted:
+            parts.append((cur, was_quoted))
+            cur, was_quoted = "", False
+        else:
+            cur += ch
+    if quoted:
+        raise ConfigError(f"override {text!r} has an unclosed quote in its key")
+    parts.append((cur, was_quoted))
+    if any(not p and not q for p, q in parts):
         raise ConfigError(f"override {text!r} has an empty key")
+    return [p for p, _ in parts]
+
+
+def _split_assignment(text: str) -> tuple[str, str]:
+    """The key and the raw value of ``key=value``, split at the first ``=`` outside double quotes."""
+    quoted = False
+    for i, ch in enumerate(text):
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "=" and not quoted:
+            return text[:i], text[i + 1:]
+    if quoted:
+        raise ConfigError(f"override {text!r} has an unclosed quote in its key")
+    raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> ``(["a", "b"], 3)`` (the value is parsed as YAML).
+
+    A double-quoted part of the key keeps its dots (``reward.weights."remote:http://127.0.0.1:8765"=1``);
+    the names under ``reward.weights`` / ``reward.options`` need no quotes (see :func:`load_config`).
+    """
+    key, raw = _split_assignment(text)
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    keys = _split_key(key, text)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except (yaml.YAMLError, ValueError, RecursionError):  # e.g. a date-like 2020-13-45, 10^5 digits, [[[[...
         value = raw
-    return key.split("."), value
+    return keys, value
+
+
+def _reward_name_keys(keys: list[str], reward: dict) -> list[str]:
+    """Rejoin a reward name that the dots of a URL split: ``reward.weights.<name>`` takes the whole rest as the
+    name; ``reward.options.<name>.<option>...`` the longest prefix of the rest that names a reward in
+    ``weights`` or ``options`` (else the first part)."""
+    if len(keys) < 3 or keys[0] != "reward" or keys[1] not in ("weights", "options"):
+        return keys
+    rest = keys[2:]
+    if keys[1] == "weights":
+        return [*keys[:2], ".".join(rest)]
+    known = set(reward.get("weights") or {}) | set(reward.get("options") or {}) if isinstance(reward, dict) else set()
+    for n in range(len(rest), 0, -1):
+        if ".".join(rest[:n]) in known:
+            return [*keys[:2], ".".join(rest[:n]), *rest[n:]]
+    return keys
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -437,13 +648,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = _merge(data, read_yaml(path))
     for text in overrides or []:
         keys, value = parse_override(text)
+        keys = _reward_name_keys(keys, data.get("reward"))
+        if len(keys) >= 4 and keys[:2] == ["reward", "options"] and isinstance(data.get("reward"), dict) \
+                and isinstance(data["reward"].get("options"), dict):
+            data["reward"]["options"].setdefault(keys[2], {})  # reward.options.<name>.<option>=v needs no YAML first
         node = data
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):
                 raise ConfigError(f"unknown config field {'.'.join(keys)} (in override {text!r})")
             node = node[k]
-        if keys[-1] not in node and node is not data.get("reward", {}).get("weights") \
-                and node is not data.get("reward", {}).get("options"):
+        free = keys[:2] in (["reward", "weights"], ["reward", "options"]) and len(keys) >= 3  # names of rewards, options
+        if keys[-1] not in node and not free:
             raise ConfigError(f"unknown config field {'.'.join(keys)} (in override {text!r})")
         node[keys[-1]] = value
     default_reward = config_to_dict(Config())["reward"]
@@ -451,49 +666,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if isinstance(reward, dict) and reward.get("weights") != default_reward["weights"] \
             and reward.get("options") == default_reward["options"]:
         reward["options"] = {}  # the default options belong to the default reward only
-    cfg = _from_dict(Config, data)
-    validate(cfg)
+    if isinstance(reward, dict) and isinstance(reward.get("options"), dict) and isinstance(reward.get("weights"), dict):
+        for name, opts in default_reward["options"].items():  # e.g. reward.options.<url>.timeout=3 with new weights
+            if name not in reward["weights"] and reward["options"].get(name) == opts:
+                del reward["options"][name]
+    try:
+        cfg = _from_dict(Config, data)
+        validate(cfg)
+    except ConfigError as e:
+        raise _naming_the_file(e, path, overrides) from None
     return cfg
 
 
+def _naming_the_file(error: ConfigError, path: str | Path | None, overrides: list[str] | None) -> ConfigError:
+    """``error`` with the config file named when the file alone causes it (e.g. a YAML key ``null``), so
+    the line says where to look; an error that only the overrides cause is left as it is."""
+    if path is None or str(Path(path)) in str(error):
+        return error
+    if overrides:
+        try:
+            load_config(path)
+        except ConfigError as alone:
+            return alone if str(alone).endswith(str(error)) else error
+        return error
+    return ConfigError(f"config file {Path(path)}: {error}")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that the dataclasses alone cannot express."""
-    t = cfg.train
-    for name in ("iterations", "prompts_per_iteration", "group_size", "epochs", "minibatch_size", "grad_accum_steps"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if cfg.fpo.n_mc < 1:
-        raise ConfigError(f"fpo.n_mc must be >= 1, got {cfg.fpo.n_mc}")
-    if cfg.sampling.steps < 1:
-        raise ConfigError(f"sampling.steps must be >= 1, got {cfg.sampling.steps}")
-    if t.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
-    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
-    if cfg.advantage.std not in ("group", "global"):
-        raise ConfigError(f"advantage.std must be group or global, got {cfg.advantage.std!r}")
-    if not cfg.reward.weights:
-        raise ConfigError("reward.weights is empty: name at least one reward")
-    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
-    if cfg.sampling.batch_size < 1:
-        raise ConfigError(f"sampling.batch_size must be >= 1, got {cfg.sampling.batch_size}")
-    if cfg.lora.rank < 1:
-        raise ConfigError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
-    if t.max_nonfinite_in_a_row < 1:
-        raise ConfigError(f"train.max_nonfinite_in_a_row must be >= 1, got {t.max_nonfinite_in_a_row}")
-    # A NaN is never a setting, and these must be finite for the weights to stay finite.
+    """Checks across sections. Each field's own range is checked where it is defined (the sections'
+    ``__post_init__``), so a dataclass built in code is held to the same ranges as a YAML file."""
+    # A NaN is never a setting (also inside lists and the fields without a range of their own).
     _no_nan(config_to_dict(cfg), "")
-    for name in ("train.lr", "train.weight_decay", "train.adam_eps", "train.max_grad_norm", "fpo.beta", "fpo.kl_beta",
-                 "fpo.fm_anchor_beta", "sampling.guidance_scale", "advantage.eps"):
-        section, field_ = name.split(".")
-        v = getattr(getattr(cfg, section), field_)
-        if v is not None and not math.isfinite(v):
-            raise ConfigError(f"{name} must be a finite number, got {v}")
-    if not all(math.isfinite(b) for b in t.adam_betas):
-        raise ConfigError(f"train.adam_betas must be finite numbers, got {t.adam_betas}")
-    # Building the objective validates its fields.
-    fpo_objective(cfg.fpo)
 
 
 def _no_nan(node: Any, where: str) -> None:

@@ -56,18 +56,23 @@ def resolve_model(family: str, path: str) -> tuple[str, str]:
     return family, path
 
 
-def load_model(family: str, path: str, *, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """The policy for a model config (embedded names resolved)."""
-    from .policies import load_policy
+def load_model(family: str, path: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
+               distilled_guidance: float | None = None):
+    """The policy for a model config (embedded names resolved); ``distilled_guidance`` sets a FLUX
+    policy's embedded guidance (``sampling.distilled_guidance``; ``None``: the policy's default)."""
+    from .policies import FluxPolicy, load_policy
 
     embedded_shapes = path == "embedded:shapes"
     family, path = resolve_model(family, path)
     if not embedded_shapes:
-        return load_policy(family, path, dtype=torch_dtype(dtype), device=device)
+        policy = load_policy(family, path, dtype=torch_dtype(dtype), device=device)
+        if distilled_guidance is not None and isinstance(policy, FluxPolicy):
+            policy.guidance = float(distilled_guidance)
+        return policy
     # The shapes model has no T5: the stock pipeline pads its context with 256 identical zero
     # tokens. One zero token with its attention logit raised by log(256) is exactly equivalent
     # (identical tokens keep identical states) and makes every forward several times cheaper.
-    from .shapes.evaluate import fast_zero_tokens
+    from .policies.sd3 import fast_zero_tokens
 
     policy = load_policy(family, path, dtype=torch_dtype(dtype), device=device, max_sequence_length=1)
     fast_zero_tokens(policy.pipeline, max_sequence_length=256)

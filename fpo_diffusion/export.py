@@ -1,6 +1,8 @@
-"""Export a run's LoRA (diffusers format) or a merged full pipeline from a checkpoint."""
+"""Export a LoRA (diffusers format): a training run's at its end, or a run's checkpoint (also as a
+merged full pipeline)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -8,6 +10,18 @@ from safetensors.torch import load_file
 
 from .checkpoint import CheckpointError, load_trainable, named_trainable, read_state, resolve_resume
 from .config import ConfigError, load_config
+
+
+def export_trained_lora(accelerator, policy, out_dir: str | Path, ema=None) -> Path:
+    """Write the policy's LoRA (with ``ema``'s weights swapped in, if given) in the diffusers format to
+    ``out_dir``; every rank calls this, the main process writes."""
+    out_dir = Path(out_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            policy.export_lora(str(out_dir))
+    accelerator.wait_for_everyone()
+    return out_dir
 
 
 def load_trained_policy(run_dir: str | Path, checkpoint: str = "latest", *, ema: bool = False,
@@ -21,7 +35,8 @@ def load_trained_policy(run_dir: str | Path, checkpoint: str = "latest", *, ema:
     cfg = load_config(run_dir / "config.yaml")
     ckpt = resolve_resume(checkpoint, run_dir / "checkpoints")
     read_state(ckpt)
-    policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=device)
+    policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=device,
+                        distilled_guidance=cfg.sampling.distilled_guidance)
     torch.manual_seed(cfg.train.seed)
     policy.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                     dropout=cfg.lora.dropout)

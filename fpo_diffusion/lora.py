@@ -7,8 +7,8 @@
 * :func:`export_lora` writes ``pytorch_lora_weights.safetensors`` through the family's own
   ``Pipeline.save_lora_weights`` (with the adapter config as metadata, so ``lora_alpha``
   survives), so a stock ``pipe.load_lora_weights(out_dir)`` reproduces the trained denoiser.
-* :func:`merge_lora` fuses the adapter into the base weights and removes the peft layers, so
-  ``policy.pipeline.save_pretrained`` writes a plain pipeline.
+* :func:`merge_lora` fuses the adapter into the base weights and removes the peft layers (diffusers'
+  ``fuse_lora`` / ``unload_lora_weights``), so ``policy.pipeline.save_pretrained`` writes a plain pipeline.
 """
 from __future__ import annotations
 
@@ -18,25 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "sd": ("to_q", "to_k", "to_v", "to_out.0"),
-    "sdxl": ("to_q", "to_k", "to_v", "to_out.0"),
-    "sd3": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-    "flux": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-}
-"""Default LoRA target module suffixes per family (attention projections)."""
+from .policies.base import unwrap_model
 
 ADAPTER_NAME = "default"
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from .policies.common import unwrap_model
-
-    return unwrap_model(model)
-
-
 def add_lora(denoiser: nn.Module, *, rank: int = 8, alpha: float | None = None,
-             target_modules: list[str] | tuple[str, ...] = DEFAULT_LORA_TARGETS["sd"], dropout: float = 0.0,
+             target_modules: list[str] | tuple[str, ...], dropout: float = 0.0,
              init: str | bool = True) -> Any:
     """Attach a LoRA adapter (peft ``LoraConfig``) to ``denoiser``; only LoRA params stay trainable.
 
@@ -50,7 +38,7 @@ def add_lora(denoiser: nn.Module, *, rank: int = 8, alpha: float | None = None,
         raise ValueError(f"lora rank must be >= 1, got {rank}")
     if not target_modules:
         raise ValueError("lora target_modules is empty")
-    denoiser = _unwrap(denoiser)
+    denoiser = unwrap_model(denoiser)
     if getattr(denoiser, "peft_config", None) and ADAPTER_NAME in denoiser.peft_config:
         raise ValueError("the denoiser already has a LoRA adapter attached")
     names = [n for n, _ in denoiser.named_modules()]
@@ -81,14 +69,14 @@ def prepare_for_training(policy: Any, *, gradient_checkpointing: bool = False, *
 
 def lora_parameters(denoiser: nn.Module) -> list[nn.Parameter]:
     """The LoRA parameters of ``denoiser`` (wrapped or not)."""
-    return [p for n, p in _unwrap(denoiser).named_parameters() if "lora_" in n]
+    return [p for n, p in unwrap_model(denoiser).named_parameters() if "lora_" in n]
 
 
 def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights in peft format (keys without the adapter name), detached."""
     from peft.utils import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(_unwrap(denoiser), adapter_name=ADAPTER_NAME)
+    sd = get_peft_model_state_dict(unwrap_model(denoiser), adapter_name=ADAPTER_NAME)
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
@@ -101,7 +89,7 @@ def export_lora(policy: Any, out_dir: str | os.PathLike, state_dict: dict[str, t
     """
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    den = _unwrap(policy.denoiser)
+    den = unwrap_model(policy.denoiser)
     if not getattr(den, "peft_config", None):
         raise ValueError("the policy has no LoRA adapter to export (call add_lora first)")
     sd = lora_state_dict(den) if state_dict is None else dict(state_dict)
@@ -119,17 +107,18 @@ def export_lora(policy: Any, out_dir: str | os.PathLike, state_dict: dict[str, t
 
 
 def merge_lora(policy: Any) -> None:
-    """Fuse the adapter into the denoiser's base weights and remove the peft layers (in place)."""
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    """Fuse the adapter into the denoiser's base weights and remove the peft layers (in place).
 
-    den = _unwrap(policy.denoiser)
-    for m in den.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.merge()
-    recurse_remove_peft_layers(den)
-    if hasattr(den, "peft_config"):
-        del den.peft_config
-    den._hf_peft_config_loaded = False
+    Through diffusers' public LoRA API: ``pipeline.fuse_lora(components=[denoiser])`` then
+    ``pipeline.unload_lora_weights()``, as a user of a stock pipeline would.
+    """
+    den = unwrap_model(policy.denoiser)
+    if not getattr(den, "peft_config", None):
+        raise ValueError("the policy has no LoRA adapter to merge (call add_lora first)")
+    pipe = policy.pipeline
+    if getattr(pipe, policy.denoiser_attr, None) is not den:
+        raise ValueError(f"the pipeline's {policy.denoiser_attr} is not the policy's denoiser; cannot merge through it")
+    pipe.fuse_lora(components=[policy.denoiser_attr], lora_scale=1.0, adapter_names=[ADAPTER_NAME])
+    pipe.unload_lora_weights()
     policy.lora_config = None
     den.requires_grad_(False)

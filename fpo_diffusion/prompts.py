@@ -44,8 +44,53 @@ def _read_jsonl(path: Path) -> list[PromptItem]:
             raise ConfigError(f"prompt file {path}, line {n}: not valid JSON (nested too deeply)") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise ConfigError(f"prompt file {path}, line {n}: expected an object with a non-empty \"prompt\" string")
-        items.append(PromptItem(row["prompt"], row))
+        items.append(PromptItem(row["prompt"], normalise_metadata(row, f"prompt file {path}, line {n}")))
     return items
+
+
+CLAUSE_COLUMNS = ("include", "exclude")
+"""GenEval clause lists; in a ``datasets`` folder either a list column or a JSON string column."""
+
+
+def _drop_none(value):
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def normalise_metadata(row: dict, where: str) -> dict:
+    """One prompt's metadata with the same meaning whatever its source (``.jsonl`` or ``datasets``).
+
+    * A key whose value is ``None`` is dropped, at any depth: Arrow unifies the fields of the
+      structs in a column, so ``{"class": "square", "count": 2}`` comes back from a ``datasets``
+      folder as ``{..., "color": None}``, and GenEval's rules read a present ``color`` as a clause.
+      In a ``.jsonl`` file ``null`` likewise means absent.
+    * ``include`` / ``exclude`` stored as a JSON string column (the way a ``datasets`` folder can hold
+      position clauses, ``["left of", 0]``, which Arrow cannot store as a list of one type) are parsed.
+    * A position clause whose index came back as a string (a ``["left of", "0"]`` list column) is an
+      error that says to store the clauses as a JSON string column.
+    """
+    out = _drop_none(row)
+    for key in CLAUSE_COLUMNS:
+        value = out.get(key)
+        if isinstance(value, str):
+            try:
+                out[key] = json.loads(value)
+            except (json.JSONDecodeError, RecursionError):
+                raise ConfigError(f"{where}: {key!r} is a string but not JSON (a JSON string column must hold "
+                                  f"json.dumps of the clause list)") from None
+            if not isinstance(out[key], list):
+                raise ConfigError(f"{where}: {key!r} must hold a JSON list of clauses, got {type(out[key]).__name__}")
+            out[key] = _drop_none(out[key])
+    for i, clause in enumerate(out.get("include") or []):
+        pos = clause.get("position") if isinstance(clause, dict) else None
+        if isinstance(pos, list) and len(pos) == 2 and isinstance(pos[1], str):
+            raise ConfigError(f"{where}: include[{i}] position {pos!r} has a string index (an Arrow list holds one "
+                              f"type, so [relation, index] cannot be a list column); store 'include' as a JSON "
+                              f"string column (json.dumps(include)), which the loader parses")
+    return out
 
 
 def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
@@ -91,7 +136,24 @@ def _load_dataset(src: str, column: str) -> list[PromptItem]:
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     if column not in ds.column_names:
         raise ConfigError(f"dataset {src} has no column {column!r} (columns: {', '.join(ds.column_names)})")
-    return [PromptItem(row[column], {k: v for k, v in row.items()}) for row in ds]
+    items = []
+    for n, row in enumerate(ds):
+        prompt = row[column]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError(f"dataset {src}, row {n}: column {column!r} is not a non-empty string")
+        items.append(PromptItem(prompt, normalise_metadata(dict(row), f"dataset {src}, row {n}")))
+    return items
+
+
+def metadata_dataset(entries: list[dict]):
+    """A ``datasets.Dataset`` of GenEval-style metadata (``prompt``, ``tag``, ``include``, ``exclude``...)
+    that loads back unchanged: the clause lists are JSON string columns (see :func:`normalise_metadata`).
+    Save it with ``.save_to_disk(folder)`` and train with ``prompts.source=folder``."""
+    import datasets
+
+    keys = list(dict.fromkeys(k for e in entries for k in e))  # from_list reads the columns off the first row
+    rows = [{k: (json.dumps(e[k]) if k in CLAUSE_COLUMNS and k in e else e.get(k)) for k in keys} for e in entries]
+    return datasets.Dataset.from_list(rows)
 
 
 def iteration_plan(n_prompts: int, iteration: int, *, prompts_per_iteration: int, group_size: int,

@@ -1,95 +1,175 @@
-"""Sampling helpers for rollouts: scheduler selection by user-facing name.
+"""Rollouts: a rank's share of an iteration sampled, decoded and scored; the frozen base model's
+reference samples; fixed-noise evaluation images.
 
-Rollouts themselves go through each policy's ``sample()``, which calls the stock diffusers
-pipeline with ``output_type="latent"``; this module maps a scheduler name to a diffusers
-scheduler built from the pipeline's own scheduler config (``Cls.from_config(base.config,
-**overrides)``), so the training noise schedule (betas, shift, prediction type) is kept.
-
-VP names (``euler``, ``euler_ancestral``, ``dpmsolver++``/``dpm``, ``unipc``, ``ddim``,
-``ddpm``, ``pndm``, ``heun``, ``lms``) need a VP base scheduler (SD1.x/2.x, SDXL); flow names
-(``flow_euler``, ``flow_heun``, ``flow_dpm``/``flow_dpmsolver++``, ``flow_unipc``) need a
-flow-matching base scheduler (SD3, FLUX). ``default`` (or ``None``) keeps the pipeline's own.
+Every sample's noise comes from its own generator keyed by ``(seed, iteration, global sample
+index)`` (``noise.STREAMS``), so what a sample is does not depend on how samples are spread over
+ranks or batched.
 """
 from __future__ import annotations
 
-from typing import Any
+import time
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
-# name -> (diffusers class name, overrides, kind)
-_VP: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-}
-_FLOW: dict[str, tuple[str, dict[str, Any]]] = {
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
-    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
-    "flow_dpm": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_flow_sigmas": True,
-                                                 "prediction_type": "flow_prediction"}),
-    "flow_dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_flow_sigmas": True,
-                                                         "prediction_type": "flow_prediction"}),
-    "flow_unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
-}
-SCHEDULERS = tuple(_VP) + tuple(_FLOW)
-"""Every scheduler name :func:`make_scheduler` accepts (plus ``default``)."""
+import torch
+from tqdm.auto import tqdm
+
+from . import faults
+from .algorithms.context import stock_sampler
+from .config import Config
+from .images import foreground_share, to_pil
+from .noise import SeedStreams, sample_generator
+from .policies.base import Cond, Policy, batch_slices, cond_cat, cond_index, cond_to
+from .prompts import PromptItem, iteration_plan, rank_slice
 
 
-def is_flow_scheduler(scheduler: Any) -> bool:
-    """Whether ``scheduler`` is a flow-matching scheduler (SD3/FLUX family)."""
-    cfg = scheduler.config
-    return type(scheduler).__name__.startswith("FlowMatch") or bool(cfg.get("use_flow_sigmas", False)) \
-        or cfg.get("prediction_type") == "flow_prediction"
+@dataclass
+class Rollout:
+    """One iteration's samples on this rank."""
+
+    global_idx: torch.Tensor  # [n] global sample index
+    prompt_idx: torch.Tensor  # [n] prompt index (the group id)
+    cond: Cond  # [n, ...]
+    x0: torch.Tensor  # [n, *L]
+    rewards: torch.Tensor  # [n]
+    components: dict[str, torch.Tensor]  # name -> [n]
+    images: list = field(default_factory=list)  # a few PIL images for the grid
+    seconds: float = 0.0
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample data of the algorithm's sampler
 
 
-_FAMILY_UNSUPPORTED = {
-    # FluxPipeline passes custom ``sigmas`` (and ``mu``), which FlowMatchHeun's set_timesteps lacks.
-    "flux": {"flow_heun"},
-}
+@dataclass
+class ReferenceSamples:
+    """Samples of the frozen base model (no rewards)."""
+
+    global_idx: torch.Tensor  # [n]
+    prompt_idx: torch.Tensor  # [n]
+    cond: Cond  # [n, ...]
+    x0: torch.Tensor  # [n, *L]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def make_scheduler(name: str | None, base_scheduler: Any, *, family: str | None = None) -> Any:
-    """A new scheduler named ``name`` configured from ``base_scheduler.config``.
+class PromptConditions:
+    """Text conditions, computed once per distinct prompt and cached on CPU."""
 
-    Raises ``ValueError`` for an unknown name or one that does not match the family
-    (a flow scheduler on a VP model or vice versa, or one the family's pipeline cannot drive,
-    e.g. ``flow_heun`` with FLUX when ``family="flux"`` is given).
-    """
-    import inspect
+    def __init__(self, policy: Policy, device: torch.device):
+        self.policy, self.device = policy, device
+        self._cache: dict[str, Cond] = {}
 
-    import diffusers
+    def __call__(self, prompts: list[str]) -> Cond:
+        # One prompt per call: an embedding must not depend on which prompts share its batch
+        # (batch-size-dependent kernels would make runs differ with the number of ranks).
+        for p in sorted({p for p in prompts if p not in self._cache}):
+            self._cache[p] = cond_to(self.policy.encode_prompts([p]), "cpu")
+        return cond_to(cond_cat([self._cache[p] for p in prompts]), self.device)
 
-    if name is None or name == "default":
-        return base_scheduler
-    key = name.lower()
-    flow_base = is_flow_scheduler(base_scheduler)
-    if key in _VP:
-        if flow_base:
-            raise ValueError(f"scheduler {name!r} is a VP (diffusion) scheduler but this model is a flow-matching "
-                             f"model; use one of: {', '.join(_FLOW)}")
-        cls_name, overrides = _VP[key]
-    elif key in _FLOW:
-        if not flow_base:
-            raise ValueError(f"scheduler {name!r} is a flow-matching scheduler but this model is a VP diffusion "
-                             f"model; use one of: {', '.join(_VP)}")
-        cls_name, overrides = _FLOW[key]
-        overrides = dict(overrides)
-        if cls_name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
-            cfg = base_scheduler.config
-            overrides.setdefault("flow_shift", float(cfg.get("shift", 1.0)))
-            if cfg.get("use_dynamic_shifting", False):
-                overrides["use_dynamic_shifting"] = True
-    else:
-        raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")
-    if family is not None and key in _FAMILY_UNSUPPORTED.get(family, ()):
-        ok = [n for n in (_FLOW if flow_base else _VP) if n not in _FAMILY_UNSUPPORTED[family]]
-        raise ValueError(f"scheduler {name!r} is not supported by the {family} pipeline; use one of: {', '.join(ok)}")
-    cls = getattr(diffusers, cls_name)
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    config = {k: v for k, v in base_scheduler.config.items() if k in accepted}
-    return cls.from_config(config, **overrides)
+
+SampleFn = Callable[[Cond, list[torch.Generator], "Cond | None", int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``(cond, generators, negative_cond, iteration) -> (x0, extras)``: an algorithm's ``sample``."""
+
+
+class Sampler:
+    """A rank's rollouts of a run: which samples it draws, their conditions, the sampling itself."""
+
+    def __init__(self, cfg: Config, policy: Policy, prompts: list[PromptItem], *, rank: int, world: int,
+                 device: torch.device, autocast: Callable[[], ContextManager], progress: bool = False):
+        self.cfg, self.policy, self.prompts = cfg, policy, prompts
+        self.rank, self.world, self.device, self.autocast, self.progress = rank, world, device, autocast, progress
+        self.seeds = SeedStreams(cfg.train.seed)
+        self.conditions = PromptConditions(policy, device)
+        s = cfg.sampling
+        self.negative_cond = self.conditions([s.negative_prompt]) if s.guidance_scale > 1 else None
+        self.stock_sample = stock_sampler(policy, s)
+
+    def negative_batch(self, n: int) -> Cond | None:
+        """The negative-prompt condition repeated for ``n`` rows (``None`` without CFG)."""
+        if self.negative_cond is None:
+            return None
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self.negative_cond.items()}
+
+    def _share(self, iteration: int, stream: str, n_samples: int | None = None):
+        """This rank's ``(global_idx, prompt_idx, items, cond)`` of the plan seeded by ``stream``."""
+        t = self.cfg.train
+        plan = iteration_plan(len(self.prompts), iteration, prompts_per_iteration=t.prompts_per_iteration,
+                              group_size=t.group_size, seed=self.seeds.seed_of(stream))
+        sl = rank_slice(len(plan), self.rank, self.world)
+        global_idx, prompt_idx = torch.arange(len(plan))[sl], plan[sl]
+        if n_samples is not None:
+            global_idx, prompt_idx = global_idx[:n_samples], prompt_idx[:n_samples]
+        items = [self.prompts[i] for i in prompt_idx.tolist()]
+        return global_idx, prompt_idx, items, self.conditions([it.prompt for it in items])
+
+    def _batches(self, n: int, iteration: int):
+        return tqdm(list(batch_slices(n, self.cfg.sampling.batch_size)), desc=f"rollout {iteration}", leave=False,
+                    disable=not self.progress)
+
+    @torch.no_grad()
+    def rollout(self, iteration: int, sample: SampleFn, reward) -> Rollout:
+        """Sample this rank's share of ``iteration`` with ``sample``, decode, and score it with ``reward``
+        (a ``MultiReward``: scoring of one batch overlaps sampling of the next)."""
+        global_idx, prompt_idx, items, cond = self._share(iteration, "rollout")
+        n_grid = self.cfg.log.grid_images
+        x0s, futures, grid_images, extras = [], [], [], {}
+        t0 = time.perf_counter()
+        for chunk in self._batches(len(items), iteration):
+            gens = [self.seeds.generator("rollout", iteration, int(g)) for g in global_idx[chunk]]
+            with self.autocast():
+                x0, ext = sample(cond_index(cond, chunk), gens, self.negative_batch(len(gens)), iteration)
+            x0 = x0.float()
+            faults.hit("rollout")
+            x0s.append(x0)
+            for k, v in ext.items():
+                extras.setdefault(k, []).append(v)
+            pil = to_pil(self.policy.decode(x0))
+            if len(grid_images) < n_grid:
+                grid_images.extend(pil[: n_grid - len(grid_images)])
+            chunk_items = items[chunk]
+            futures.append((reward.submit(pil, [it.prompt for it in chunk_items],
+                                          [it.metadata for it in chunk_items]), pil))
+        x0 = torch.cat(x0s)
+        rewards, comps, fg = [], {}, []
+        for fut, pil in futures:
+            total, parts = fut.result()
+            rewards.append(total)
+            for k, v in parts.items():
+                comps.setdefault(k, []).append(v)
+            fg.append(foreground_share(pil) * len(pil))
+        comps = {k: torch.cat(v) for k, v in comps.items()}
+        comps["_foreground_share"] = torch.full((len(x0),), sum(fg) / len(x0))
+        return Rollout(global_idx, prompt_idx, cond, x0, torch.cat(rewards), comps, grid_images,
+                       time.perf_counter() - t0, {k: torch.cat(v) for k, v in extras.items()})
+
+    @torch.no_grad()
+    def reference_samples(self, n_samples: int | None = None) -> ReferenceSamples:
+        """Up to ``n_samples`` of this rank's samples of the frozen base model (adapter disabled) through
+        the stock pipeline, from the ``reference`` stream (iteration 0's plan of that seed)."""
+        global_idx, prompt_idx, items, cond = self._share(0, "reference", n_samples)
+        x0s = []
+        with self.policy.reference():
+            for chunk in self._batches(len(items), 0):
+                gens = [self.seeds.generator("reference", 0, int(g)) for g in global_idx[chunk]]
+                with self.autocast():
+                    x0 = self.stock_sample(cond_index(cond, chunk), gens, self.negative_batch(len(gens)))
+                faults.hit("rollout")
+                x0s.append(x0.float())
+        return ReferenceSamples(global_idx, prompt_idx, cond, torch.cat(x0s))
+
+    @torch.no_grad()
+    def images(self, prompts: list[str], seed: int, model: torch.nn.Module | None = None) -> list:
+        """PIL images of ``model`` (``None``: the policy's denoiser) for ``prompts`` through the stock
+        pipeline (the config's ``sampling`` settings), image ``i`` from ``sample_generator(seed, 0, i)``.
+
+        The noise depends only on ``seed`` and the position, so two policies (say before and after
+        training) are compared on the same draws. For evaluations; training uses :meth:`rollout`.
+        """
+        cond = self.conditions(prompts)
+        images = []
+        for chunk in batch_slices(len(prompts), self.cfg.sampling.batch_size):
+            gens = [sample_generator(seed, 0, i) for i in range(chunk.start, chunk.stop)]
+            with self.autocast():
+                x0 = self.stock_sample(cond_index(cond, chunk), gens, self.negative_batch(len(gens)), model=model)
+            images.extend(to_pil(self.policy.decode(x0.float())))
+        return images
+
+
+__all__ = ["PromptConditions", "ReferenceSamples", "Rollout", "SampleFn", "Sampler"]

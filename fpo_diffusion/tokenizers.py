@@ -21,33 +21,19 @@ CLIP_VOCAB_SIZE = 49408
 _N_MERGES = 49152 - 256 - 2
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The reversible byte -> unicode table of GPT-2/CLIP BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(2**8):
-        if b not in bs:
-            bs.append(b)
-            cs.append(2**8 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+def _clip_vocab_and_merges() -> tuple[list[str], list[str]]:
+    """The CLIP BPE vocabulary (49408 tokens) and merges, built as ``open_clip.tokenizer.SimpleTokenizer``
+    builds them from the BPE file that ships inside ``open_clip``: 256 byte tokens, their ``</w>``
+    forms, 48894 merges, then ``<|startoftext|>`` and ``<|endoftext|>``."""
+    import open_clip.tokenizer as oct
 
-
-def _bpe_path() -> Path:
-    import open_clip
-
-    p = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    p = Path(oct.default_bpe())
     if not p.is_file():
         raise FileNotFoundError(f"open_clip's BPE vocabulary not found at {p}")
-    return p
-
-
-def _clip_vocab_and_merges() -> tuple[list[str], list[str]]:
-    merges = gzip.open(_bpe_path()).read().decode("utf-8").split("\n")
+    merges = gzip.open(p).read().decode("utf-8").split("\n")
     merges = merges[1:_N_MERGES + 1]
     pairs = [tuple(m.split()) for m in merges]
-    vocab = list(_bytes_to_unicode().values())
+    vocab = list(oct.bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
     vocab += ["".join(p) for p in pairs]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

@@ -61,6 +61,14 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(dict(scalars), step=step)
 
+    def log_samples(self, rows: list[dict]) -> None:
+        """Append one JSON row per sample to ``samples.jsonl`` (each row carries its ``iteration``)."""
+        if not self.enabled:
+            return
+        with (self.out_dir / "samples.jsonl").open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
     def log_image(self, tag: str, image: Image.Image, step: int) -> None:
         if not self.enabled:
             return

@@ -1,60 +1,36 @@
-"""The training loop (DESIGN.md, "One FPO iteration"), shared by FPO and the baselines.
+"""The training loop (DESIGN.md, "One FPO iteration"), shared by every algorithm.
 
-rollout (stock pipeline, any sampler) -> reward -> gather -> group advantages ->
-old CFM losses at fixed ``(t, eps)`` -> E epochs of clipped FPO updates.
+rollout (``rollout.py``) -> reward -> gather -> group advantages (``advantages.py``) -> the
+algorithm's ``prepare`` -> update (``update.py``) -> log (``tracking.py``) / checkpoint
+(``run_state.py``) -> export (``export.py``). The loop builds these pieces from a :class:`Config`
+and passes data between them; it holds no algorithm, sampling or checkpoint logic of its own.
 
 Everything random in an iteration is drawn from generators seeded by
-``(seed, iteration, global sample index)``, so a run is bit-for-bit repeatable on CPU,
-independent of how samples are spread over ranks, and a resumed run continues exactly.
+``(seed, iteration, global sample index)`` (``noise.STREAMS``), so a run is bit-for-bit
+repeatable on CPU, independent of how samples are spread over ranks, and a resumed run
+continues exactly.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, faults
 from .advantages import group_advantages, zero_variance_share
-from .checkpoint import (CheckpointError, install_lora_only_hooks, load_extra, read_state, resolve_resume,
-                         save_checkpoint)
+from .algorithms import AlgorithmContext, build_algorithm
+from .checkpoint import CheckpointError, install_lora_only_hooks
 from .config import Config, ConfigError, config_to_dict, save_config
-from .images import foreground_share, make_grid, to_pil
-from .noise import sample_generator
-from .policies.base import Cond, cond_cat, cond_index, cond_to
-from .prompts import PromptItem, iteration_plan, load_prompts, rank_slice
+from .export import export_trained_lora
+from .images import make_grid
+from .noise import SeedStreams
+from .prompts import PromptItem, load_prompts, rank_slice
+from .rollout import Rollout, Sampler
+from .run_state import EMA, Progress, check_resume, load_run, save_run
 from .tracking import RunLogger
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite updates in a row)."""
-
-
-#: Why an update was skipped (index 0: it was not). A non-finite reward skips the whole iteration's
-#: update; a non-finite loss, FPO ratio or gradient norm skips one optimizer step. Either way nothing
-#: non-finite reaches the weights, the optimizer state, the EMA or a checkpoint, each skip is printed
-#: with its iteration and counted in the metrics (``nonfinite/<cause>``), and
-#: ``train.max_nonfinite_in_a_row`` skips in a row stop the run with :class:`TrainingError`.
-_CAUSES = ("", "gradient", "loss", "ratio", "reward")
-
-
-@dataclass
-class Rollout:
-    """One iteration's samples on this rank."""
-
-    global_idx: torch.Tensor  # [n] global sample index
-    prompt_idx: torch.Tensor  # [n] prompt index (the group id)
-    cond: Cond  # [n, ...]
-    x0: torch.Tensor  # [n, *L]
-    rewards: torch.Tensor  # [n]
-    components: dict[str, torch.Tensor]  # name -> [n]
-    images: list = field(default_factory=list)  # a few PIL images for the grid
-    seconds: float = 0.0
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample data of the algorithm's sampler
+from .update import CAUSES, NonfiniteGuard, TrainingError, Updater, adamw
 
 
 def _quiet_libraries() -> None:
@@ -80,22 +56,8 @@ def _no_accelerator() -> bool:
                 or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 
 
-def adamw(params, **kw) -> torch.optim.Optimizer:
-    """AdamW with the fused kernel where this torch has one (one kernel for all LoRA tensors instead of a
-    Python loop over hundreds of small ones), else the multi-tensor ``foreach`` path."""
-    try:
-        return torch.optim.AdamW(params, fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, foreach=True, **kw)
-
-
-def _chunks(n: int, size: int):
-    for s in range(0, n, size):
-        yield slice(s, min(n, s + size))
-
-
-class FPOTrainer:
-    """Builds everything from a :class:`Config` and runs :meth:`train`."""
+class Trainer:
+    """Builds everything from a :class:`Config` and runs :meth:`train`, for any ``cfg.algorithm``."""
 
     def __init__(self, cfg: Config, resume: str | None = None):
         from accelerate import Accelerator
@@ -107,13 +69,14 @@ class FPOTrainer:
         self.ckpt_root = self.out / "checkpoints"
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=_no_accelerator())
         acc = self.accelerator
-        self.resume_from = self._check_output_dir(resume)
+        self.resume_from = check_resume(cfg, self.out, resume)
         set_seed(cfg.train.seed)
 
         # Model + LoRA
         from .embedded import load_model
 
-        self.policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=acc.device)
+        self.policy = load_model(cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=acc.device,
+                                 distilled_guidance=cfg.sampling.distilled_guidance)
         set_seed(cfg.train.seed)  # LoRA init must not depend on what loading consumed of the RNG
         from .lora import prepare_for_training
 
@@ -126,7 +89,7 @@ class FPOTrainer:
         # Optimisation
         t = cfg.train
         self.optimizer = adamw(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                weight_decay=t.weight_decay)
+                               weight_decay=t.weight_decay)
         self.world = acc.num_processes
         self.n_local = (t.prompts_per_iteration * t.group_size) // self.world
         rank_slice(t.prompts_per_iteration * t.group_size, acc.process_index, self.world)  # validates divisibility
@@ -140,278 +103,62 @@ class FPOTrainer:
         self.model, self.optimizer = acc.prepare(self.policy.denoiser, self.optimizer)
         # Stepped once per optimizer step by us (a prepared scheduler steps once per process).
         acc.register_for_checkpointing(self.lr_scheduler)
-        self.ema = [p.detach().clone() for p in params] if t.ema_decay else None
+        self.ema = EMA(params, t.ema_decay) if t.ema_decay else None
+        self.guard = NonfiniteGuard(t.max_nonfinite_in_a_row, verbose=acc.is_main_process)
+        self.updater = Updater(t, acc, self.model, self.optimizer, self.lr_scheduler, n_local=self.n_local,
+                               guard=self.guard, ema=self.ema)
 
-        # Rewards, prompts
+        # Rewards, prompts, sampling
         from rewards.multi import MultiReward
 
         self.reward = MultiReward(cfg.reward.weights, cfg.reward.options, device=acc.device,
                                   nonfinite="keep")  # NaN/Inf rewards skip the update (train_iteration)
         self.prompts: list[PromptItem] = load_prompts(cfg.prompts)
-        self._cond_cache: dict[str, Cond] = {}
-        self.negative_cond = self._encode([cfg.sampling.negative_prompt]) if cfg.sampling.guidance_scale > 1 else None
+        self.sampler = Sampler(cfg, self.policy, self.prompts, rank=acc.process_index, world=self.world,
+                               device=acc.device, autocast=acc.autocast,
+                               progress=cfg.log.progress and acc.is_local_main_process)
         self.latent_shape = tuple(self.policy.latent_shape(cfg.sampling.height, cfg.sampling.width))
-        from .algorithms import build_algorithm
-
-        self.algorithm = build_algorithm(cfg.algorithm, self)
+        self.algorithm = build_algorithm(cfg.algorithm, AlgorithmContext(
+            cfg=cfg, policy=self.policy, model=self.model, device=acc.device, autocast=acc.autocast,
+            latent_shape=self.latent_shape, negative_cond=self.sampler.negative_cond,
+            seeds=SeedStreams(t.seed), stock_sample=self.sampler.stock_sample,
+            reference_samples=self.sampler.reference_samples))
 
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         self.logger = RunLogger(self.out, enabled=acc.is_main_process, tensorboard=cfg.log.tensorboard,
                                 wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, config=config_to_dict(cfg))
-        self.start_iteration = 0
-        self.nonfinite_in_a_row = 0
-        self.cfm_start: float | None = None
+        self.progress = Progress()
         if self.resume_from is not None:
-            self._load(self.resume_from)
+            self.progress = load_run(acc, self.resume_from, self.ema)
+            self.guard.in_a_row = self.progress.nonfinite_in_a_row
+            self.logger.truncate_after(self.progress.iteration)
+            if acc.is_main_process:
+                print(f"resumed from {self.resume_from} at iteration {self.progress.iteration}", flush=True)
         elif acc.is_main_process:  # only now that everything loaded: a failed start leaves no run behind
             save_config(cfg, self.out / "config.yaml")
+        self.start_iteration = self.progress.iteration
         acc.wait_for_everyone()
         self.algorithm.setup()
 
-    # ------------------------------------------------------------------ setup helpers
-    def _check_output_dir(self, resume: str | None) -> Path | None:
-        acc = self.accelerator
-        cfg_file = self.out / "config.yaml"
-        if resume is None:
-            if cfg_file.exists():
-                raise ConfigError(f"output directory {self.out} already holds a run; resume it with --resume latest "
-                                  f"or choose another output_dir")
-            return None
-        path = resolve_resume(resume, self.ckpt_root)
-        saved = read_state(path).get("config")
-        if saved is not None:
-            now = config_to_dict(self.cfg)
-            for section in ("train", "log", "checkpoint"):
-                for k in ("iterations",) if section == "train" else list(now[section]):
-                    saved.get(section, {}).pop(k, None)
-                    now[section].pop(k, None)
-            if saved != now:
-                diff = sorted(f"{s}.{k}" for s in now if isinstance(now[s], dict)
-                              for k in now[s] if saved.get(s, {}).get(k) != now[s][k])
-                raise ConfigError(f"the config differs from the checkpoint's in {', '.join(diff) or 'top-level fields'}; "
-                                  f"resume with the run's own config ({cfg_file})")
-        return path
+    @property
+    def nonfinite_in_a_row(self) -> int:
+        """Updates skipped in a row for non-finite numbers (see ``update.py``)."""
+        return self.guard.in_a_row
 
-    def _load(self, path: Path) -> None:
-        state = read_state(path)
-        self.accelerator.load_state(str(path))
-        self.start_iteration = int(state["iteration"])
-        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-        self.cfm_start = state.get("cfm_start")
-        ema = load_extra(path, "ema.safetensors")
-        if self.ema is not None and ema is not None:
-            for i, e in enumerate(self.ema):
-                e.copy_(ema[str(i)])
-        self.logger.truncate_after(self.start_iteration)
-        if self.accelerator.is_main_process:
-            print(f"resumed from {path} at iteration {self.start_iteration}", flush=True)
+    # ------------------------------------------------------------------ sampling
+    def rollout(self, iteration: int) -> Rollout:
+        """This rank's share of ``iteration`` from the algorithm's sampler, decoded and scored."""
+        return self.sampler.rollout(iteration, self.algorithm.sample, self.reward)
 
-    def _encode(self, prompts: list[str]) -> Cond:
-        """Text conditions, computed once per distinct prompt and cached on CPU."""
-        # One prompt per call: an embedding must not depend on which prompts share its batch
-        # (batch-size-dependent kernels would make runs differ with the number of ranks).
-        for p in sorted({p for p in prompts if p not in self._cond_cache}):
-            self._cond_cache[p] = cond_to(self.policy.encode_prompts([p]), "cpu")
-        return cond_to(cond_cat([self._cond_cache[p] for p in prompts]), self.accelerator.device)
-
-    def _autocast(self):
-        return self.accelerator.autocast()
-
-    # ------------------------------------------------------------------ rollout
-    @torch.no_grad()
-    def rollout(self, iteration: int, *, use_reference: bool = False, n_samples: int | None = None,
-                seed_offset: int = 0) -> Rollout:
-        """Sample this rank's share of the iteration, decode, and score it (scoring overlaps sampling)."""
-        cfg, acc = self.cfg, self.accelerator
-        plan = iteration_plan(len(self.prompts), iteration, prompts_per_iteration=cfg.train.prompts_per_iteration,
-                              group_size=cfg.train.group_size, seed=cfg.train.seed + seed_offset)
-        sl = rank_slice(len(plan), acc.process_index, self.world)
-        global_idx = torch.arange(len(plan))[sl]
-        prompt_idx = plan[sl]
-        if n_samples is not None:
-            global_idx, prompt_idx = global_idx[:n_samples], prompt_idx[:n_samples]
-        items = [self.prompts[i] for i in prompt_idx.tolist()]
-        cond = self._encode([it.prompt for it in items])
-        s = cfg.sampling
-        x0s, futures, grid_images, extras = [], [], [], {}
-        t0 = time.perf_counter()
-        ref = self.policy.reference() if use_reference else contextlib.nullcontext()
-        bar = tqdm(list(_chunks(len(items), s.batch_size)), desc=f"rollout {iteration}", leave=False,
-                   disable=not (cfg.log.progress and acc.is_local_main_process))
-        with ref:
-            for chunk in bar:
-                gens = [sample_generator(cfg.train.seed + seed_offset, iteration, int(g), stream=0)
-                        for g in global_idx[chunk]]
-                neg = self.negative_batch(len(gens))
-                with self._autocast():
-                    if use_reference:  # the frozen base model through the stock pipeline
-                        x0, ext = self.stock_sample(cond_index(cond, chunk), gens, neg), {}
-                    else:
-                        x0, ext = self.algorithm.sample(cond_index(cond, chunk), gens, neg, iteration)
-                x0 = x0.float()
-                faults.hit("rollout")
-                x0s.append(x0)
-                for k, v in ext.items():
-                    extras.setdefault(k, []).append(v)
-                if use_reference:
-                    continue
-                pil = to_pil(self.policy.decode(x0))
-                if len(grid_images) < cfg.log.grid_images:
-                    grid_images.extend(pil[: cfg.log.grid_images - len(grid_images)])
-                chunk_items = items[chunk]
-                futures.append((self.reward.submit(pil, [it.prompt for it in chunk_items],
-                                                   [it.metadata for it in chunk_items]), pil))
-        x0 = torch.cat(x0s)
-        extras = {k: torch.cat(v) for k, v in extras.items()}
-        if use_reference:
-            return Rollout(global_idx, prompt_idx, cond, x0, torch.zeros(len(x0)), {}, [], time.perf_counter() - t0)
-        rewards, comps, fg = [], {}, []
-        for fut, pil in futures:
-            total, parts = fut.result()
-            rewards.append(total)
-            for k, v in parts.items():
-                comps.setdefault(k, []).append(v)
-            fg.append(foreground_share(pil) * len(pil))
-        comps = {k: torch.cat(v) for k, v in comps.items()}
-        comps["_foreground_share"] = torch.full((len(x0),), sum(fg) / len(x0))
-        return Rollout(global_idx, prompt_idx, cond, x0, torch.cat(rewards), comps, grid_images,
-                       time.perf_counter() - t0, extras)
-
-    def negative_batch(self, n: int) -> Cond | None:
-        """The negative-prompt condition repeated for ``n`` rows (``None`` without CFG)."""
-        if self.negative_cond is None:
-            return None
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self.negative_cond.items()}
-
-    def stock_sample(self, cond: Cond, generators: list[torch.Generator], negative_cond: Cond | None, *,
-                     model=None) -> torch.Tensor:
-        """Final latents from the stock pipeline with the config's ``sampling`` settings (``model``:
-        the denoiser to run, ``None`` for the policy's own, e.g. inside ``policy.reference()``)."""
-        s = self.cfg.sampling
-        return self.policy.sample(cond, generators, steps=s.steps, guidance_scale=s.guidance_scale,
-                                  scheduler=s.scheduler, height=s.height, width=s.width, negative_cond=negative_cond,
-                                  model=model)
-
-    @torch.no_grad()
     def sample_images(self, prompts: list[str], seed: int) -> list:
-        """PIL images of the current policy for ``prompts`` through the stock pipeline (deterministic
-        sampler, the config's ``sampling`` settings), image ``i`` from ``sample_generator(seed, 0, i)``.
-
-        The noise depends only on ``seed`` and the position, so two policies (say before and after
-        training) are compared on the same draws. For evaluations; training rollouts use ``rollout``.
-        """
-        cond = self._encode(prompts)
-        images = []
-        for chunk in _chunks(len(prompts), self.cfg.sampling.batch_size):
-            gens = [sample_generator(seed, 0, i, stream=0) for i in range(chunk.start, chunk.stop)]
-            with self._autocast():
-                x0 = self.stock_sample(cond_index(cond, chunk), gens, self.negative_batch(len(gens)), model=self.model)
-            images.extend(to_pil(self.policy.decode(x0.float())))
-        return images
+        """PIL images of the current policy for ``prompts`` (fixed noise per ``seed`` and position; see
+        :meth:`Sampler.images <fpo_diffusion.rollout.Sampler.images>`)."""
+        return self.sampler.images(prompts, seed, model=self.model)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(t.to(self.accelerator.device).contiguous()).cpu()
-
-    # ------------------------------------------------------------------ update
-    def update(self, ro: Rollout, adv: torch.Tensor, prep: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
-        """E epochs of shuffled minibatches of the algorithm's loss, with accumulation and clipping."""
-        cfg, acc = self.cfg, self.accelerator
-        tr = cfg.train
-        dev = acc.device
-        adv = adv.to(dev)
-        sums: dict[str, float] = {}
-        n_terms = 0
-        skipped = 0
-        nonfinite = dict.fromkeys(_CAUSES[1:], 0)
-        grad_norms = []
-        self.model.train()
-        for epoch in range(tr.epochs):
-            g = sample_generator(tr.seed, iteration, acc.process_index * 1009 + epoch, stream=3)
-            perm = torch.randperm(self.n_local, generator=g)
-            mbs = [perm[s] for s in _chunks(self.n_local, tr.minibatch_size)]
-            groups = [mbs[i:i + tr.grad_accum_steps] for i in range(0, len(mbs), tr.grad_accum_steps)]
-            for step, group in enumerate(groups):
-                cause = 0  # index into _CAUSES; the worst over the accumulated minibatches and the ranks wins
-                for j, idx in enumerate(group):
-                    sync = j == len(group) - 1
-                    ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
-                    idx_d = idx.to(dev)
-                    with ctx:
-                        loss, stats = self.algorithm.loss(ro, prep, idx_d, adv[idx_d], iteration=iteration,
-                                                          epoch=epoch, step=step * tr.grad_accum_steps + j)
-                        if not bool(torch.isfinite(loss.detach())):
-                            bad_ratio = any("ratio" in k and not math.isfinite(float(v)) for k, v in stats.items())
-                            cause = max(cause, _CAUSES.index("ratio" if bad_ratio else "loss"))
-                        acc.backward(loss / len(group))
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    sums["surrogate"] = sums.get("surrogate", 0.0) + float(loss.detach())
-                    n_terms += 1
-                gn = acc.clip_grad_norm_(self.model.parameters(), tr.max_grad_norm if tr.max_grad_norm else float("inf"))
-                gn = float(gn) if gn is not None else float("nan")
-                if cause == 0 and not math.isfinite(gn):
-                    cause = _CAUSES.index("gradient")
-                cause = int(self._gather(torch.tensor([float(cause)], device=dev)).max())
-                if cause == 0:
-                    self.optimizer.step()
-                    faults.hit("update")
-                    self.lr_scheduler.step()
-                    self._ema_step()
-                    self.nonfinite_in_a_row = 0
-                    grad_norms.append(gn)
-                else:  # nothing of this step reaches the weights, the optimizer state, the LR schedule or the EMA
-                    skipped += 1
-                    nonfinite[_CAUSES[cause]] += 1
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self._skip(iteration, _CAUSES[cause])
-                self.optimizer.zero_grad(set_to_none=True)
-        name = self.algorithm.name
-        out = {f"{name}/{k}": v / max(n_terms, 1) for k, v in sums.items()}
-        out[f"{name}/skipped_updates"] = skipped
-        out.update({f"nonfinite/{k}": v for k, v in nonfinite.items()})
-        out["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
-        out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
-        return out
-
-    def _skip(self, iteration: int, cause: str, detail: str = "") -> None:
-        """Count an update skipped for a non-finite ``cause`` (printed with the iteration); stop with
-        :class:`TrainingError` after ``train.max_nonfinite_in_a_row`` skipped updates in a row."""
-        self.nonfinite_in_a_row += 1
-        if self.accelerator.is_main_process:
-            print(f"iteration {iteration}: skipped an update with a non-finite {cause}{detail}", flush=True)
-        limit = self.cfg.train.max_nonfinite_in_a_row
-        if self.nonfinite_in_a_row >= limit:
-            raise TrainingError(f"{self.nonfinite_in_a_row} updates in a row were skipped for non-finite numbers "
-                                f"(train.max_nonfinite_in_a_row={limit}; the last: a non-finite {cause} at "
-                                f"iteration {iteration}); stopping")
-
-    @torch.no_grad()
-    def _ema_step(self) -> None:
-        if self.ema is None:
-            return
-        d = self.cfg.train.ema_decay
-        for e, p in zip(self.ema, self.policy.trainable_parameters()):
-            e.mul_(d).add_(p.detach(), alpha=1 - d)
-
-    @contextlib.contextmanager
-    def ema_weights(self):
-        """Temporarily swap the EMA weights into the LoRA parameters (no-op without EMA)."""
-        if self.ema is None:
-            yield
-            return
-        params = self.policy.trainable_parameters()
-        backup = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, e in zip(params, self.ema):
-                p.copy_(e)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(params, backup):
-                    p.copy_(b)
 
     # ------------------------------------------------------------------ the loop
     def train_iteration(self, it: int) -> dict[str, float]:
@@ -433,18 +180,19 @@ class FPOTrainer:
             names = [k for k, v in sorted(ro.components.items())
                      if not k.startswith("_") and not torch.isfinite(self._gather(v)).all()]
             self._log_samples(it, all_groups, all_rewards, adv_all)
-            self._skip(it, "reward", f" from {', '.join(map(repr, names)) or 'the reward'} "
+            self.guard.skip(it, "reward", f" from {', '.join(map(repr, names)) or 'the reward'} "
                                      f"({int(bad.sum())} of {len(bad)} samples)")
             return {"reward/mean": float("nan"), "reward/nonfinite_samples": int(bad.sum()),
                     f"{self.algorithm.name}/skipped_updates": self.steps_per_iteration,
-                    **{f"nonfinite/{c}": int(c == "reward") for c in _CAUSES[1:]},
+                    **{f"nonfinite/{c}": int(c == "reward") for c in CAUSES[1:]},
                     "train/lr": self.lr_scheduler.get_last_lr()[0]}
         t_u = time.perf_counter()
         prep = self.algorithm.prepare(ro, it)
         own_cfm = float(self._gather(self.algorithm.own_cfm_loss(ro, prep, it).reshape(1)).mean())
-        if self.cfm_start is None and math.isfinite(own_cfm):  # never a non-finite reference in a checkpoint
-            self.cfm_start = own_cfm
-        stats = self.update(ro, adv, prep, it)
+        cfm_start = self.progress.cfm_start
+        if cfm_start is None and math.isfinite(own_cfm):  # never a non-finite reference in a checkpoint
+            cfm_start = self.progress.cfm_start = own_cfm
+        stats = self.updater.update(self.algorithm, ro, adv, prep, it)
         upd_s = time.perf_counter() - t_u
         comps = {k: float(self._gather(v).mean()) for k, v in sorted(ro.components.items())}
         n_global = len(all_rewards)
@@ -457,7 +205,7 @@ class FPOTrainer:
             "advantage/max": float(adv_all.max()),
             "advantage/min": float(adv_all.min()),
             "policy/cfm_loss_own_samples": own_cfm,
-            "policy/cfm_loss_ratio_to_start": own_cfm / self.cfm_start if self.cfm_start else float("nan"),
+            "policy/cfm_loss_ratio_to_start": own_cfm / cfm_start if cfm_start else float("nan"),
             "perf/rollout_samples_per_s": n_global / max(ro.seconds, 1e-9),
             "perf/update_samples_per_s": n_global / max(upd_s, 1e-9),
             "perf/rollout_s": ro.seconds,
@@ -466,9 +214,9 @@ class FPOTrainer:
             **stats,
         }
         r = cfg.log.collapse_ratio
-        if self.cfm_start and not (self.cfm_start / r <= own_cfm <= self.cfm_start * r) and acc.is_main_process:
+        if cfm_start and not (cfm_start / r <= own_cfm <= cfm_start * r) and acc.is_main_process:
             print(f"warning: iteration {it}: the policy's CFM loss on its own samples is {own_cfm:.4g}, "
-                  f"{own_cfm / self.cfm_start:.2f}x its start ({self.cfm_start:.4g}): possible collapse or reward "
+                  f"{own_cfm / cfm_start:.2f}x its start ({cfm_start:.4g}): possible collapse or reward "
                   f"hacking; look at the image grids (raise fpo.kl_beta or fpo.fm_anchor_beta)", flush=True)
         self._log_samples(it, all_groups, all_rewards, adv_all)
         if cfg.log.image_every and (it % cfg.log.image_every == 0 or it == cfg.train.iterations - 1) and ro.images:
@@ -479,34 +227,23 @@ class FPOTrainer:
     def _log_samples(self, it: int, groups: torch.Tensor, rewards: torch.Tensor, adv: torch.Tensor) -> None:
         """One row per global sample in ``samples.jsonl``: what was asked, what it scored, its advantage
         (and the prompt's GenEval ``tag`` when its metadata has one, for per-task training curves)."""
-        if not self.accelerator.is_main_process:
-            return
-        import json
-
-        with (self.out / "samples.jsonl").open("a") as f:
-            for i, (g, r, a) in enumerate(zip(groups.tolist(), rewards.tolist(), adv.tolist())):
-                item = self.prompts[g]
-                row = {"iteration": it, "index": i, "prompt_index": g, "prompt": item.prompt, "reward": r, "advantage": a}
-                if item.metadata.get("tag"):
-                    row["tag"] = item.metadata["tag"]
-                f.write(json.dumps(row) + "\n")
+        rows = []
+        for i, (g, r, a) in enumerate(zip(groups.tolist(), rewards.tolist(), adv.tolist())):
+            item = self.prompts[g]
+            row = {"iteration": it, "index": i, "prompt_index": g, "prompt": item.prompt, "reward": r, "advantage": a}
+            if item.metadata.get("tag"):
+                row["tag"] = item.metadata["tag"]
+            rows.append(row)
+        self.logger.log_samples(rows)
 
     def _save(self, iteration: int) -> Path:
-        state = {"iteration": iteration, "nonfinite_in_a_row": self.nonfinite_in_a_row, "cfm_start": self.cfm_start,
-                 "world_size": self.world, "version": __version__, "config": config_to_dict(self.cfg)}
-        extra = {"ema.safetensors": {str(i): e for i, e in enumerate(self.ema)}} if self.ema is not None else None
-        return save_checkpoint(self.accelerator, self.ckpt_root, iteration, state, extra,
-                               keep_last=self.cfg.checkpoint.keep_last)
+        self.progress.iteration = iteration
+        self.progress.nonfinite_in_a_row = self.guard.in_a_row
+        return save_run(self.accelerator, self.ckpt_root, self.progress, self.cfg, self.ema)
 
     def export(self, out_dir: str | Path | None = None) -> Path:
-        """Export the (EMA) LoRA in the diffusers format; main process only writes."""
-        out_dir = Path(out_dir or self.out / "lora")
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            with self.ema_weights():
-                self.policy.export_lora(str(out_dir))
-        self.accelerator.wait_for_everyone()
-        return out_dir
+        """Export the (EMA) LoRA in the diffusers format (default: ``<output_dir>/lora``)."""
+        return export_trained_lora(self.accelerator, self.policy, out_dir or self.out / "lora", self.ema)
 
     def train(self, stop_after: int | None = None) -> dict[str, float]:
         """Train to ``train.iterations``; with ``stop_after`` stop (checkpointed) after that many iterations."""
@@ -514,7 +251,7 @@ class FPOTrainer:
         last: dict[str, float] = {}
         end = cfg.train.iterations if stop_after is None else min(cfg.train.iterations, self.start_iteration + stop_after)
         iters = range(self.start_iteration, end)
-        bar = tqdm(iters, desc="FPO", initial=self.start_iteration, total=cfg.train.iterations,
+        bar = tqdm(iters, desc=cfg.algorithm.upper(), initial=self.start_iteration, total=cfg.train.iterations,
                    disable=not (cfg.log.progress and acc.is_local_main_process))
         try:
             for it in bar:
@@ -533,9 +270,13 @@ class FPOTrainer:
         return last
 
 
+FPOTrainer = Trainer
+"""The former name of :class:`Trainer` (it runs every algorithm, not only FPO)."""
+
+
 def run(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> dict[str, float]:
     """Build a trainer for ``cfg`` and train it."""
-    return FPOTrainer(cfg, resume=resume).train(stop_after=stop_after)
+    return Trainer(cfg, resume=resume).train(stop_after=stop_after)
 
 
-__all__ = ["FPOTrainer", "TrainingError", "CheckpointError", "run"]
+__all__ = ["FPOTrainer", "Trainer", "TrainingError", "CheckpointError", "run"]

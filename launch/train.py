@@ -9,16 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fpo_diffusion.cli import run_cli
+from fpo_diffusion.cli import ArgumentParser, int_at_least, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (fields of fpo_diffusion.config.Config)")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder of this run's output_dir")
-    parser.add_argument("--stop-after", type=int, metavar="N",
+    parser.add_argument("--stop-after", type=int_at_least(1), metavar="N",
                         help="stop after N iterations of this invocation (checkpointed; continue with --resume latest)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 fpo.beta=5")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 fpo.beta=5 (before or after "
+                                                     "the options)")
     args = parser.parse_args(argv)
 
     from fpo_diffusion.config import load_config

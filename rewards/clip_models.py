@@ -7,13 +7,9 @@ the registry does on every lookup) stays cheap.
 * :func:`load_hf_clip` loads a ``transformers`` CLIP model + processor (PickScore, aesthetic).
 * :func:`load_open_clip` loads an ``open_clip`` model, its eval transform and tokenizer
   (HPSv2, CLIP score).
-* :func:`write_clip_tokenizer_files` writes ``vocab.json`` / ``merges.txt`` for the CLIP BPE
-  built from the vocabulary that ships inside ``open_clip`` (never from a hub).
 """
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -145,25 +141,3 @@ def open_clip_features(model: Any, preprocess: Callable, tokenizer: Callable, im
     img = model.encode_image(pix).float()
     txt = model.encode_text(tok).float()
     return img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
-
-
-def write_clip_tokenizer_files(out_dir: str | os.PathLike) -> tuple[str, str]:
-    """Write ``vocab.json`` and ``merges.txt`` for the CLIP BPE from ``open_clip``'s bundled vocab.
-
-    Mirrors ``open_clip.tokenizer.SimpleTokenizer``: 256 byte tokens, their ``</w>`` forms,
-    48894 merges, then ``<|startoftext|>`` and ``<|endoftext|>`` (49408 tokens in all).
-    Returns the two paths; ``transformers.CLIPTokenizer(vocab, merges)`` loads them.
-    """
-    import open_clip.tokenizer as oct
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(oct.default_bpe()).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-    vocab = list(oct.bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    vocab_path, merges_path = out / "vocab.json", out / "merges.txt"
-    vocab_path.write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    merges_path.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
-    return str(vocab_path), str(merges_path)

@@ -18,6 +18,16 @@ torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Fuzzing (tests/test_fuzz_inputs.py): CI draws the same examples on every run (derandomized: the
+# seed comes from each test's name, no example database), so a failure there is a change in the code,
+# never the luck of a draw. FPO_FUZZ=1 fuzzes freely: fresh random examples each run, remembered in
+# .hypothesis/ (a failure prints the seed; rerun with --hypothesis-seed=N).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("fuzz", derandomize=False, print_blob=True)
+FUZZ_PROFILE = "fuzz" if os.environ.get("FPO_FUZZ", "").strip() not in ("", "0") else "ci"
+settings.load_profile(FUZZ_PROFILE)
 
 
 @pytest.fixture(autouse=True)

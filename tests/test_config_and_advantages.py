@@ -114,3 +114,21 @@ def test_stratified_times_put_one_draw_in_each_quantile_stratum():
     # the default (unstratified) draw is the plain one, bit for bit
     a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(sample_t(n, TimeSampling(), a), 0.02 + 0.96 * torch.rand(n, generator=b))
+
+
+def test_overrides_with_url_reward_names():
+    """Issue 16.6: a reward name holding a URL is one key, unquoted or quoted, in weights and in options."""
+    url = "remote:http://127.0.0.1:8765"
+    cfg = load_config(None, [f"reward.weights.{url}=1.0", f"reward.options.{url}.timeout=3"])
+    assert cfg.reward.weights == {"shapes": 1.0, url: 1.0}  # a dotted override adds to the mapping
+    assert cfg.reward.options[url] == {"timeout": 3} and cfg.reward.options["shapes"] == {"mode": "partial"}
+    cfg = load_config(None, [f'reward.weights={{"{url}": 1.0}}', f'reward.options."{url}".timeout=3'])
+    assert cfg.reward.weights == {url: 1.0} and cfg.reward.options == {url: {"timeout": 3}}
+    cfg = load_config(None, [f'reward.weights."{url}"=0.5', "reward.options.remote.url=http://10.0.0.1:80"])
+    assert cfg.reward.weights[url] == 0.5 and cfg.reward.options["remote"] == {"url": "http://10.0.0.1:80"}
+    cfg = load_config(None, ['output_dir="runs/a=b"'])  # '=' inside a quoted value stays in the value
+    assert cfg.output_dir == "runs/a=b"
+    with pytest.raises(ConfigError, match="unclosed quote"):
+        load_config(None, ['reward.weights."remote:http://x=1'])
+    with pytest.raises(ConfigError, match="unknown config field train.lr.x"):
+        load_config(None, ["train.lr.x=1"])

@@ -5,7 +5,7 @@ import torch
 
 from fpo_diffusion.embedded import tiny_model_path
 from fpo_diffusion.policies import load_policy
-from fpo_diffusion.shapes.evaluate import fast_zero_tokens
+from fpo_diffusion.policies.sd3 import fast_zero_tokens
 
 
 def test_one_biased_zero_token_equals_n_zero_tokens_for_t5_less_sd3():

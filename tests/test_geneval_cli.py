@@ -319,3 +319,11 @@ def test_detector_spec(tmp_path, detector_module):
         cli.load_detector(str(tmp_path / "absent"))
     with pytest.raises(GenEvalInputError, match="cannot import"):
         cli.load_detector("no_such_module_xyz:Det")
+
+
+def test_cli_score_without_a_detector_says_what_to_pass(tmp_path, capsys):
+    root = make_tree(tmp_path / "imgs")
+    assert cli.main(["score", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--detector" in err[0] and cli.DETECTOR_HUB_ID in err[0], err
+    assert not (root / "results.jsonl").exists()

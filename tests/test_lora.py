@@ -81,18 +81,28 @@ def test_export_uses_given_state_dict(tmp_path):
     torch.testing.assert_close(_pred(loaded, *probe), _pred(base, *probe))
 
 
-def test_merge_then_save_pretrained(tmp_path):
-    pol = make_policy("sd", init=False)
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
+def test_merge_then_save_pretrained(tmp_path, family, monkeypatch):
+    pol = make_policy(family, init=False)
     probe = _probe(pol)
     want = _pred(pol, *probe)
+    pipe_cls = type(pol.pipeline)
+    calls = []
+    for name in ("fuse_lora", "unload_lora_weights"):  # diffusers' public LoRA API does the merge
+        orig = getattr(pipe_cls, name)
+        monkeypatch.setattr(pipe_cls, name, lambda self, *a, _o=orig, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
     merge_lora(pol)
+    assert calls == ["fuse_lora", "unload_lora_weights"]
     assert not any("lora_" in n for n, _ in pol.denoiser.named_parameters())
-    torch.testing.assert_close(_pred(pol, *probe), want, rtol=1e-5, atol=1e-5)
+    assert not getattr(pol.denoiser, "peft_config", None) and not pol.denoiser._hf_peft_config_loaded
+    torch.testing.assert_close(_pred(pol, *probe), want, rtol=0, atol=1e-6)
     pol.pipeline.save_pretrained(tmp_path / "merged")
     from fpo_diffusion.policies import load_policy
 
-    again = load_policy("auto", str(tmp_path / "merged"))
-    torch.testing.assert_close(_pred(again, *probe), want, rtol=1e-5, atol=1e-5)
+    again = load_policy("auto", str(tmp_path / "merged"), **policy_kwargs(family))
+    torch.testing.assert_close(_pred(again, *probe), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="no LoRA adapter to merge"):
+        merge_lora(again)
 
 
 def test_add_lora_errors():

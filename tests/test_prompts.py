@@ -45,3 +45,77 @@ def test_bad_prompt_sources(tmp_path):
     nop.write_text('{"text": "x"}\n')
     with pytest.raises(ConfigError, match="line 1: expected an object with a non-empty"):
         load_prompts(PromptConfig(source=str(nop)))
+
+
+# ------------------------------------------------ GenEval metadata means the same from any source
+GENEVAL_ROWS = [
+    {"prompt": "a photo of a circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}],
+     "exclude": [{"class": "circle", "count": 2}]},  # first: Dataset.from_list takes its columns from the first row
+    {"prompt": "a photo of two blue squares", "tag": "counting", "include": [{"class": "square", "count": 2}]},
+    {"prompt": "a photo of a red circle", "tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}]},
+]
+POSITION_ROW = {"prompt": "a photo of a blue square left of a red circle", "tag": "position",
+                "include": [{"class": "circle", "count": 1, "color": "red"},
+                            {"class": "square", "count": 1, "color": "blue", "position": ["left of", 0]}]}
+
+
+def _correct_detections(images):
+    """Detections of an image that satisfies every prompt above (built by hand: no detector model)."""
+    from rewards.geneval.detection import Detection
+
+    sq = [Detection("square", (0, 0, 10, 10), 0.99, color="blue"), Detection("square", (0, 20, 10, 30), 0.99, color="blue")]
+    return [{"square": sq, "circle": [Detection("circle", (50, 0, 60, 10), 0.99, color="red")]} for _ in images]
+
+
+def _geneval_rewards(items):
+    from PIL import Image
+
+    from rewards.geneval.reward import GenEvalReward
+
+    reward = GenEvalReward(detector=_correct_detections, strict=True)
+    images = [Image.new("RGB", (64, 64)) for _ in items]
+    return reward([im for im in images], [i.prompt for i in items], [i.metadata for i in items]).tolist()
+
+
+def test_geneval_metadata_from_datasets_folder_scores_as_from_jsonl(tmp_path):
+    """Issue 16.1: Arrow adds ``"color": None`` / ``"exclude": None`` to rows that lack them; the loader drops
+    them, so the same correct image scores 1.0 from a ``datasets`` folder as from the ``.jsonl`` file."""
+    import datasets
+
+    rows = GENEVAL_ROWS + [POSITION_ROW]
+    js = tmp_path / "m.jsonl"
+    js.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from_jsonl = load_prompts(PromptConfig(source=str(js)))
+    assert _geneval_rewards(from_jsonl) == [1.0] * 4
+
+    # plain list columns (what a user writes first): the struct fields are unified by Arrow
+    datasets.Dataset.from_list(GENEVAL_ROWS).save_to_disk(str(tmp_path / "lists"))
+    raw = datasets.load_from_disk(str(tmp_path / "lists"))
+    assert raw[1]["include"][0]["color"] is None and raw[1]["exclude"] is None  # what Arrow does
+    from_lists = load_prompts(PromptConfig(source=str(tmp_path / "lists")))
+    assert _geneval_rewards(from_lists) == [1.0] * 3
+    assert [i.metadata for i in from_lists] == GENEVAL_ROWS
+
+    # position clauses cannot be a list column: JSON string columns (metadata_dataset writes them) can
+    from fpo_diffusion.prompts import metadata_dataset
+
+    metadata_dataset(rows).save_to_disk(str(tmp_path / "json"))
+    from_json = load_prompts(PromptConfig(source=str(tmp_path / "json")))
+    assert [i.metadata for i in from_json] == rows
+    assert _geneval_rewards(from_json) == _geneval_rewards(from_jsonl)
+
+
+def test_position_clause_that_arrow_mangled_says_what_works(tmp_path):
+    import datasets
+
+    row = dict(POSITION_ROW, include=[dict(c, position=[str(v) for v in c["position"]]) if "position" in c else c
+                                      for c in POSITION_ROW["include"]])  # ["left of", "0"]: one type, so Arrow stores it
+    datasets.Dataset.from_list([row]).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(ConfigError, match=r"row 0: include\[1\] position .* store 'include' as a JSON string column"):
+        load_prompts(PromptConfig(source=str(tmp_path / "ds")))
+    datasets.Dataset.from_list([{"prompt": "x", "include": "[{not json"}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ConfigError, match="row 0: 'include' is a string but not JSON"):
+        load_prompts(PromptConfig(source=str(tmp_path / "bad")))
+    datasets.Dataset.from_list([{"prompt": "x"}, {"prompt": None}]).save_to_disk(str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match="row 1: column 'prompt' is not a non-empty string"):
+        load_prompts(PromptConfig(source=str(tmp_path / "none")))

@@ -101,7 +101,7 @@ def test_ocr_real_weights_prefers_the_quoted_text():
 def tiny_hf_clip(tmp_path, logit_scale: float = math.log(50.0)):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from rewards.clip_models import write_clip_tokenizer_files
+    from fpo_diffusion.tokenizers import clip_tokenizer_files
 
     torch.manual_seed(0)
     cfg = CLIPConfig(
@@ -111,7 +111,8 @@ def tiny_hf_clip(tmp_path, logit_scale: float = math.log(50.0)):
                            image_size=32, patch_size=8),
         projection_dim=16, logit_scale_init_value=logit_scale)
     model = CLIPModel(cfg).eval()
-    vocab, merges = write_clip_tokenizer_files(tmp_path / "tok")
+    tok_dir = clip_tokenizer_files(tmp_path / "tok")
+    vocab, merges = str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt")
     proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
                                                             crop_size={"height": 32, "width": 32}),
                          tokenizer=CLIPTokenizer(vocab, merges, model_max_length=77))
@@ -244,11 +245,12 @@ def test_clip_tokenizer_files_match_open_clip():
     import open_clip
     from transformers import CLIPTokenizer
 
-    from rewards.clip_models import write_clip_tokenizer_files
+    from fpo_diffusion.tokenizers import clip_tokenizer_files
 
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        tok = CLIPTokenizer(*write_clip_tokenizer_files(d))
+        root = clip_tokenizer_files(d)
+        tok = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
         text = "a photo of two red circles, left of a Yellow triangle!"
         ids = tok(text)["input_ids"]
         ref = open_clip.get_tokenizer("ViT-B-32")([text])[0]

@@ -7,7 +7,7 @@ from torch import nn
 
 from fpo_diffusion.fpo import FPOObjective, fpo_loss
 from fpo_diffusion.noise import TimeSampling, draw_tau_eps
-from fpo_diffusion.rollout import SCHEDULERS, make_scheduler
+from fpo_diffusion.policies.schedulers import SCHEDULERS, make_scheduler
 
 from helpers_policies import CASE_IDS, CASES, PROMPTS, SCHEDULERS_BY_FAMILY, fresh_pipeline, generators, \
     make_policy, rollout

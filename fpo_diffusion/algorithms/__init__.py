@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import Algorithm
+from .context import AlgorithmContext
 from .ddpo import DDPO
 from .flow_grpo import FlowGRPO
 from .fpo import FPO
@@ -10,10 +11,10 @@ ALGORITHMS: dict[str, type[Algorithm]] = {"fpo": FPO, "flow_grpo": FlowGRPO, "dd
 """Name -> algorithm class."""
 
 
-def build_algorithm(name: str, trainer) -> Algorithm:
+def build_algorithm(name: str, ctx: AlgorithmContext) -> Algorithm:
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(sorted(ALGORITHMS))}")
-    return ALGORITHMS[name](trainer)
+    return ALGORITHMS[name](ctx)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "DDPO", "FPO", "FlowGRPO", "build_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmContext", "DDPO", "FPO", "FlowGRPO", "build_algorithm"]

@@ -6,45 +6,38 @@ import torch
 
 from ..config import fpo_objective
 from ..fpo import fpo_loss, kl_penalty
-from ..noise import draw_tau_eps, sample_generator
-from ..policies.base import cond_index
+from ..policies.base import batch_slices, cond_index
 from .base import Algorithm
-
-
-def _chunks(n: int, size: int):
-    for s in range(0, n, size):
-        yield slice(s, min(n, s + size))
 
 
 class FPO(Algorithm):
     name = "fpo"
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
+    def __init__(self, ctx):
+        super().__init__(ctx)
         self.objective = fpo_objective(self.cfg.fpo)
         self.anchor = None
 
     def setup(self) -> None:
         if self.cfg.fpo.fm_anchor_beta > 0:
             # Samples of the frozen base model (adapter disabled), fixed for the whole run.
-            self.anchor = self.trainer.rollout(0, use_reference=True, n_samples=self.cfg.fpo.fm_anchor_samples,
-                                               seed_offset=10_007)
+            if self.ctx.reference_samples is None:
+                raise ValueError("fpo.fm_anchor_beta > 0 needs a reference sampler in the algorithm context")
+            self.anchor = self.ctx.reference_samples(self.cfg.fpo.fm_anchor_samples)
 
     def cfm(self, x0, cond, t, eps, *, return_pred=False):
-        tr = self.trainer
-        with tr.accelerator.autocast():
-            return self.policy.cfm_loss(x0, cond, t, eps, model=tr.model, return_pred=return_pred)
+        with self.ctx.autocast():
+            return self.policy.cfm_loss(x0, cond, t, eps, model=self.ctx.model, return_pred=return_pred)
 
     @torch.no_grad()
     def prepare(self, ro, iteration):
         """``(t, eps)`` drawn once per sample, the rollout policy's losses there, and reference predictions."""
-        f, dev = self.cfg.fpo, self.trainer.accelerator.device
+        f, ctx = self.cfg.fpo, self.ctx
         keys = ro.global_idx // self.cfg.train.group_size if f.group_noise else ro.global_idx
-        t, eps = draw_tau_eps(self.trainer.latent_shape, f.n_mc, f.time_sampling, self.cfg.train.seed, iteration,
-                              keys)
-        t, eps = t.to(dev), eps.to(dev)
+        t, eps = ctx.seeds.tau_eps("tau_eps", ctx.latent_shape, f.n_mc, f.time_sampling, iteration, keys)
+        t, eps = t.to(ctx.device), eps.to(ctx.device)
         l_old, ref_pred = [], []
-        for mb in _chunks(len(ro.x0), self.cfg.train.minibatch_size):
+        for mb in batch_slices(len(ro.x0), self.cfg.train.minibatch_size):
             l_old.append(self.cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb]).float())
             if f.kl_beta > 0:
                 with self.policy.reference():
@@ -60,13 +53,13 @@ class FPO(Algorithm):
         return prep["l_old"].mean()
 
     def _anchor_loss(self, iteration: int, epoch: int, step: int, n: int) -> torch.Tensor:
-        a, f, dev = self.anchor, self.cfg.fpo, self.trainer.accelerator.device
-        g = sample_generator(self.cfg.train.seed, iteration, epoch * 100_003 + step, stream=2)
+        a, f, ctx = self.anchor, self.cfg.fpo, self.ctx
+        g = ctx.seeds.generator("anchor_pick", iteration, epoch * 100_003 + step)
         idx = torch.randperm(len(a.x0), generator=g)[: min(n, len(a.x0))]
-        t, eps = draw_tau_eps(self.trainer.latent_shape, f.n_mc, f.time_sampling, self.cfg.train.seed + 10_007,
-                              iteration * 1000 + epoch, a.global_idx[idx] + step * 7919)
-        idx = idx.to(dev)
-        return self.cfm(a.x0[idx], cond_index(a.cond, idx), t.to(dev), eps.to(dev)).mean()
+        t, eps = ctx.seeds.tau_eps("reference_tau_eps", ctx.latent_shape, f.n_mc, f.time_sampling,
+                                   iteration * 1000 + epoch, a.global_idx[idx] + step * 7919)
+        idx = idx.to(ctx.device)
+        return self.cfm(a.x0[idx], cond_index(a.cond, idx), t.to(ctx.device), eps.to(ctx.device)).mean()
 
     def loss(self, ro, prep, idx, adv, *, iteration, epoch, step):
         f = self.cfg.fpo

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from ..noise import sample_generator
 from ..policies.base import Cond, cond_cat, cond_index, cond_to
 from ..policies.common import unwrap_model
 from .base import Algorithm
@@ -50,8 +49,8 @@ class StepwiseAlgorithm(Algorithm):
     section: str = ""
     """Name of the algorithm's section on :class:`~fpo_diffusion.config.Config`."""
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
+    def __init__(self, ctx):
+        super().__init__(ctx)
         if self.policy.family not in self.families:
             from ..config import ConfigError
 
@@ -88,7 +87,7 @@ class StepwiseAlgorithm(Algorithm):
     def negative_rows(self, n: int) -> Cond | None:
         if self.guidance <= 1:
             return None
-        neg = self.trainer.negative_cond
+        neg = self.ctx.negative_cond
         if neg is None:
             neg = self.policy.negative_cond(1)
         return {k: v[:1].expand(n, *v.shape[1:]) for k, v in neg.items()}
@@ -112,7 +111,7 @@ class StepwiseAlgorithm(Algorithm):
         dev = self.policy.device
         cdt = torch.float64 if self.policy.dtype == torch.float64 else torch.float32
         shape = tuple(self.policy.latent_shape(self.height, self.width))
-        model = unwrap_model(self.trainer.model)
+        model = unwrap_model(self.ctx.model)
         was_training = model.training
         model.eval()
         neg = negative_cond if (negative_cond is not None and self.guidance > 1) else self.negative_rows(n)
@@ -134,7 +133,7 @@ class StepwiseAlgorithm(Algorithm):
     def prepare(self, ro, iteration):
         if "latents" not in ro.extras:
             raise RuntimeError(f"algorithm {self.name!r} needs the trajectory from its own sampler in rollout extras")
-        dev = self.trainer.accelerator.device
+        dev = self.ctx.device
         return {"latents": ro.extras["latents"].to(dev), "log_probs": ro.extras["log_probs"].to(dev)}
 
     @property
@@ -147,13 +146,13 @@ class StepwiseAlgorithm(Algorithm):
         k = self.steps_per_update
         rows = []
         for gi in ro.global_idx[idx.cpu()].tolist():
-            g = sample_generator(self.cfg.train.seed + 40_009 * (epoch + 1), iteration, int(gi), stream=2)
+            g = self.ctx.seeds.generator("step_subset", iteration, int(gi), multiple=epoch + 1)
             rows.append(torch.randperm(self.steps, generator=g)[:k] if k < self.steps else torch.arange(self.steps))
         return torch.stack(rows)
 
     def loss(self, ro, prep, idx, adv, *, iteration, epoch, step):
         a = self.acfg
-        dev = self.trainer.accelerator.device
+        dev = self.ctx.device
         b = len(idx)
         j = self.select_steps(ro, idx, iteration, epoch)  # [B, k] (CPU)
         k = j.shape[1]
@@ -167,8 +166,8 @@ class StepwiseAlgorithm(Algorithm):
         cond = cond_index(ro.cond, idx)
         cond = {kk: v.repeat_interleave(k, dim=0) for kk, v in cond.items()}
         neg = self.negative_rows(b * k)
-        with self.trainer.accelerator.autocast():
-            pred = self.predict(self.trainer.model, x, jf, cond, neg)
+        with self.ctx.autocast():
+            pred = self.predict(self.ctx.model, x, jf, cond, neg)
         _, lp_new, mean, std = self.step(pred, jf, x, prev_sample=x_next)
         log_ratio = lp_new - lp_old.to(lp_new.dtype)
         ratio = log_ratio.exp()
@@ -183,8 +182,8 @@ class StepwiseAlgorithm(Algorithm):
                 "approx_kl": 0.5 * (log_ratio ** 2).mean(),
             }
         if a.kl_beta > 0:
-            model = unwrap_model(self.trainer.model)
-            with torch.no_grad(), self.policy.reference(), self.trainer.accelerator.autocast():
+            model = unwrap_model(self.ctx.model)
+            with torch.no_grad(), self.policy.reference(), self.ctx.autocast():
                 pred_ref = self.predict(model, x, jf, cond, neg)
                 _, _, mean_ref, _ = self.step(pred_ref, jf, x, prev_sample=x_next)
             kl = ((mean - mean_ref) ** 2).reshape(b * k, -1).mean(1, keepdim=True) / (2 * std.reshape(b * k, -1) ** 2)

@@ -26,6 +26,23 @@ from torch import nn
 Cond = dict[str, torch.Tensor]
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/FSDP-style (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.Module) and hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def batch_slices(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` of at most ``size`` rows (batches in order)."""
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
 def cond_index(cond: Cond, idx: torch.Tensor | list[int] | slice) -> Cond:
     """Select batch rows of every tensor of ``cond``."""
     if isinstance(idx, list):

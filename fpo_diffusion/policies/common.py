@@ -16,20 +16,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .base import Cond, Policy, cond_repeat, cond_to
+from .base import Cond, Policy, cond_repeat, cond_to, unwrap_model
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/FSDP-style (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.Module) and hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def resolve_path(path: str | os.PathLike) -> str:
@@ -70,6 +59,15 @@ def check_prompts(prompts: list[str]) -> list[str]:
 
 
 _OPTIONAL_COMPONENTS = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor", "safety_checker")
+
+
+def _dtype_keyword() -> str:
+    """The ``from_pretrained`` keyword for the weights' dtype: ``dtype`` since diffusers 0.42 deprecated
+    ``torch_dtype`` (huggingface/diffusers#14205); older releases know only ``torch_dtype``."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
 
 
 def _absent_optional_components(path: str) -> dict[str, None]:
@@ -158,7 +156,7 @@ class PipelinePolicy(Policy):
         accepted = set(inspect.signature(pipe_cls.__init__).parameters)
         absent = {k: v for k, v in _absent_optional_components(path).items() if k in accepted}
         extra = {**cls._from_pretrained_kwargs(), **absent, **kwargs}
-        pipe = pipe_cls.from_pretrained(path, torch_dtype=dtype, **extra)
+        pipe = pipe_cls.from_pretrained(path, **{_dtype_keyword(): dtype}, **extra)
         pipe.to(device)
         return cls(pipe, **pkw)
 
@@ -185,7 +183,7 @@ class PipelinePolicy(Policy):
 
     @contextlib.contextmanager
     def _sampling_setup(self, model: nn.Module | None, scheduler: str | None) -> Iterator[None]:
-        from ..rollout import make_scheduler
+        from .schedulers import make_scheduler
 
         pipe = self.pipeline
         old_den, old_sched = getattr(pipe, self.denoiser_attr), pipe.scheduler

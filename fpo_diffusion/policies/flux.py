@@ -8,8 +8,9 @@ permutation, so the per-dimension mean loss is the same in either layout.
 ``x_t = (1 - t) x0 + t eps``, target ``eps - x0``; the transformer gets ``timestep = t`` (it
 scales by 1000 inside), ``txt_ids`` zeros and ``img_ids`` from the latent grid, as the pipeline.
 
-Guidance: ``guidance`` (policy attribute, default 3.5) is the *embedded* (distilled) guidance
-of FLUX.1-dev-style models; it is used for both sampling and the CFM loss, so the two agree.
+Guidance: ``guidance`` (policy attribute, default 3.5, FluxPipeline's ``guidance_scale``; in a
+training config ``sampling.distilled_guidance``) is the *embedded* (distilled) guidance of
+FLUX.1-dev-style models; it is used for both sampling and the CFM loss, so the two agree.
 ``sample(guidance_scale=...)`` > 1 turns on true classifier-free guidance (the pipeline's
 ``true_cfg_scale``) with the empty prompt (or ``negative_cond``) as the negative.
 """
@@ -22,9 +23,10 @@ from torch import nn
 
 from .base import Cond
 from .common import PipelinePolicy
-from .sd3 import FlowPolicyMixin
+from .sd3 import SD3_LORA_TARGETS, FlowPolicyMixin
 
-FLUX_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+FLUX_LORA_TARGETS = SD3_LORA_TARGETS
+"""The same joint-attention projections as SD3 (image and text streams)."""
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:

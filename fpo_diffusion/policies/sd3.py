@@ -8,15 +8,18 @@ pipeline pads with zeros of ``max_sequence_length`` tokens.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Cond
 from .common import PipelinePolicy
 
 SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+"""Default LoRA targets: the joint attention's projections of the image stream and the text stream."""
 
 
 class FlowPolicyMixin:
@@ -66,3 +69,60 @@ class SD3Policy(FlowPolicyMixin, PipelinePolicy):
         return model(hidden_states=x_t, timestep=model_time * 1000,
                      encoder_hidden_states=cond["prompt_embeds"], pooled_projections=cond["pooled_prompt_embeds"],
                      return_dict=False)[0]
+
+
+class ZeroTokenBias:
+    """Joint-attention processor for SD3 without T5: one all-zero "T5" token stands for ``n``.
+
+    With no T5 the pipeline appends ``max_sequence_length`` identical all-zero tokens to the
+    context. Identical tokens keep identical states through every block, so ``n`` copies act
+    exactly like one copy whose attention logit is raised by ``log(n)`` (``log_n``): the same
+    outputs for a fraction of the cost (checked numerically in the tests).
+    """
+
+    def __init__(self):
+        self.log_n = 0.0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        b = hidden_states.shape[0]
+        n_img = hidden_states.shape[1]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        cq = heads(attn.add_q_proj(encoder_hidden_states))
+        ck = heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        mask = q.new_zeros(1, 1, 1, k.shape[2])
+        mask[..., -1] = self.log_n
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h.transpose(1, 2).reshape(b, -1, h.shape[1] * h.shape[-1])
+        h, c = h[:, :n_img], h[:, n_img:]
+        if not attn.context_pre_only:
+            c = attn.to_add_out(c)
+        h = attn.to_out[1](attn.to_out[0](h))
+        return h, c
+
+
+def fast_zero_tokens(pipe, max_sequence_length: int = 256) -> dict:
+    """Make a T5-less SD3 pipeline cheap to sample, with identical results.
+
+    The pipeline appends ``max_sequence_length`` identical all-zero tokens; one token whose
+    attention logit is raised by ``log(n)`` is exactly equivalent. Installs :class:`ZeroTokenBias`
+    on ``pipe.transformer``; call the pipeline (or build the policy) with ``max_sequence_length=1``
+    afterwards. Returns the kwargs to pass.
+    """
+    proc = ZeroTokenBias()
+    proc.log_n = math.log(max_sequence_length)
+    pipe.transformer.set_attn_processor(proc)
+    return {"max_sequence_length": 1}

@@ -1,0 +1,91 @@
+"""What the loop hands an algorithm: the explicit, small interface between the two.
+
+An algorithm sees the run through an :class:`AlgorithmContext` only: no trainer object, no
+import of the loop. A benchmark or a unit test builds one directly around a policy
+(:meth:`AlgorithmContext.for_policy`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Protocol
+
+import torch
+from torch import nn
+
+from ..config import Config, SamplingConfig
+from ..noise import SeedStreams
+from ..policies.base import Cond, Policy
+
+
+class Samples(Protocol):
+    """What an algorithm reads of a rollout (``rollout.Rollout`` has these fields)."""
+
+    global_idx: torch.Tensor  # [n] global sample index
+    cond: Cond  # [n, ...]
+    x0: torch.Tensor  # [n, *L] final latents
+    extras: dict[str, torch.Tensor]  # per-sample data of the algorithm's own sampler
+
+
+StockSampler = Callable[..., torch.Tensor]
+"""``(cond, generators, negative_cond, *, model=None) -> x0``: the stock pipeline with the config's
+``sampling`` settings (``model``: the denoiser to run; ``None``: the policy's own, e.g. inside
+``policy.reference()``)."""
+
+ReferenceSampler = Callable[[int], Samples]
+"""``(n) -> samples``: up to ``n`` samples of this rank from the frozen base model (adapter
+disabled), drawn from the ``reference`` seed stream, fixed for the whole run."""
+
+
+@dataclass
+class AlgorithmContext:
+    """The run as an algorithm sees it."""
+
+    cfg: Config
+    policy: Policy
+    model: nn.Module
+    """The denoiser to train and run (as prepared by accelerate: DDP-wrapped on several ranks)."""
+    device: torch.device
+    autocast: Callable[[], ContextManager]
+    """The run's mixed-precision context (``accelerator.autocast``)."""
+    latent_shape: tuple[int, ...]
+    negative_cond: Cond | None
+    """The encoded negative prompt (one row), ``None`` without CFG."""
+    seeds: SeedStreams
+    stock_sample: StockSampler
+    reference_samples: ReferenceSampler | None = None
+
+    @classmethod
+    def for_policy(cls, cfg: Config, policy: Policy, *, latent_shape: tuple[int, ...] | None = None,
+                   mixed_precision: str = "no", stock_sample: StockSampler | None = None,
+                   reference_samples: ReferenceSampler | None = None) -> "AlgorithmContext":
+        """A context around a bare policy (its own denoiser, no CFG negative prompt), for benchmarks and
+        tests. ``latent_shape`` defaults to the policy's at ``cfg.sampling``'s size, ``stock_sample`` to
+        the policy's pipeline with ``cfg.sampling``."""
+        dev = policy.device
+
+        def autocast():
+            if mixed_precision == "bf16":
+                return torch.autocast(dev.type, dtype=torch.bfloat16)
+            return contextlib.nullcontext()
+
+        s = cfg.sampling
+        return cls(cfg=cfg, policy=policy, model=policy.denoiser, device=dev, autocast=autocast,
+                   latent_shape=tuple(latent_shape or policy.latent_shape(s.height, s.width)), negative_cond=None,
+                   seeds=SeedStreams(cfg.train.seed), stock_sample=stock_sample or stock_sampler(policy, s),
+                   reference_samples=reference_samples)
+
+
+def stock_sampler(policy: Policy, sampling: SamplingConfig) -> StockSampler:
+    """The policy's stock pipeline with the ``sampling`` settings (steps, CFG scale, scheduler, size)."""
+    s = sampling
+
+    def sample(cond: Cond, generators: list[torch.Generator], negative_cond: Cond | None, *,
+               model: nn.Module | None = None) -> torch.Tensor:
+        return policy.sample(cond, generators, steps=s.steps, guidance_scale=s.guidance_scale, scheduler=s.scheduler,
+                             height=s.height, width=s.width, negative_cond=negative_cond, model=model)
+
+    return sample
+
+
+__all__ = ["AlgorithmContext", "ReferenceSampler", "Samples", "StockSampler", "stock_sampler"]
