@@ -14,6 +14,7 @@ Both are timed interleaved in the same process (median of ``--repeats``). Target
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import tempfile
 
 import _common as C
@@ -63,7 +64,9 @@ def measure(model_path: str, family: str, *, steps: int, guidance: float, batch:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from fpo_diffusion.embedded import SHAPES_MODEL
+    from fpo_diffusion.embedded import resolve_model
+
+    SHAPES_MODEL = Path(resolve_model("sd3", "embedded:shapes")[1])
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)

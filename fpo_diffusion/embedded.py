@@ -8,9 +8,6 @@ from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-SHAPES_MODEL = ASSETS / "shapes_sd3"
-"""The shipped, pretrained shapes text-to-image model (a stock ``StableDiffusion3Pipeline`` folder)."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,18 +39,26 @@ def tiny_model_path(family: str, seed: int = 0) -> Path:
     return path
 
 
-def resolve_model(family: str, path: str) -> tuple[str, str]:
-    """``(family, path)`` with the ``embedded:`` names replaced by real folders."""
-    if path == "embedded:shapes":
-        if not (SHAPES_MODEL / "model_index.json").exists():
-            raise FileNotFoundError(f"the embedded shapes model is missing at {SHAPES_MODEL}")
-        return "sd3", str(SHAPES_MODEL)
+def _resolve(family: str, path: str) -> tuple[str, str, int | None]:
+    """``(family, path, zero_tokens)`` with the ``embedded:`` names replaced by real folders."""
+    from . import plugins
+
     if path.startswith("embedded:tiny-"):
         fam = path[len("embedded:tiny-"):]
-        return fam, str(tiny_model_path(fam))
+        return fam, str(tiny_model_path(fam)), None
     if path.startswith("embedded:"):
-        raise ValueError(f"unknown embedded model {path!r}; available: embedded:shapes, embedded:tiny-<family>")
-    return family, path
+        fn = plugins.lookup(plugins.MODELS, path[len("embedded:"):])
+        if fn is None:
+            known = ", ".join([f"embedded:{n}" for n in plugins.names(plugins.MODELS)] + ["embedded:tiny-<family>"])
+            raise ValueError(f"unknown embedded model {path!r}; available: {known}")
+        spec = fn()
+        return spec["family"], spec["path"], spec.get("zero_tokens")
+    return family, path, None
+
+
+def resolve_model(family: str, path: str) -> tuple[str, str]:
+    """``(family, path)`` with the ``embedded:`` names (tiny models, plug-ins) replaced by real folders."""
+    return _resolve(family, path)[:2]
 
 
 def load_model(family: str, path: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
@@ -62,18 +67,17 @@ def load_model(family: str, path: str, *, dtype: str = "float32", device: str | 
     policy's embedded guidance (``sampling.distilled_guidance``; ``None``: the policy's default)."""
     from .policies import FluxPolicy, load_policy
 
-    embedded_shapes = path == "embedded:shapes"
-    family, path = resolve_model(family, path)
-    if not embedded_shapes:
+    family, path, zero_tokens = _resolve(family, path)
+    if not zero_tokens:
         policy = load_policy(family, path, dtype=torch_dtype(dtype), device=device)
         if distilled_guidance is not None and isinstance(policy, FluxPolicy):
             policy.guidance = float(distilled_guidance)
         return policy
-    # The shapes model has no T5: the stock pipeline pads its context with 256 identical zero
-    # tokens. One zero token with its attention logit raised by log(256) is exactly equivalent
+    # A model trained without T5 (its context's T5 part is ``zero_tokens`` identical zero tokens):
+    # one zero token with its attention logit raised by log(zero_tokens) is exactly equivalent
     # (identical tokens keep identical states) and makes every forward several times cheaper.
     from .policies.sd3 import fast_zero_tokens
 
     policy = load_policy(family, path, dtype=torch_dtype(dtype), device=device, max_sequence_length=1)
-    fast_zero_tokens(policy.pipeline, max_sequence_length=256)
+    fast_zero_tokens(policy.pipeline, max_sequence_length=zero_tokens)
     return policy

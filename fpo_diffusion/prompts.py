@@ -104,10 +104,14 @@ def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
             raise ConfigError(f"prompt source {src[:200]!r} is not a usable path: {why}") from None
     if src == "embedded:tiny":
         items = [PromptItem(p) for p in TINY_PROMPTS]
-    elif src == "embedded:shapes":
-        from .shapes.scenes import training_metadata  # all six tasks, disjoint from ShapesEval's held-out prompts
+    elif src.startswith("embedded:"):
+        from . import plugins
 
-        items = [PromptItem(m["prompt"], m) for m in training_metadata()]
+        fn = plugins.lookup(plugins.PROMPTS, src[len("embedded:"):])
+        if fn is None:
+            known = ", ".join(["embedded:tiny"] + [f"embedded:{n}" for n in plugins.names(plugins.PROMPTS)])
+            raise ConfigError(f"unknown embedded prompt source {src!r}; available: {known}")
+        items = [PromptItem(m["prompt"], m) for m in fn()]
     elif src.startswith("hf:") or (Path(src).is_dir() and (Path(src) / "dataset_info.json").exists()
                                    or (Path(src) / "dataset_dict.json").exists()):
         items = _load_dataset(src, cfg.column)

@@ -30,27 +30,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fpo_diffusion.policies.sd3 import fast_zero_tokens
+
 from .detector import ShapesDetector, foreground_share
 from .scenes import TASKS, heldout_metadata, scene_for, validation_metadata
 
 GRID_ENTRIES = 12
 """Entries per task shown in the grids."""
-
-
-def fast_zero_tokens(pipe, max_sequence_length: int = 256):
-    """Make a T5-less SD3 pipeline cheap to sample, with identical results.
-
-    The pipeline appends ``max_sequence_length`` identical all-zero tokens; one token whose
-    attention logit is raised by ``log(n)`` is exactly equivalent. Installs that processor on
-    ``pipe.transformer``; call the pipeline with ``max_sequence_length=1`` afterwards.
-    Returns the kwargs to pass.
-    """
-    from .pretrain import ZeroTokenBias
-
-    proc = ZeroTokenBias()
-    proc.log_n = math.log(max_sequence_length)
-    pipe.transformer.set_attn_processor(proc)
-    return {"max_sequence_length": 1}
 
 
 def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None):

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fpo_diffusion.policies.sd3 import ZeroTokenBias
+
 from .render import render_array, to_tensor_batch
 from .scenes import CaptionStyle, pretraining_example, random_scene
 from .world import CANVAS, CELL, GRID
@@ -320,50 +322,6 @@ def build_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-
-
-class ZeroTokenBias:
-    """Training-time joint-attention processor: one all-zero "T5" token stands for ``n``.
-
-    With no T5 the pipeline appends ``max_sequence_length`` identical all-zero tokens to the
-    context. Identical tokens keep identical states through every block, so ``n`` copies act
-    exactly like one copy whose attention logit is raised by ``log(n)``. Training with one token
-    and that bias costs nothing and matches the pipeline's default ``max_sequence_length=256``
-    (checked numerically in the tests); the saved model uses the stock processor.
-    """
-
-    def __init__(self):
-        self.log_n = 0.0
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b = hidden_states.shape[0]
-        n_img = hidden_states.shape[1]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        mask = q.new_zeros(1, 1, 1, k.shape[2])
-        mask[..., -1] = self.log_n
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        h = h.transpose(1, 2).reshape(b, -1, h.shape[1] * h.shape[-1])
-        h, c = h[:, :n_img], h[:, n_img:]
-        if not attn.context_pre_only:
-            c = attn.to_add_out(c)
-        h = attn.to_out[1](attn.to_out[0](h))
-        return h, c
 
 
 def encode_text(tokenizer, te1, te2, prompts: list[str], n_zero: int = 256):
