@@ -485,12 +485,14 @@ def null_t5(dim: int = 2 * TEXT_DIM):
     zeros. A one-layer T5 with a zero final norm gives exactly those zeros, and makes the folder
     a complete SD3 pipeline that ``StableDiffusion3Pipeline.from_pretrained(path)`` and
     ``DiffusionPipeline.from_pretrained(path)`` load with no extra arguments. The tokenizer
-    knows three tokens (``<pad>``, ``</s>``, ``<unk>``): what it makes of a prompt never matters.
+    knows three tokens (``<pad>``, ``</s>``, ``<unk>``) and reads every prompt as empty (just
+    ``</s>``), so no prompt is ever "truncated".
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
     tk = Tokenizer(models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)], unk_id=2))
+    tk.normalizer = normalizers.Replace(Regex(r"[\s\S]+"), "")
     tk.pre_tokenizer = pre_tokenizers.Metaspace()
     tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok = T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
