@@ -121,7 +121,7 @@ def fpo_loss(l_old: torch.Tensor, l_new: torch.Tensor, advantages: torch.Tensor,
             "ratio_min": r.min(),
             "ratio_max": r.max(),
             "clip_frac": ((r < lo) | (r > hi)).float().mean(),
-            "approx_kl": ((r - 1.0) - log_ratio.detach().float()).mean(),
+            "approx_kl": approx_kl(log_ratio.detach().float()),
             "loss_diff_mean": diff.mean(),
             "loss_diff_std": diff.std(unbiased=False),
             "loss_diff_absmax": diff.abs().max(),
@@ -140,3 +140,13 @@ def kl_penalty(pred: torch.Tensor, pred_ref: torch.Tensor) -> torch.Tensor:
     """
     d = (pred.float() - pred_ref.detach().float()) ** 2
     return d.flatten(1).mean(dim=1)
+
+
+def approx_kl(log_ratio: torch.Tensor) -> torch.Tensor:
+    """The k3 estimate of ``KL(old || new)`` from log-ratios ``log(p_new / p_old)`` of samples of the old
+    policy: ``mean((rho - 1) - log rho)`` (non-negative, unbiased; CleanRL's and TRL's ``approx_kl``).
+
+    Every algorithm reports this one estimator under ``<algorithm>/approx_kl``, so values compare
+    across algorithms (for FPO ``log rho`` is the ``beta``-scaled CFM-loss difference).
+    """
+    return (log_ratio.exp() - 1.0 - log_ratio).mean()
