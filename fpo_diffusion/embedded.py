@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+from .errors import PathNotFoundError
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHAPES_MODEL = ASSETS / "shapes_sd3"
 """The shipped, pretrained shapes text-to-image model (a stock ``StableDiffusion3Pipeline`` folder)."""
@@ -19,7 +22,7 @@ def torch_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}") from None
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}") from None
 
 
 def cache_dir() -> Path:
@@ -46,13 +49,13 @@ def resolve_model(family: str, path: str) -> tuple[str, str]:
     """``(family, path)`` with the ``embedded:`` names replaced by real folders."""
     if path == "embedded:shapes":
         if not (SHAPES_MODEL / "model_index.json").exists():
-            raise FileNotFoundError(f"the embedded shapes model is missing at {SHAPES_MODEL}")
+            raise PathNotFoundError(f"the embedded shapes model is missing at {SHAPES_MODEL}")
         return "sd3", str(SHAPES_MODEL)
     if path.startswith("embedded:tiny-"):
         fam = path[len("embedded:tiny-"):]
         return fam, str(tiny_model_path(fam))
     if path.startswith("embedded:"):
-        raise ValueError(f"unknown embedded model {path!r}; available: embedded:shapes, embedded:tiny-<family>")
+        raise ConfigError(f"unknown embedded model {path!r}; available: embedded:shapes, embedded:tiny-<family>")
     return family, path
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from .checkpoint import CheckpointError, load_trainable, named_trainable, read_state, resolve_resume
 from .config import ConfigError, load_config
+from .errors import OutputExistsError
 
 
 def export_trained_lora(accelerator, policy, out_dir: str | Path, ema=None) -> Path:
@@ -61,7 +62,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"output folder {out_dir} is not empty; choose another --out")
+        raise OutputExistsError(f"output folder {out_dir} is not empty; choose another --out")
     policy, _, _ = load_trained_policy(run_dir, checkpoint, ema=ema)
     if merge:
         from .lora import merge_lora

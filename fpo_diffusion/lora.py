@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .policies.base import unwrap_model
 
 ADAPTER_NAME = "default"
@@ -35,16 +36,16 @@ def add_lora(denoiser: nn.Module, *, rank: int = 8, alpha: float | None = None,
     from peft import LoraConfig
 
     if rank < 1:
-        raise ValueError(f"lora rank must be >= 1, got {rank}")
+        raise ConfigError(f"lora rank must be >= 1, got {rank}")
     if not target_modules:
-        raise ValueError("lora target_modules is empty")
+        raise ConfigError("lora target_modules is empty")
     denoiser = unwrap_model(denoiser)
     if getattr(denoiser, "peft_config", None) and ADAPTER_NAME in denoiser.peft_config:
         raise ValueError("the denoiser already has a LoRA adapter attached")
     names = [n for n, _ in denoiser.named_modules()]
     missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if len(missing) == len(list(target_modules)):
-        raise ValueError(f"none of the LoRA target modules {list(target_modules)} exist in {type(denoiser).__name__}")
+        raise ConfigError(f"none of the LoRA target modules {list(target_modules)} exist in {type(denoiser).__name__}")
     config = LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
                         target_modules=list(target_modules), lora_dropout=float(dropout),
                         init_lora_weights=init)
