@@ -1,6 +1,7 @@
 """Shared command-line plumbing: one clear error line and a non-zero exit for bad input.
 
 * :func:`run_cli` turns the user errors below into ``<prog>: error: <one line>`` and exit status 2;
+  any other exception is a bug and propagates with its traceback;
 * :class:`ArgumentParser` is argparse whose errors are such a line too (argparse's own prints a
   usage block first), and whose positionals may follow options (``--stop-after 2 a.b=1``);
 * :func:`int_at_least` / :func:`float_at_least` are argparse ``type=`` checks for counts and sizes
@@ -13,10 +14,13 @@ import math
 import sys
 from typing import Callable
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
+from rewards.base import RewardConfigError
 
-class UsageError(ValueError):
+from .checkpoint import CheckpointError
+from .errors import UserError
+
+
+class UsageError(UserError, ValueError):
     """Bad command-line arguments (printed by :func:`run_cli` as one line, exit status 2)."""
 
 
@@ -66,9 +70,9 @@ def float_at_least(lo: float, *, strict: bool = False) -> Callable[[str], float]
     return parse
 
 
-#: Exceptions that mean "the user's input is wrong": printed as one line, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, FileExistsError,
-                                                KeyError, ValueError)
+#: The project's exceptions that mean "the user's input is wrong": printed as one line, exit code 2.
+#: (``UserError`` covers ``ConfigError``, ``UsageError``, ``PathNotFoundError`` and ``OutputExistsError``.)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, CheckpointError, RewardConfigError)
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, prog: str = "") -> int:
@@ -76,7 +80,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         return int(main(argv) or 0)
     except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f"{prog + ': ' if prog else ''}error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,10 +17,11 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 from .noise import TimeSampling
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Bad configuration (file, field or value)."""
 
 

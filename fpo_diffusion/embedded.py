@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -16,7 +17,7 @@ def torch_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}") from None
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}") from None
 
 
 def cache_dir() -> Path:
@@ -50,7 +51,7 @@ def _resolve(family: str, path: str) -> tuple[str, str, int | None]:
         fn = plugins.lookup(plugins.MODELS, path[len("embedded:"):])
         if fn is None:
             known = ", ".join([f"embedded:{n}" for n in plugins.names(plugins.MODELS)] + ["embedded:tiny-<family>"])
-            raise ValueError(f"unknown embedded model {path!r}; available: {known}")
+            raise ConfigError(f"unknown embedded model {path!r}; available: {known}")
         spec = fn()
         return spec["family"], spec["path"], spec.get("zero_tokens")
     return family, path, None

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from .checkpoint import CheckpointError, load_trainable, named_trainable, read_state, resolve_resume
 from .config import ConfigError, load_config
+from .errors import OutputExistsError
 
 
 def export_trained_lora(accelerator, policy, out_dir: str | Path, ema=None) -> Path:
@@ -53,21 +54,35 @@ def load_trained_policy(run_dir: str | Path, checkpoint: str = "latest", *, ema:
     return policy, cfg, ckpt
 
 
+EXPORT_FORMATS = ("diffusers", "kohya")
+"""``export_run`` formats: diffusers' ``pytorch_lora_weights.safetensors``, or kohya-ss's layout."""
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", *, ema: bool = False,
-               merge: bool = False) -> Path:
+               merge: bool = False, format: str = "diffusers") -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (or, with ``merge``, a full pipeline) to ``out_dir``.
 
-    ``out_dir`` must not exist yet or be empty: nothing already written is overwritten.
+    ``format="kohya"`` writes ``<run name>.safetensors`` in the kohya-ss layout instead (SD/SDXL; for
+    AUTOMATIC1111, ComfyUI, ...). ``out_dir`` must not exist yet or be empty: nothing already written is
+    overwritten. Returns the folder (diffusers, merge) or the file (kohya).
     """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if merge and format != "diffusers":
+        raise ValueError("--merge writes a full diffusers pipeline: it does not combine with --format kohya")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"output folder {out_dir} is not empty; choose another --out")
+        raise OutputExistsError(f"output folder {out_dir} is not empty; choose another --out")
     policy, _, _ = load_trained_policy(run_dir, checkpoint, ema=ema)
     if merge:
         from .lora import merge_lora
 
         merge_lora(policy)
         policy.pipeline.save_pretrained(str(out_dir))
+    elif format == "kohya":
+        from .lora import export_lora_kohya
+
+        return Path(export_lora_kohya(policy, out_dir / f"{Path(run_dir).resolve().name}.safetensors"))
     else:
         policy.export_lora(str(out_dir))
     return out_dir

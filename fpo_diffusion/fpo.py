@@ -13,6 +13,11 @@ Two ratio modes:
 * ``"per_sample"`` (FPO++): ``rho_bi = exp(beta * clamp(l_old_bi - l_new_bi, -delta, delta))``,
   one PPO term per ``(b, i)``, averaged.
 
+``l`` is the CFM loss averaged over the ``D`` latent dimensions (what ``Policy.cfm_loss``
+returns). With ``ratio_reduction="sum"`` the ratio uses the sum over dimensions instead, as
+the FPO paper writes the loss (a squared norm): the difference ``l_old - l_new`` is multiplied
+by ``D`` before the clamp, which makes the log-ratio ``D`` times larger at the same ``beta``.
+
 Surrogate (to minimise): ``-mean(min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A))``.
 With ``negative_adv="spo"`` samples with ``A < 0`` use the SPO penalty instead of the
 clip (FPO++'s asymmetric trust region):
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 RATIO_MODES = ("mean", "per_sample")
+RATIO_REDUCTIONS = ("mean", "sum")
 NEGATIVE_ADV_MODES = ("clip", "spo")
 
 
@@ -46,8 +52,17 @@ class FPOObjective:
     """Optional separate upper clip range (``1 + eps_clip_high``); ``None``: same as ``eps_clip``."""
     negative_adv: str = "clip"
     """``"clip"``: PPO clip for every sample; ``"spo"``: SPO penalty for ``A < 0``."""
+    ratio_reduction: str = "mean"
+    """``"mean"``: the per-dimension mean CFM loss inside the ratio; ``"sum"``: the sum over the
+    ``latent_dims`` dimensions (the FPO paper's form)."""
+    latent_dims: int = 1
+    """``D``, the number of latent dimensions of one sample (used by ``ratio_reduction="sum"``)."""
 
     def __post_init__(self):
+        if self.ratio_reduction not in RATIO_REDUCTIONS:
+            raise ValueError(f"fpo.ratio_reduction must be one of {RATIO_REDUCTIONS}, got {self.ratio_reduction!r}")
+        if not (isinstance(self.latent_dims, int) and self.latent_dims >= 1):
+            raise ValueError(f"latent_dims must be an integer >= 1, got {self.latent_dims!r}")
         if self.ratio_mode not in RATIO_MODES:
             raise ValueError(f"fpo.ratio_mode must be one of {RATIO_MODES}, got {self.ratio_mode!r}")
         if self.negative_adv not in NEGATIVE_ADV_MODES:
@@ -61,15 +76,18 @@ class FPOObjective:
 
 
 def fpo_log_ratio(l_old: torch.Tensor, l_new: torch.Tensor, *, ratio_mode: str = "mean",
-                  beta: float = 1.0, delta: float = math.inf) -> torch.Tensor:
-    """Log of the FPO ratio.
+                  beta: float = 1.0, delta: float = math.inf, scale: float = 1.0) -> torch.Tensor:
+    """Log of the FPO ratio: ``beta * clamp(scale * (l_old - l_new), -delta, delta)``.
 
     ``l_old``/``l_new`` are ``[B, N]``. Returns ``[B, 1]`` for ``"mean"`` and ``[B, N]`` for
-    ``"per_sample"``. ``l_old`` is treated as a constant.
+    ``"per_sample"``. ``l_old`` is treated as a constant. ``scale``: the number of latent dims for
+    ``ratio_reduction="sum"`` (the losses are per-dimension means), else 1.
     """
     if l_old.shape != l_new.shape or l_old.dim() != 2:
         raise ValueError(f"l_old and l_new must both be [B, N]; got {tuple(l_old.shape)} and {tuple(l_new.shape)}")
     diff = l_old.detach() - l_new
+    if scale != 1:
+        diff = diff * scale
     if ratio_mode == "mean":
         diff = diff.mean(dim=1, keepdim=True)
     elif ratio_mode != "per_sample":
@@ -92,12 +110,13 @@ def fpo_loss(l_old: torch.Tensor, l_new: torch.Tensor, advantages: torch.Tensor,
     Returns:
         ``(loss, stats)`` where ``stats`` holds detached scalars: ``ratio_mean``,
         ``ratio_min``, ``ratio_max``, ``clip_frac``, ``approx_kl`` (k3 estimator
-        ``(rho - 1) - log rho``), ``loss_diff_mean``, ``loss_diff_std``,
-        ``loss_diff_absmax`` (of ``l_old - l_new``, before ``beta``) and
-        ``delta_clamp_frac``.
+        ``(rho - 1) - log rho``), ``log_ratio_std`` (the spread of ``log rho`` over the terms),
+        ``loss_diff_mean``, ``loss_diff_std``, ``loss_diff_absmax`` (of the per-dimension
+        ``l_old - l_new``, before ``beta`` and the ``sum`` reduction) and ``delta_clamp_frac``.
     """
     o = objective
-    log_ratio = fpo_log_ratio(l_old, l_new, ratio_mode=o.ratio_mode, beta=o.beta, delta=o.delta)
+    scale = float(o.latent_dims) if o.ratio_reduction == "sum" else 1.0
+    log_ratio = fpo_log_ratio(l_old, l_new, ratio_mode=o.ratio_mode, beta=o.beta, delta=o.delta, scale=scale)
     ratio = log_ratio.exp()
     adv = advantages.to(ratio.dtype).reshape(-1, 1).expand_as(ratio)
     lo, hi = 1.0 - o.eps_clip, 1.0 + (o.eps_clip if o.eps_clip_high is None else o.eps_clip_high)
@@ -112,16 +131,17 @@ def fpo_loss(l_old: torch.Tensor, l_new: torch.Tensor, advantages: torch.Tensor,
     with torch.no_grad():
         diff = (l_old.detach() - l_new.detach()).float()
         if o.ratio_mode == "mean":
-            diff_r = diff.mean(dim=1, keepdim=True)
+            diff_r = diff.mean(dim=1, keepdim=True) * scale
         else:
-            diff_r = diff
+            diff_r = diff * scale
         r = ratio.detach().float()
         stats = {
             "ratio_mean": r.mean(),
             "ratio_min": r.min(),
             "ratio_max": r.max(),
             "clip_frac": ((r < lo) | (r > hi)).float().mean(),
-            "approx_kl": ((r - 1.0) - log_ratio.detach().float()).mean(),
+            "approx_kl": approx_kl(log_ratio.detach().float()),
+            "log_ratio_std": log_ratio.detach().float().std(unbiased=False),
             "loss_diff_mean": diff.mean(),
             "loss_diff_std": diff.std(unbiased=False),
             "loss_diff_absmax": diff.abs().max(),
@@ -140,3 +160,13 @@ def kl_penalty(pred: torch.Tensor, pred_ref: torch.Tensor) -> torch.Tensor:
     """
     d = (pred.float() - pred_ref.detach().float()) ** 2
     return d.flatten(1).mean(dim=1)
+
+
+def approx_kl(log_ratio: torch.Tensor) -> torch.Tensor:
+    """The k3 estimate of ``KL(old || new)`` from log-ratios ``log(p_new / p_old)`` of samples of the old
+    policy: ``mean((rho - 1) - log rho)`` (non-negative, unbiased; CleanRL's and TRL's ``approx_kl``).
+
+    Every algorithm reports this one estimator under ``<algorithm>/approx_kl``, so values compare
+    across algorithms (for FPO ``log rho`` is the ``beta``-scaled CFM-loss difference).
+    """
+    return (log_ratio.exp() - 1.0 - log_ratio).mean()

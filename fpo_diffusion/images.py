@@ -41,8 +41,16 @@ def make_grid(images: list[Image.Image], captions: list[str] | None = None, *, c
     return grid
 
 
-def foreground_share(images: list[Image.Image], background: tuple[int, int, int] | None = None, tol: int = 40) -> float:
-    """Mean share of pixels that differ from the background colour (the corner pixel if not given).
+FOREGROUND_TOLERANCE = 40
+"""A pixel is foreground when some RGB channel differs from the background by more than this (of 255)."""
+
+
+def foreground_share(images: list[Image.Image], background: tuple[int, int, int] | None = None,
+                     tol: int = FOREGROUND_TOLERANCE) -> float:
+    """Mean over ``images`` of the share of pixels that are foreground: some RGB channel differs from
+    the background colour (``background``, else each image's top-left pixel) by more than ``tol``
+    (:data:`FOREGROUND_TOLERANCE`, 40 of 255: JPEG-like noise and soft edges stay background, any
+    drawn colour on a plain canvas counts). 0 for no images.
 
     A cheap collapse signal: frame-filling paint drives it towards 1.
     """

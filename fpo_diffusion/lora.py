@@ -7,6 +7,9 @@
 * :func:`export_lora` writes ``pytorch_lora_weights.safetensors`` through the family's own
   ``Pipeline.save_lora_weights`` (with the adapter config as metadata, so ``lora_alpha``
   survives), so a stock ``pipe.load_lora_weights(out_dir)`` reproduces the trained denoiser.
+* :func:`export_lora_kohya` writes the kohya-ss layout (``lora_unet_*`` keys, ``lora_down`` /
+  ``lora_up`` / ``alpha``) that AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI load, for the UNet families,
+  through diffusers' own ``convert_state_dict_to_kohya``.
 * :func:`merge_lora` fuses the adapter into the base weights and removes the peft layers (diffusers'
   ``fuse_lora`` / ``unload_lora_weights``), so ``policy.pipeline.save_pretrained`` writes a plain pipeline.
 """
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .policies.base import unwrap_model
 
 ADAPTER_NAME = "default"
@@ -35,16 +39,16 @@ def add_lora(denoiser: nn.Module, *, rank: int = 8, alpha: float | None = None,
     from peft import LoraConfig
 
     if rank < 1:
-        raise ValueError(f"lora rank must be >= 1, got {rank}")
+        raise ConfigError(f"lora rank must be >= 1, got {rank}")
     if not target_modules:
-        raise ValueError("lora target_modules is empty")
+        raise ConfigError("lora target_modules is empty")
     denoiser = unwrap_model(denoiser)
     if getattr(denoiser, "peft_config", None) and ADAPTER_NAME in denoiser.peft_config:
         raise ValueError("the denoiser already has a LoRA adapter attached")
     names = [n for n, _ in denoiser.named_modules()]
     missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if len(missing) == len(list(target_modules)):
-        raise ValueError(f"none of the LoRA target modules {list(target_modules)} exist in {type(denoiser).__name__}")
+        raise ConfigError(f"none of the LoRA target modules {list(target_modules)} exist in {type(denoiser).__name__}")
     config = LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
                         target_modules=list(target_modules), lora_dropout=float(dropout),
                         init_lora_weights=init)
@@ -104,6 +108,42 @@ def export_lora(policy: Any, out_dir: str | os.PathLike, state_dict: dict[str, t
         pipe_cls.save_lora_weights(os.fspath(out_dir), transformer_lora_layers=sd,
                                    transformer_lora_adapter_metadata=metadata, safe_serialization=True)
     return os.path.join(os.fspath(out_dir), "pytorch_lora_weights.safetensors")
+
+
+KOHYA_BASE_MODELS = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+"""Families with a kohya-ss LoRA layout (the UNet ones), and the ``ss_base_model_version`` they write."""
+
+
+def export_lora_kohya(policy: Any, out_file: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """Write the adapter to ``out_file`` (one ``.safetensors``) in the kohya-ss layout.
+
+    Keys ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (the
+    conversion is diffusers' ``convert_state_dict_to_kohya``; ``alpha`` is the adapter's ``lora_alpha``, so
+    the scale ``alpha / rank`` survives), plus the ``ss_network_*`` metadata kohya's tools write. A stock
+    pipeline loads it back with ``pipe.load_lora_weights(out_file)``. UNet families only (``sd``, ``sdxl``).
+    """
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    family = getattr(policy, "family", "?")
+    if family not in KOHYA_BASE_MODELS:
+        raise ValueError(f"the kohya LoRA layout is for the UNet families ({', '.join(KOHYA_BASE_MODELS)}); "
+                         f"export a {family} LoRA in the diffusers format (the default)")
+    den = unwrap_model(policy.denoiser)
+    if not getattr(den, "peft_config", None):
+        raise ValueError("the policy has no LoRA adapter to export (call add_lora first)")
+    cfg = den.peft_config[ADAPTER_NAME]
+    if cfg.rank_pattern or cfg.alpha_pattern:
+        raise ValueError("the kohya layout holds one alpha per module: per-module rank/alpha patterns cannot be exported")
+    sd = lora_state_dict(den) if state_dict is None else dict(state_dict)
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v.detach().to("cpu").float() for k, v in sd.items()})
+    alpha = torch.tensor(float(cfg.lora_alpha))
+    kohya = {k: (alpha.clone() if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()}
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.r),
+                "ss_network_alpha": str(float(cfg.lora_alpha)), "ss_base_model_version": KOHYA_BASE_MODELS[family]}
+    os.makedirs(os.path.dirname(os.fspath(out_file)) or ".", exist_ok=True)
+    save_file(kohya, os.fspath(out_file), metadata=metadata)
+    return os.fspath(out_file)
 
 
 def merge_lora(policy: Any) -> None:

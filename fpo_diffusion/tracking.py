@@ -8,6 +8,14 @@ from pathlib import Path
 from PIL import Image
 
 
+def config_markdown(config: dict) -> str:
+    """The resolved config as TensorBoard text: its YAML (``config.yaml``) as a Markdown code block."""
+    import yaml
+
+    text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    return "The resolved config (`config.yaml`):\n\n" + "".join("    " + line + "\n" for line in text.splitlines())
+
+
 class RunLogger:
     """Writes scalars and images for the main process (other ranks get a no-op logger)."""
 
@@ -24,6 +32,9 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.out_dir / "tb"))
+            if config is not None:  # the resolved config next to the scalars (TensorBoard's Text tab)
+                self.tb.add_text("config", config_markdown(config), 0)
+                self.tb.flush()
         if wandb:
             try:
                 import wandb as wb

@@ -33,8 +33,17 @@ from .tracking import RunLogger
 from .update import CAUSES, NonfiniteGuard, TrainingError, Updater, adamw
 
 
+NOISY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    # numpy 2 asks torch tensors for __array__(copy=...); diffusers' schedulers call np.array on them
+    (DeprecationWarning, r"__array__ implementation doesn't accept a copy keyword", r"diffusers\."),
+)
+"""``(category, message regex, module regex)`` of the libraries' warnings a training run hides: known
+noise a user cannot act on. Every other warning (a real deprecation in our own calls included) shows."""
+
+
 def _quiet_libraries() -> None:
-    """Silence the libraries' own progress bars and deprecation chatter (our tqdm shows progress)."""
+    """Silence the libraries' own progress bars and info logging (our tqdm shows progress) and the
+    specific warnings in :data:`NOISY_WARNINGS`; nothing else."""
     import warnings
 
     import diffusers
@@ -44,8 +53,8 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for category, message, module in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def _no_accelerator() -> bool:

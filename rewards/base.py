@@ -17,6 +17,17 @@ class RewardError(RuntimeError):
     """A reward could not be computed; training must stop (never a silent zero)."""
 
 
+class RewardConfigError(ValueError):
+    """A reward name, weight or option given by the user is wrong (the CLI prints it as one line)."""
+
+
+class UnknownRewardError(RewardConfigError, KeyError):
+    """No reward of that name is registered."""
+
+    def __str__(self) -> str:  # the message, not KeyError's repr of it
+        return str(self.args[0]) if self.args else ""
+
+
 class Reward:
     """Base class. Subclasses set ``name`` and ``range`` and implement ``score``."""
 

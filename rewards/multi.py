@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import Reward, RewardError
+from .base import Reward, RewardConfigError, RewardError, UnknownRewardError
 from .registry import available_rewards, build_reward
 
 REMOTE_PREFIX = "remote:"
@@ -34,20 +34,20 @@ class MultiReward:
     def __init__(self, weights: dict[str, float], options: dict[str, dict] | None = None,
                  device: str | torch.device = "cpu", max_workers: int = 1, nonfinite: str = "raise"):
         if not weights:
-            raise ValueError("MultiReward needs at least one {name: weight}")
+            raise RewardConfigError("MultiReward needs at least one {name: weight}")
         options = dict(options or {})
         known = set(available_rewards())
         for name, w in weights.items():
             base = "remote" if name.startswith(REMOTE_PREFIX) else name
             if base not in known:
-                raise KeyError(f"unknown reward {name!r}; available: {', '.join(sorted(known))}, remote:<url>")
+                raise UnknownRewardError(f"unknown reward {name!r}; available: {', '.join(sorted(known))}, remote:<url>")
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-                raise ValueError(f"reward {name!r}: weight must be a finite number, got {w!r}")
+                raise RewardConfigError(f"reward {name!r}: weight must be a finite number, got {w!r}")
         extra = sorted(set(options) - set(weights))
         if extra:
-            raise ValueError(f"options given for rewards without a weight: {extra}")
+            raise RewardConfigError(f"options given for rewards without a weight: {extra}")
         if "remote" in weights and "url" not in options.get("remote", {}):
-            raise ValueError("reward 'remote' needs options {'remote': {'url': 'http://host:port'}}")
+            raise RewardConfigError("reward 'remote' needs options {'remote': {'url': 'http://host:port'}}")
         if nonfinite not in ("raise", "keep"):
             raise ValueError(f"nonfinite must be 'raise' or 'keep', got {nonfinite!r}")
         self.nonfinite = nonfinite

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from .base import Reward
+from .base import Reward, UnknownRewardError
 
 _REGISTRY: dict[str, type[Reward]] = {}
 
@@ -47,5 +47,5 @@ def available_rewards() -> list[str]:
 def build_reward(name: str, **options) -> Reward:
     _load_builtins()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY)) or '(none)'}")
+        raise UnknownRewardError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY)) or '(none)'}")
     return _REGISTRY[name](**options)

@@ -23,12 +23,46 @@ def _toy(seed=0, B=6, N=4, D=5):
 
 @pytest.mark.parametrize("mode", ["mean", "per_sample"])
 def test_on_policy_ratio_is_exactly_one(mode):
+    """Old losses recomputed at the same parameters (a new tensor with the same values, as after the
+    rollout) give rho == 1 exactly for every term, even at a large beta; the surrogate is then -mean(A)."""
     W, losses, adv = _toy()
-    l = losses(W)
-    loss, st = fpo_loss(l.detach(), l, adv, FPOObjective(ratio_mode=mode, beta=7.0))
+    l_old, l_new = losses(W).detach(), losses(W.clone())
+    assert l_old.data_ptr() != l_new.data_ptr()
+    beta = 1e4
+    log_ratio = fpo_log_ratio(l_old, l_new, ratio_mode=mode, beta=beta)
+    assert log_ratio.shape == ((6, 1) if mode == "mean" else (6, 4))
+    assert torch.equal(log_ratio.exp(), torch.ones_like(log_ratio))
+    loss, st = fpo_loss(l_old, l_new, adv, FPOObjective(ratio_mode=mode, beta=beta))
     assert st["ratio_mean"] == 1 and st["ratio_min"] == 1 and st["ratio_max"] == 1
-    assert st["clip_frac"] == 0 and st["approx_kl"] == 0
-    assert torch.allclose(loss, -adv.mean() if mode == "mean" else -adv.mean(), atol=0, rtol=1e-12)
+    assert st["clip_frac"] == 0 and st["approx_kl"] == 0 and st["loss_diff_absmax"] == 0
+    assert float(loss) == float(-adv.mean())
+    # ... and the check is sensitive: one term off by 1e-9 moves that ratio off 1 at this beta.
+    bumped = l_new.clone()
+    bumped[2, 1] += 1e-9
+    _, st = fpo_loss(l_old, bumped, adv, FPOObjective(ratio_mode=mode, beta=beta))
+    assert st["ratio_min"] < 1
+
+
+def test_approx_kl_is_the_k3_estimator_shared_by_every_algorithm():
+    from fpo_diffusion.algorithms import stepwise
+    from fpo_diffusion.fpo import approx_kl
+
+    lr = torch.tensor([0.3, -0.2, 0.0, 1e-3], dtype=torch.float64)
+    expected = ((lr.exp() - 1) - lr).mean()
+    assert torch.allclose(approx_kl(lr), expected, rtol=1e-14) and float(approx_kl(lr)) > 0
+    assert float(approx_kl(torch.zeros(5))) == 0
+    # second order: ~ 0.5 mean(log r^2) for small log-ratios
+    small = lr * 1e-3
+    assert math.isclose(float(approx_kl(small)), 0.5 * float((small ** 2).mean()), rel_tol=1e-3)
+    # FPO reports it from its log-ratio; the stepwise baselines use the same function
+    W, losses, adv = _toy()
+    l_old = losses(W).detach()
+    l_new = losses(W + 0.01)
+    obj = FPOObjective(ratio_mode="per_sample", beta=2.0)
+    _, st = fpo_loss(l_old, l_new, adv, obj)
+    ref = approx_kl(fpo_log_ratio(l_old, l_new, ratio_mode="per_sample", beta=2.0).detach().float())
+    assert torch.allclose(st["approx_kl"], ref)
+    assert stepwise.approx_kl is approx_kl
 
 
 @pytest.mark.parametrize("mode", ["mean", "per_sample"])

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fpo_diffusion.config import Config, ConfigError, PromptConfig, config_to_dict, load_config
+from fpo_diffusion.config import Config, ConfigError, PromptConfig, config_to_dict, load_config, save_config
 from fpo_diffusion.prompts import load_prompts
 from rewards.geneval.metadata import GenEvalInputError, load_metadata, parse_metadata_line, validate_metadata
 
@@ -36,6 +36,7 @@ def one_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- config files and overrides
+DEFAULTS = config_to_dict(Config())
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 FIELDS = {name: [f.name for f in dataclasses.fields(getattr(Config(), name))]
           for name in SECTIONS if dataclasses.is_dataclass(getattr(Config(), name))}
@@ -87,6 +88,7 @@ config_texts = st.one_of(
 @example("reward: {weights: {a: .nan}}")
 @example("sampling: {batch_size: 0}")
 @example("train: !!python/object/apply:os.system [echo]")
+@example("train: {lr: 0.002, iterations: 7, adam_betas: [0.8, 0.9]}\nsampling: {steps: 3}\nreward: {weights: {a.b: 2}}\n")
 def test_fuzzed_config_file_loads_or_fails_with_one_config_error(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
     path.write_text(text, encoding="utf-8")
@@ -96,7 +98,12 @@ def test_fuzzed_config_file_loads_or_fails_with_one_config_error(tmp_path_factor
         one_line(e)
         return
     assert isinstance(cfg, Config)
-    assert load_config(None, []) is not None  # loading never changed the defaults
+    # what loaded is a config the run can save and resume from: save / load gives it back unchanged
+    saved = path.with_name("saved.yaml")
+    save_config(cfg, saved)
+    assert config_to_dict(load_config(saved)) == config_to_dict(cfg)
+    # and loading never changed the defaults (no shared mutable default written through)
+    assert config_to_dict(load_config(None, [])) == DEFAULTS == config_to_dict(Config())
 
 
 @FUZZ

@@ -105,6 +105,42 @@ def test_merge_then_save_pretrained(tmp_path, family, monkeypatch):
         merge_lora(again)
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_kohya_export_round_trip_through_diffusers_kohya_loader(family, tmp_path):
+    from safetensors import safe_open
+
+    from fpo_diffusion.lora import export_lora_kohya
+
+    pol = POLICIES[family](fresh_pipeline(family), **policy_kwargs(family))
+    torch.manual_seed(0)
+    pol.add_lora(rank=4, alpha=8.0, init=False)  # scale alpha / rank = 2 must survive the layout
+    path = export_lora_kohya(pol, tmp_path / "mine.safetensors")
+    with safe_open(path, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    n_modules = len(lora_state_dict(pol.denoiser)) // 2
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert len(keys) == 3 * n_modules and alphas == {8.0}
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
+    probe = _probe(pol)
+    want = _pred(pol, *probe)
+    cond = pol.encode_prompts(PROMPTS)
+    want_x0 = pol.sample(cond, generators(2), steps=2, guidance_scale=1.0)
+    stock = fresh_pipeline(family)
+    stock.load_lora_weights(path)  # diffusers detects the kohya layout and converts it
+    loaded = POLICIES[family](stock, **policy_kwargs(family))
+    torch.testing.assert_close(_pred(loaded, *probe), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loaded.sample(cond, generators(2), steps=2, guidance_scale=1.0), want_x0, rtol=0, atol=1e-6)
+
+
+def test_kohya_export_refuses_transformer_families(tmp_path):
+    from fpo_diffusion.lora import export_lora_kohya
+
+    with pytest.raises(ValueError, match="kohya LoRA layout is for the UNet families .*diffusers format"):
+        export_lora_kohya(make_policy("sd3"), tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_add_lora_errors():
     pol = make_policy("sd", lora=False)
     with pytest.raises(ValueError, match="none of the LoRA target modules"):

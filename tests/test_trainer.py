@@ -138,6 +138,19 @@ def test_exported_lora_reproduces_the_trained_policy_in_a_stock_pipeline(tmp_pat
     stock = pipe(prompt="a red circle", num_inference_steps=3, guidance_scale=1.0, output_type="latent",
                  generator=torch.Generator().manual_seed(7)).images
     assert torch.allclose(ours, stock, atol=1e-4, rtol=1e-3)
+    if family == "sd":  # export_lora.py --format kohya: one kohya-ss file that diffusers' kohya loader reads back
+        sys.path.insert(0, str(ROOT / "launch"))
+        import export_lora
+
+        assert export_lora.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "kohya"), "--format", "kohya"]) == 0
+        (kfile,) = (tmp_path / "kohya").iterdir()
+        assert kfile.name == "run.safetensors" and all(k.startswith("lora_unet_") for k in load_file(str(kfile)))
+        kpipe = diffusers.DiffusionPipeline.from_pretrained(str(tiny_model_path(family)))
+        kpipe.load_lora_weights(str(kfile))
+        kpipe.set_progress_bar_config(disable=True)
+        out = kpipe(prompt="a red circle", num_inference_steps=3, guidance_scale=1.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(7)).images
+        assert torch.allclose(out, stock, atol=1e-6, rtol=0)
     if family == "sd3":  # the merged full pipeline (export_lora.py --merge) samples the same latents
         from fpo_diffusion.export import export_run
 

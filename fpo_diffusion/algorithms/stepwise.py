@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ..policies.base import Cond, cond_cat, cond_index, cond_to
-from ..policies.common import unwrap_model
+from ..fpo import approx_kl
+from ..policies.base import Cond, cond_cat, cond_index, cond_to, unwrap_model
 from .base import Algorithm
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -179,7 +179,7 @@ class StepwiseAlgorithm(Algorithm):
             stats: dict[str, Any] = {
                 "ratio_mean": ratio.mean(), "ratio_min": ratio.min(), "ratio_max": ratio.max(),
                 "clip_frac": ((ratio - 1.0).abs() > a.clip_range).float().mean(),
-                "approx_kl": 0.5 * (log_ratio ** 2).mean(),
+                "approx_kl": approx_kl(log_ratio),
             }
         if a.kl_beta > 0:
             model = unwrap_model(self.ctx.model)

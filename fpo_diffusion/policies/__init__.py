@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ConfigError
 from .base import Cond, Policy, cond_cat, cond_index, cond_repeat, cond_to
 from .common import PipelinePolicy, check_prompts, read_pipeline_class_name, resolve_path, unwrap_model
 from .flux import FluxPolicy
@@ -30,7 +31,7 @@ def family_of_pipeline(path: str) -> str:
     """The family of the pipeline at ``path`` (from ``model_index.json``)."""
     name = read_pipeline_class_name(path)
     if name not in PIPELINE_FAMILIES:
-        raise ValueError(f"cannot infer the model family of {path!r}: pipeline class {name!r} is not one of "
+        raise ConfigError(f"cannot infer the model family of {path!r}: pipeline class {name!r} is not one of "
                          f"{', '.join(PIPELINE_FAMILIES)}; pass the family explicitly")
     return PIPELINE_FAMILIES[name]
 
@@ -44,7 +45,7 @@ def load_policy(family: str, path: str, *, dtype: torch.dtype = torch.float32, d
     pipeline's ``from_pretrained``.
     """
     if family != "auto" and family not in POLICIES:
-        raise ValueError(f"unknown model family {family!r}; available: {', '.join([*POLICIES, 'auto'])}")
+        raise ConfigError(f"unknown model family {family!r}; available: {', '.join([*POLICIES, 'auto'])}")
     path = resolve_path(path)
     if family == "auto":
         family = family_of_pipeline(path)

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..errors import PathNotFoundError
 from .base import Cond, Policy, cond_repeat, cond_to, unwrap_model
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -28,7 +29,7 @@ def resolve_path(path: str | os.PathLike) -> str:
         return os.path.expanduser(p)
     if _HUB_ID.match(p) and not p.startswith((".", "~")):
         return p
-    raise FileNotFoundError(f"model path not found: {p!r} (not a local folder, and not a hub id 'org/name')")
+    raise PathNotFoundError(f"model path not found: {p!r} (not a local folder, and not a hub id 'org/name')")
 
 
 def read_pipeline_class_name(path: str) -> str:
@@ -37,7 +38,7 @@ def read_pipeline_class_name(path: str) -> str:
     index = os.path.join(p, "model_index.json")
     if os.path.isdir(p):
         if not os.path.isfile(index):
-            raise FileNotFoundError(f"no model_index.json in {p!r}: not a diffusers pipeline folder")
+            raise PathNotFoundError(f"no model_index.json in {p!r}: not a diffusers pipeline folder")
         with open(index) as f:
             return json.load(f)["_class_name"]
     from diffusers import DiffusionPipeline

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import ConfigError
+
 # name -> (diffusers class name, overrides, kind)
 _VP: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -56,7 +58,7 @@ _FAMILY_UNSUPPORTED = {
 def make_scheduler(name: str | None, base_scheduler: Any, *, family: str | None = None) -> Any:
     """A new scheduler named ``name`` configured from ``base_scheduler.config``.
 
-    Raises ``ValueError`` for an unknown name or one that does not match the family
+    Raises :class:`~fpo_diffusion.config.ConfigError` (a ``ValueError``) for an unknown name or one that does not match the family
     (a flow scheduler on a VP model or vice versa, or one the family's pipeline cannot drive,
     e.g. ``flow_heun`` with FLUX when ``family="flux"`` is given).
     """
@@ -70,12 +72,12 @@ def make_scheduler(name: str | None, base_scheduler: Any, *, family: str | None 
     flow_base = is_flow_scheduler(base_scheduler)
     if key in _VP:
         if flow_base:
-            raise ValueError(f"scheduler {name!r} is a VP (diffusion) scheduler but this model is a flow-matching "
+            raise ConfigError(f"scheduler {name!r} is a VP (diffusion) scheduler but this model is a flow-matching "
                              f"model; use one of: {', '.join(_FLOW)}")
         cls_name, overrides = _VP[key]
     elif key in _FLOW:
         if not flow_base:
-            raise ValueError(f"scheduler {name!r} is a flow-matching scheduler but this model is a VP diffusion "
+            raise ConfigError(f"scheduler {name!r} is a flow-matching scheduler but this model is a VP diffusion "
                              f"model; use one of: {', '.join(_VP)}")
         cls_name, overrides = _FLOW[key]
         overrides = dict(overrides)
@@ -85,10 +87,10 @@ def make_scheduler(name: str | None, base_scheduler: Any, *, family: str | None 
             if cfg.get("use_dynamic_shifting", False):
                 overrides["use_dynamic_shifting"] = True
     else:
-        raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")
+        raise ConfigError(f"unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")
     if family is not None and key in _FAMILY_UNSUPPORTED.get(family, ()):
         ok = [n for n in (_FLOW if flow_base else _VP) if n not in _FAMILY_UNSUPPORTED[family]]
-        raise ValueError(f"scheduler {name!r} is not supported by the {family} pipeline; use one of: {', '.join(ok)}")
+        raise ConfigError(f"scheduler {name!r} is not supported by the {family} pipeline; use one of: {', '.join(ok)}")
     cls = getattr(diffusers, cls_name)
     accepted = set(inspect.signature(cls.__init__).parameters)
     config = {k: v for k, v in base_scheduler.config.items() if k in accepted}

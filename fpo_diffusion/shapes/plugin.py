@@ -24,7 +24,9 @@ def model() -> dict:
     (``SD3Policy``'s zero-token option).
     """
     if not (ASSET / "model_index.json").is_file():
-        raise FileNotFoundError(f"the embedded shapes model is missing at {ASSET}")
+        from fpo_diffusion.errors import PathNotFoundError
+
+        raise PathNotFoundError(f"the embedded shapes model is missing at {ASSET}")
     return {"family": "sd3", "path": str(ASSET), "zero_tokens": 256}
 
 

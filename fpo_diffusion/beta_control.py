@@ -1,0 +1,97 @@
+"""``fpo.beta: auto``: the FPO ratio's temperature, adapted once per iteration toward a target.
+
+FPO's log-ratio is ``beta * (L_old - L_new)``. With the CFM loss averaged over 10^4-10^5
+latent dimensions the difference is ~1e-3 per update, so with a fixed ``beta`` the ratio stays
+within ~1 % of 1 and the PPO clip never binds (DESIGN.md, "The ratio's scale"). The controller
+below adapts ``beta`` so that a measured statistic of the ratio sits near a target:
+
+* ``clip_frac``: the fraction of ratio terms outside ``[1 - eps_clip, 1 + eps_clip]`` over the
+  iteration's update (``fpo/clip_frac``);
+* ``log_ratio_std``: the spread of ``log rho`` over the iteration's update (``fpo/log_ratio_std``),
+  which for a given policy move is proportional to ``beta``.
+
+The rule is PPO's adaptive-KL rule (Schulman et al. 2017, "Proximal Policy Optimization
+Algorithms", section 4: ``d < d_targ / 1.5 -> beta / 2``; ``d > d_targ * 1.5 -> beta * 2``)
+turned around, because here ``beta`` is a temperature (a larger ``beta`` gives a larger
+statistic) rather than a penalty weight::
+
+    measured < target / tolerance  ->  beta <- beta * rate
+    measured > target * tolerance  ->  beta <- beta / rate
+    otherwise                      ->  beta unchanged
+    beta <- clamp(beta, beta_min, beta_max)
+
+Defaults ``rate = 2``, ``tolerance = 1.5`` are PPO's. For a statistic proportional to
+``beta`` (``log_ratio_std``) a step can never jump over the band when ``rate <= tolerance ** 2``
+(the band ``[target / tolerance, target * tolerance]`` is ``tolerance ** 2`` wide), so the
+controller settles instead of cycling; the configuration enforces that bound. A non-finite
+measurement (a skipped update) leaves ``beta`` unchanged.
+
+Pure: :func:`update_beta` takes the state and the measurement and returns the new state; the
+FPO algorithm (``algorithms/fpo.py``) calls it once per iteration and checkpoints the state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+STATISTICS = ("clip_frac", "log_ratio_std")
+"""What ``beta: auto`` can aim at (keys of ``fpo_loss``'s stats)."""
+
+
+@dataclass(frozen=True)
+class BetaController:
+    """Settings of the adaptive temperature (``fpo.beta_auto`` in the config)."""
+
+    statistic: str = "clip_frac"
+    """The measured statistic, one of :data:`STATISTICS`."""
+    target: float = 0.1
+    """Its target value (``clip_frac``: in ``(0, 1)``; ``log_ratio_std``: > 0)."""
+    rate: float = 2.0
+    """Multiplicative step per iteration (> 1, at most ``tolerance ** 2``)."""
+    tolerance: float = 1.5
+    """Half-width of the no-change band, as a factor around the target (> 1)."""
+    beta_min: float = 1e-3
+    """Lower clamp on ``beta`` (> 0)."""
+    beta_max: float = 1e7
+    """Upper clamp on ``beta`` (finite, >= ``beta_min``)."""
+
+    def __post_init__(self):
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"fpo.beta_auto.statistic must be one of {', '.join(STATISTICS)}, got {self.statistic!r}")
+        if self.statistic == "clip_frac" and not 0 < self.target < 1:
+            raise ValueError(f"fpo.beta_auto.target must be in (0, 1) for clip_frac, got {self.target}")
+        if not 0 < self.target < math.inf:
+            raise ValueError(f"fpo.beta_auto.target must be a finite number > 0, got {self.target}")
+        if not 1 < self.tolerance < math.inf:
+            raise ValueError(f"fpo.beta_auto.tolerance must be a finite number > 1, got {self.tolerance}")
+        if not 1 < self.rate <= self.tolerance ** 2:
+            raise ValueError(f"fpo.beta_auto.rate must be in (1, tolerance^2 = {self.tolerance ** 2:g}], got {self.rate} "
+                             f"(a larger step jumps over the no-change band and the temperature cycles)")
+        if not 0 < self.beta_min <= self.beta_max < math.inf:
+            raise ValueError(f"fpo.beta_auto needs 0 < beta_min <= beta_max < inf, got beta_min={self.beta_min}, "
+                             f"beta_max={self.beta_max}")
+
+
+@dataclass(frozen=True)
+class BetaState:
+    """What the controller carries from one iteration to the next (checkpointed)."""
+
+    beta: float
+    """The temperature used by the next iteration."""
+    updates: int = 0
+    """Iterations measured so far."""
+
+
+def update_beta(state: BetaState, measured: float, ctl: BetaController) -> BetaState:
+    """The state after one iteration whose update measured ``measured`` (see the module docstring)."""
+    beta = state.beta
+    if math.isfinite(measured):
+        if measured < ctl.target / ctl.tolerance:
+            beta = beta * ctl.rate
+        elif measured > ctl.target * ctl.tolerance:
+            beta = beta / ctl.rate
+    beta = min(max(beta, ctl.beta_min), ctl.beta_max)
+    return BetaState(beta=beta, updates=state.updates + 1)
+
+
+__all__ = ["BetaController", "BetaState", "STATISTICS", "update_beta"]
