@@ -315,3 +315,55 @@ def test_shapes_reward():
     assert strict([paint], ["p"], [m]).tolist() == [0.0]
     with pytest.raises(ValueError):
         build_reward("shapes", mode="lenient")
+
+
+def _records(acc: dict[str, float], n: int = 100) -> list[dict]:
+    out = []
+    for t, p in acc.items():
+        k = round(p * n)
+        out += [{"tag": t, "entry": hash((t, i // 4)) % 10_000, "prompt": f"{t} {i // 4}", "correct": i < k,
+                 "foreground_share": 0.1} for i in range(n)]
+    return out
+
+
+def test_shapeseval_reports_standard_errors_and_compares_beyond_two_of_them():
+    from fpo_diffusion.shapes.evaluate import compare, summarise
+
+    base = summarise(_records({t: 0.5 for t in S.TASKS}))
+    for t in S.TASKS:
+        assert base["per_task"][t]["se"] == pytest.approx((0.25 / 100) ** 0.5)
+    assert base["overall_se"] == pytest.approx((6 * 0.25 / 100) ** 0.5 / 6)
+    same = summarise(_records({t: 0.52 for t in S.TASKS}))
+    better = summarise(_records({**{t: 0.5 for t in S.TASKS}, "counting": 0.8}))
+    _, v = compare(base, same)
+    assert not any(r["beyond_2se"] for r in v.values())  # +0.02 on 100 images is noise
+    table, v = compare(base, better, ("base", "lora"))
+    assert v["counting"]["beyond_2se"] and v["counting"]["diff"] == pytest.approx(0.3)
+    assert not v["colors"]["beyond_2se"]
+    assert v["overall"]["diff"] == pytest.approx(0.05) and v["overall"]["beyond_2se"] == (v["overall"]["z"] > 2)
+    assert "| counting | 0.500 ± 0.050 | 0.800 ± 0.040 | +0.300 ± 0.064 |" in table
+    with pytest.raises(ValueError):
+        summarise([])
+
+
+def test_eval_cli_compare_and_bad_input(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "eval"))
+    from shapes import main
+
+    from fpo_diffusion.shapes.evaluate import summarise
+
+    for name, acc in (("a", 0.5), ("b", 0.9)):
+        d = tmp_path / name
+        d.mkdir()
+        s = summarise(_records({t: acc for t in S.TASKS}))
+        s["info"] = {"model": name, "split": "test"}
+        (d / "report.json").write_text(json.dumps({"summary": s, "records": []}))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b" / "report.json"), "--out", str(tmp_path / "t.md")]) == 0
+    assert "**yes**" in (tmp_path / "t.md").read_text()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+    for bad in (["--images", "0"], ["--steps", "-1"], ["--max-per-task", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code == 2
