@@ -76,7 +76,12 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=_no_accelerator())
+        from .distributed import cpu_fallback_note, deepspeed_on_cpu
+
+        cpu = _no_accelerator() and not deepspeed_on_cpu()
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu)
+        if (note := cpu_fallback_note(cpu)) and self.accelerator.is_main_process:
+            print(note, flush=True)  # a DeepSpeed / FSDP launch config that becomes a plain run says so
         # One writer per run folder: the main process holds its lock until the run ends (released by the
         # kernel however the process ends); a second process is refused with one line.
         self.lock = RunLock(self.out).acquire() if self.accelerator.is_main_process else None
@@ -130,6 +135,11 @@ class Trainer:
         self.lr_scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.warmup_steps,
                                           num_training_steps=t.iterations * self.steps_per_iteration)
         install_lora_only_hooks(acc)
+        from .distributed import configure_deepspeed
+
+        for note in configure_deepspeed(acc, t):  # DeepSpeed takes its micro-batch from the config: no dataloader
+            if acc.is_main_process:
+                print(note, flush=True)
         self.model, self.optimizer = acc.prepare(self.policy.denoiser, self.optimizer)
         # Stepped once per optimizer step by us (a prepared scheduler steps once per process).
         acc.register_for_checkpointing(self.lr_scheduler)

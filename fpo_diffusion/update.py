@@ -147,7 +147,7 @@ class Updater:
                 cause = 0  # index into CAUSES; the worst over the accumulated minibatches and the ranks wins
                 for j, idx in enumerate(group):
                     sync = j == len(group) - 1
-                    pass  # PLANT accelerate's accumulate() sets: DeepSpeed steps at sync only
+                    acc.sync_gradients = sync  # the state accelerate's accumulate() sets: DeepSpeed steps at sync only
                     ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
                     idx_d = idx.to(dev)
                     with ctx:
