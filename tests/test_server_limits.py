@@ -120,3 +120,23 @@ def test_no_open_api_docs():
         for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
             assert httpx.get(f"{url}{path}", timeout=10).status_code == 404, path
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_the_remote_client_prints_each_retry_and_knows_its_worst_case(capsys):
+    """Item 11: a reward server that fails makes the run wait; each retry says so, and the wait is bounded."""
+    import pytest
+
+    from rewards.base import RewardError
+    from rewards.remote import RemoteReward
+    from test_reward_server import garbage_app
+
+    assert RemoteReward("http://127.0.0.1:1").worst_case_seconds == 4 * 60 + 0.5 + 1 + 2  # the defaults: ~4 min
+    assert RemoteReward("http://127.0.0.1:1", timeout=5, retries=1, backoff=1).worst_case_seconds == 11
+    hits: list[int] = []
+    with serve(garbage_app({"detail": "warming up"}, hits, 503)) as url:
+        with pytest.raises(RewardError, match="failed after 3 attempts: HTTP 503"):
+            RemoteReward(url, retries=2, backoff=0.01, timeout=5)([noise(1)], ["a"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"remote reward at {url}: attempt 1 of 3 failed (HTTP 503 {{\"detail\":\"warming up\"}}); retrying in 0.01 s",
+                   f"remote reward at {url}: attempt 2 of 3 failed (HTTP 503 {{\"detail\":\"warming up\"}}); retrying in 0.02 s"]
+    assert len(hits) == 3
