@@ -7,16 +7,41 @@ and ``latest`` only ever names a complete one. Inside: ``accelerator.save_state`
 (optimizer, RNG states of every rank, registered objects such as the LR scheduler) with
 the model saved as its LoRA weights only (``lora.safetensors``), plus ``ema.safetensors``
 when EMA is on.
+
+Reliability (issue 17):
+
+* **Verified on load.** ``trainer_state.json`` lists every file of the checkpoint with its size
+  and SHA-256 (``files``); :func:`verify_checkpoint` checks them and that the LoRA / EMA weights
+  are finite. ``--resume latest`` (:func:`resolve_resume`) skips a damaged checkpoint for the
+  newest intact one and says which it skipped and why; an explicit path that is damaged is one
+  line naming the file.
+* **Nothing non-finite is written.** :func:`save_checkpoint` refuses weights, EMA or optimizer
+  state holding NaN/Inf (:class:`NonfiniteStateError`).
+* **A failed write is one line.** Disk full surfaces as ``OSError`` from Python, ``RuntimeError``
+  from ``torch.save`` and ``SafetensorError`` from safetensors; all become :class:`CheckpointError`,
+  the partial folder is removed and earlier checkpoints stay intact. ``.tmp-`` / ``.old-``
+  leftovers of interrupted writes are cleaned after the next successful write.
+* **One writer per run folder.** :class:`RunLock` (an ``flock`` on ``<output_dir>/.lock``,
+  released by the kernel when the process ends, even by ``kill -9``) refuses a second process
+  with one line naming the holder; a lock file left by a dead process is taken over.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import faults
@@ -25,10 +50,56 @@ STATE_FILE = "trainer_state.json"
 PREFIX = "checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _OLD = re.compile(r"^\.old-checkpoint-(\d+)$")  # a complete checkpoint moved aside while being replaced
+_TMP = re.compile(r"^\.tmp-checkpoint-(\d+)$")  # a checkpoint being written
+LOCK_FILE = ".lock"
+#: The errors a failed write surfaces as: Python's own, ``torch.save``'s (``RuntimeError: basic_ios::clear``,
+#: ``PytorchStreamWriter failed writing file``) and safetensors' (``SafetensorError: ... (os error 28)``).
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, SafetensorError)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read."""
+
+
+class NonfiniteStateError(CheckpointError):
+    """Refused to write weights, EMA or optimizer state that hold NaN/Inf."""
+
+
+class WriteError(CheckpointError):
+    """A file of the run could not be written (disk full, quota, permissions...)."""
+
+
+class RunLockedError(CheckpointError):
+    """Another process holds the run folder."""
+
+
+def write_failure(e: BaseException) -> str:
+    """One line saying why a write failed, whichever library raised it."""
+    if isinstance(e, OSError) and e.errno:
+        return e.strerror or os.strerror(e.errno)
+    text = " ".join(str(e).split())
+    m = re.search(r"os error (\d+)", text)
+    if m:
+        return os.strerror(int(m.group(1)))
+    if isinstance(e, RuntimeError) and not isinstance(e, CheckpointError):  # torch.save's C++ stream errors
+        text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)
+        return f"{text[:200]} (a failed write: is the disk full?)"
+    return text[:300] or type(e).__name__
+
+
+@contextlib.contextmanager
+def writing(what: str, partial: str | Path | None = None) -> Iterator[None]:
+    """Turn a failed write inside the block into one-line :class:`WriteError` naming ``what``; remove
+    ``partial`` (a file or folder the block was creating) so no half-written copy is left."""
+    try:
+        yield
+    except WRITE_ERRORS as e:
+        if isinstance(e, CheckpointError):
+            raise
+        if partial is not None:
+            p = Path(partial)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise WriteError(f"could not write {what}: {write_failure(e)}") from None
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -50,25 +121,100 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [found[i] for i in sorted(found)]
 
 
-def resolve_resume(resume: str, root: str | Path) -> Path:
-    """``latest`` or a path -> a complete checkpoint folder, else :class:`CheckpointError`."""
+def say_once(line: str) -> None:
+    """Print ``line`` to stderr from the first rank only (``RANK`` is set by the launchers)."""
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per rank
+        print(line, file=sys.stderr, flush=True)
+
+
+def resolve_resume(resume: str, root: str | Path, *, report: Callable[[str], None] | None = say_once) -> Path:
+    """``latest`` or a path -> a complete, intact checkpoint folder, else :class:`CheckpointError`.
+
+    ``latest`` is the newest checkpoint that passes :func:`verify_checkpoint`; each newer one that
+    does not is skipped with a line to ``report`` saying which and why.
+    """
     if resume == "latest":
         ckpts = list_checkpoints(root)
         if not ckpts:
             raise CheckpointError(f"--resume latest: no complete checkpoint in {root}")
-        return ckpts[-1]
+        skipped = []
+        for path in reversed(ckpts):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as e:
+                skipped.append(str(e))
+                if report is not None:
+                    report(f"warning: skipping damaged checkpoint {path.name}: {e}")
+                continue
+            return path
+        raise CheckpointError(f"--resume latest: every checkpoint in {root} is damaged (newest: {skipped[0]})")
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"resume path {path} does not exist or is not a folder")
     if not is_checkpoint(path):
         raise CheckpointError(f"resume path {path} is not a checkpoint (no {STATE_FILE})")
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: {e}; resume from another one (--resume latest "
+                              f"picks the newest intact one)") from None
     return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, dict]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``folder`` (but the state file)."""
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STATE_FILE}
+
+
+def _nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, t in tensors.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's state after checking that every file it lists is there, whole and unchanged,
+    and that its LoRA / EMA weights are finite; :class:`CheckpointError` (naming the file) otherwise.
+
+    Checkpoints written before files were listed are checked by loading their safetensors files."""
+    path = Path(path)
+    state = read_state(path)
+    if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
+        raise CheckpointError(f"{STATE_FILE} does not hold a checkpoint's state")
+    files = state.get("files")
+    if isinstance(files, dict):
+        for name, meta in files.items():
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{name} is missing")
+            size = f.stat().st_size
+            if size != meta.get("size"):
+                raise CheckpointError(f"{name} is truncated or damaged ({size} bytes, written as {meta.get('size')})")
+            if _sha256(f) != meta.get("sha256"):
+                raise CheckpointError(f"{name} is damaged (its SHA-256 differs from the one written)")
+    for name in sorted(p.name for p in path.glob("*.safetensors")):
+        try:
+            tensors = load_file(str(path / name))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{name} cannot be read: {' '.join(str(e).split())[:200]}") from None
+        bad = _nonfinite_tensors(tensors)
+        if bad:
+            raise CheckpointError(f"{name} holds non-finite values ({len(bad)} of {len(tensors)} tensors, e.g. {bad[0]})")
+    return state
 
 
 def read_state(path: str | Path) -> dict:
     try:
         return json.loads((Path(path) / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {e}") from None
 
 
@@ -118,41 +264,90 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+def _nonfinite_state(accelerator, extra: dict[str, dict[str, torch.Tensor]] | None) -> str | None:
+    """What of this rank's trainable weights, optimizer state or ``extra`` tensors is non-finite, if any."""
+    for m in getattr(accelerator, "_models", []):
+        bad = _nonfinite_tensors(named_trainable(accelerator.unwrap_model(m)))
+        if bad:
+            return f"the LoRA weights hold non-finite values ({len(bad)} tensors, e.g. {bad[0]})"
+    for opt in getattr(accelerator, "_optimizers", []):
+        for i, st in opt.state_dict().get("state", {}).items():
+            bad = _nonfinite_tensors({f"{i}.{k}": v for k, v in st.items()})
+            if bad:
+                return f"the optimizer state holds non-finite values (e.g. parameter {bad[0]})"
+    for name, tensors in (extra or {}).items():
+        bad = _nonfinite_tensors(tensors)
+        if bad:
+            return f"{name} would hold non-finite values ({len(bad)} tensors, e.g. {bad[0]})"
+    return None
+
+
+def clean_leftovers(root: str | Path) -> list[str]:
+    """Remove what interrupted writes left under ``root`` (``.tmp-`` folders; ``.old-`` folders whose
+    checkpoint exists again); a complete ``.old-checkpoint-N`` that is the only copy of iteration N
+    gets its name back. Returns the names removed. Called after a successful write."""
+    root, removed = Path(root), []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        old = _OLD.match(p.name)
+        if _TMP.match(p.name) or (old and (is_checkpoint(root / f"{PREFIX}{old.group(1)}") or not is_checkpoint(p))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+        elif old:
+            p.rename(root / f"{PREFIX}{old.group(1)}")
+    return removed
+
+
 def save_checkpoint(accelerator, root: str | Path, iteration: int, state: dict,
                     extra: dict[str, dict[str, torch.Tensor]] | None = None, keep_last: int = 2) -> Path:
-    """Write a checkpoint atomically (every rank must call this); prune to ``keep_last``.
+    """Write a checkpoint atomically (every rank must call this); prune to ``keep_last`` (0: keep all).
 
-    ``extra`` maps file names to tensor dicts written by the main process (e.g. EMA).
-    On failure (disk full...) the temporary folder is removed, earlier checkpoints stay
-    intact, and :class:`CheckpointError` says what happened.
+    ``extra`` maps file names to tensor dicts written by the main process (e.g. EMA). Weights,
+    optimizer state or ``extra`` holding NaN/Inf are refused (:class:`NonfiniteStateError`). On a
+    failed write (disk full: ``OSError``, ``torch.save``'s ``RuntimeError``, ``SafetensorError``) on any
+    rank the temporary folder is removed, earlier checkpoints stay intact, and every rank raises
+    :class:`CheckpointError` with one line. ``trainer_state.json`` (written last) lists every file with
+    its size and SHA-256 for :func:`verify_checkpoint`. After a successful write, leftovers of
+    interrupted ones are removed (:func:`clean_leftovers`).
     """
     root = Path(root)
     final = root / f"{PREFIX}{iteration:06d}"
     tmp = root / f".tmp-{PREFIX}{iteration:06d}"
-    error = None
+    error: str | None = None
+    nonfinite = False
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
+    error = _nonfinite_state(accelerator, extra if accelerator.is_main_process else None)
+    nonfinite = error is not None
+    if error is None:
+        try:
+            accelerator.save_state(str(tmp))
+        except WRITE_ERRORS as e:
+            error = write_failure(e)
+    accelerator.wait_for_everyone()  # every rank's files are in tmp
+    if accelerator.is_main_process and error is None:
+        try:
             for name, tensors in (extra or {}).items():
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
             faults.hit("checkpoint_write")
-            state_path = tmp / STATE_FILE
-            with open(state_path, "w") as f:
+            state = {**state, "files": _manifest(tmp)}
+            with open(tmp / STATE_FILE, "w") as f:
                 json.dump(state, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-    except OSError as e:
-        error = e
-    accelerator.wait_for_everyone()
-    if error is not None:
+        except WRITE_ERRORS as e:
+            error = write_failure(e)
+    failed = accelerator.gather(torch.tensor([float(error is not None)], device=accelerator.device))
+    if bool(failed.max() > 0):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final.name}: {error.strerror or error}; "
-                              f"earlier checkpoints are intact") from None
+        accelerator.wait_for_everyone()
+        if nonfinite:
+            raise NonfiniteStateError(f"refusing to write checkpoint {final.name}: {error}; earlier checkpoints "
+                                      f"are intact")
+        raise CheckpointError(f"could not write checkpoint {final.name}: {error or 'another process failed to write its part'}; "
+                              f"earlier checkpoints are intact")
     if accelerator.is_main_process:
         faults.hit("checkpoint_rename")
         if final.exists():  # the same iteration saved again (e.g. after a resume): replace atomically
@@ -165,6 +360,7 @@ def save_checkpoint(accelerator, root: str | Path, iteration: int, state: dict,
         else:
             tmp.rename(final)
         _fsync_dir(root)
+        clean_leftovers(root)
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -174,3 +370,145 @@ def save_checkpoint(accelerator, root: str | Path, iteration: int, state: dict,
 def load_extra(path: str | Path, name: str) -> dict[str, torch.Tensor] | None:
     f = Path(path) / name
     return load_file(str(f)) if f.exists() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``<output_dir>/.lock``), held by the one process that writes it.
+
+    ``acquire()`` takes an ``flock`` on the lock file, so the kernel releases it when the process ends
+    however it ends (``kill -9`` included): a lock file left behind is *stale* and is taken over with a
+    line saying so. A second live process gets :class:`RunLockedError` naming the holder (pid, host,
+    start time). Where ``flock`` is not supported the holder's pid is checked instead (same host).
+    ``release()`` (or leaving the ``with`` block) frees it; a folder that the lock itself created and
+    that holds nothing else is removed again, so a failed start leaves nothing behind. Within one
+    process the lock is shared (counted): a second trainer on the same folder in the same process
+    (tests, notebooks) is not a second writer running at the same time.
+    """
+
+    _held: dict[str, list] = {}  # resolved path -> [fd, holders] of the locks this process holds
+
+    def __init__(self, out_dir: str | Path, *, report: Callable[[str], None] | None = say_once):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / LOCK_FILE
+        self.report = report
+        self._fd: int | None = None
+        self._created_dir = False
+
+    def _holder(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text() or "{}")
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _describe(self, h: dict) -> str:
+        return (f"pid {h.get('pid', '?')} on {h.get('host', '?')}" + (f", since {h['since']}" if h.get("since") else ""))
+
+    def acquire(self) -> "RunLock":
+        if self._fd is not None:
+            return self
+        key = str(self.path.resolve())
+        if key in RunLock._held:
+            RunLock._held[key][1] += 1
+            self._fd = RunLock._held[key][0]
+            return self
+        if not self.out_dir.exists():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._created_dir = True
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                locked = self._flock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if locked is False:
+                os.close(fd)
+                self._refuse(self._holder())
+            try:  # the file may have been replaced between open and lock: lock the one at the path
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = self._holder()
+        if locked is None and previous.get("host") == socket.gethostname() and isinstance(previous.get("pid"), int) \
+                and previous["pid"] != os.getpid() and _alive(previous["pid"]):
+            os.close(fd)
+            self._refuse(previous)
+        if previous.get("pid") and previous.get("pid") != os.getpid() and self.report is not None:
+            self.report(f"note: {self.out_dir} had a stale lock of {self._describe(previous)}, which is no longer "
+                        f"running; taking it over")
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        RunLock._held[str(self.path.resolve())] = [fd, 1]
+        return self
+
+    @staticmethod
+    def _flock(fd: int) -> bool | None:
+        """True: locked; False: held by another process; None: this filesystem has no flock."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            return None
+
+    def _refuse(self, holder: dict) -> None:
+        if self._created_dir:
+            with contextlib.suppress(OSError):
+                self.out_dir.rmdir()
+        raise RunLockedError(f"run folder {self.out_dir} is in use by another training process "
+                             f"({self._describe(holder)}); wait for it to finish or stop it before "
+                             f"resuming (two writers would interleave its metrics and checkpoints)")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        key = str(self.path.resolve())
+        held = RunLock._held.get(key)
+        if held is not None and held[1] > 1:
+            held[1] -= 1
+            self._fd = None
+            return
+        RunLock._held.pop(key, None)
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)  # no holder; the file stays (unlinking a locked file races)
+        os.close(self._fd)
+        self._fd = None
+        if self._created_dir and [p.name for p in self.out_dir.iterdir()] == [LOCK_FILE]:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+                self.out_dir.rmdir()
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

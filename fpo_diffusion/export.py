@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import CheckpointError, load_trainable, named_trainable, read_state, resolve_resume
+from .checkpoint import (CheckpointError, NonfiniteStateError, load_trainable, named_trainable, read_state,
+                         resolve_resume, writing)
 from .config import ConfigError, load_config
 from .errors import OutputExistsError
 
@@ -18,10 +19,22 @@ def export_trained_lora(accelerator, policy, out_dir: str | Path, ema=None) -> P
     ``out_dir``; every rank calls this, the main process writes."""
     out_dir = Path(out_dir)
     accelerator.wait_for_everyone()
+    error: CheckpointError | None = None
     if accelerator.is_main_process:
         with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-            policy.export_lora(str(out_dir))
-    accelerator.wait_for_everyone()
+            bad = [n for n, p in named_trainable(policy.denoiser).items() if not bool(torch.isfinite(p).all())]
+            if bad:  # never a non-finite LoRA on disk (the update restores a step that overflows)
+                error = NonfiniteStateError(f"refusing to export the LoRA to {out_dir}: {len(bad)} of its tensors hold "
+                                            f"non-finite values (e.g. {bad[0]})")
+            else:
+                try:
+                    with writing(f"the LoRA to {out_dir}", partial=None if out_dir.exists() else out_dir):
+                        policy.export_lora(str(out_dir))
+                except CheckpointError as e:
+                    error = e
+    failed = accelerator.gather(torch.tensor([float(error is not None)], device=accelerator.device))
+    if bool(failed.max() > 0):
+        raise error or CheckpointError(f"the main process could not export the LoRA to {out_dir}")
     return out_dir
 
 

@@ -5,13 +5,17 @@ continues the same run, and saving / restoring everything a checkpoint holds
 from __future__ import annotations
 
 import contextlib
+import math
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .checkpoint import load_extra, read_state, resolve_resume, save_checkpoint
+from .checkpoint import (LOCK_FILE, CheckpointError, list_checkpoints, load_extra, read_state, resolve_resume,
+                         save_checkpoint, say_once)
 from .config import Config, ConfigError, config_to_dict
 
 EMA_FILE = "ema.safetensors"
@@ -62,10 +66,44 @@ class Progress:
     """The policy's CFM loss on its own samples at the first iteration (the collapse monitor's reference)."""
 
 
-def check_resume(cfg: Config, out_dir: Path, resume: str | None) -> Path | None:
+_UNFINISHED = re.compile(r"^unfinished-\d+$")
+
+
+def unfinished_start(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a run that stopped before its first checkpoint (a ``config.yaml``, no
+    checkpoint): there is nothing to resume, and the run may start over."""
+    return (out_dir / "config.yaml").is_file() and not list_checkpoints(out_dir / "checkpoints")
+
+
+def set_aside_unfinished(out_dir: Path) -> Path:
+    """Move everything of such a run (config, metrics, samples, images, TensorBoard logs...) into
+    ``out_dir/unfinished-<n>/`` so that the run can start over with nothing lost; returns that folder."""
+    n = 1
+    while (out_dir / f"unfinished-{n}").exists():
+        n += 1
+    dest = out_dir / f"unfinished-{n}"
+    dest.mkdir()
+    for p in sorted(out_dir.iterdir()):
+        if p.name != LOCK_FILE and p != dest and not _UNFINISHED.match(p.name):
+            p.rename(dest / p.name)
+    return dest
+
+
+def _steps_per_iteration(cfg: Config, world: int) -> int:
+    t = cfg.train
+    n_local = t.prompts_per_iteration * t.group_size // world
+    return t.epochs * math.ceil(math.ceil(n_local / t.minibatch_size) / t.grad_accum_steps)
+
+
+def check_resume(cfg: Config, out_dir: Path, resume: str | None, *, world_size: int | None = None,
+                 distributed_type: str = "") -> Path | None:
     """The checkpoint to resume from (``None``: a fresh run), after checking that ``out_dir`` holds no
     other run and that ``cfg`` is the checkpoint's own (only ``train.iterations``, ``log`` and
-    ``checkpoint`` may change)."""
+    ``checkpoint`` may change, and ``output_dir``: a copied run folder resumes).
+
+    A checkpoint written by another number of processes (``world_size``) resumes with a line saying
+    what changes (DDP or one process), or is refused where its optimizer state is sharded
+    (DeepSpeed, FSDP)."""
     cfg_file = out_dir / "config.yaml"
     if resume is None:
         if cfg_file.exists():
@@ -73,9 +111,12 @@ def check_resume(cfg: Config, out_dir: Path, resume: str | None) -> Path | None:
                               f"or choose another output_dir")
         return None
     path = resolve_resume(resume, out_dir / "checkpoints")
-    saved = read_state(path).get("config")
+    state = read_state(path)
+    saved = state.get("config")
     if saved is not None:
         now = config_to_dict(cfg)
+        saved.pop("output_dir", None)  # the same run in another folder (copied or moved)
+        now.pop("output_dir", None)
         for section in ("train", "log", "checkpoint"):
             for k in ("iterations",) if section == "train" else list(now[section]):
                 saved.get(section, {}).pop(k, None)
@@ -83,8 +124,20 @@ def check_resume(cfg: Config, out_dir: Path, resume: str | None) -> Path | None:
         if saved != now:
             diff = sorted(f"{s}.{k}" for s in now if isinstance(now[s], dict)
                           for k in now[s] if saved.get(s, {}).get(k) != now[s][k])
-            raise ConfigError(f"the config differs from the checkpoint's in {', '.join(diff) or 'top-level fields'}; "
+            top = sorted(k for k in now if not isinstance(now[k], dict) and saved.get(k) != now[k])
+            raise ConfigError(f"the config differs from the checkpoint's in {', '.join(diff + top) or 'its sections'}; "
                               f"resume with the run's own config ({cfg_file})")
+    saved_world = state.get("world_size")
+    if world_size is not None and isinstance(saved_world, int) and saved_world != world_size:
+        if any(k in distributed_type.upper() for k in ("DEEPSPEED", "FSDP")):
+            raise CheckpointError(f"checkpoint {path} was written by {saved_world} processes and this run has "
+                                  f"{world_size}: its {distributed_type} optimizer state is sharded per process; "
+                                  f"resume with {saved_world} processes")
+        before, after = _steps_per_iteration(cfg, saved_world), _steps_per_iteration(cfg, world_size)
+        say_once(f"warning: checkpoint {path.name} was written by {saved_world} process(es), this run has {world_size}: "
+              f"the samples, rewards and noise of every iteration stay the same, but an optimizer step now averages "
+              f"{world_size} x train.minibatch_size samples (was {saved_world} x), {after} steps per iteration "
+              f"(was {before}), so the run will not be bit-identical to one continued on {saved_world}")
     return path
 
 
@@ -100,7 +153,11 @@ def save_run(accelerator, root: Path, progress: Progress, cfg: Config, ema: EMA 
 def load_run(accelerator, path: Path, ema: EMA | None) -> Progress:
     """Restore the checkpoint at ``path`` into ``accelerator``'s objects and ``ema``."""
     state = read_state(path)
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, ImportError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}; resume from another one") from None
     saved_ema = load_extra(path, EMA_FILE)
     if ema is not None and saved_ema is not None:
         ema.load_state_dict(saved_ema)

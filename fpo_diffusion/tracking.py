@@ -1,11 +1,56 @@
-"""Run logging: a JSONL metrics file always, TensorBoard by default, W&B on request."""
+"""Run logging: a JSONL metrics file always, TensorBoard by default, W&B on request.
+
+The JSONL files only ever hold whole rows: an append that fails (disk full) is cut back to the
+last whole row and stops the run with one line (:class:`~fpo_diffusion.checkpoint.WriteError`);
+a row torn by a kill is dropped on resume (:meth:`RunLogger.truncate_after`, which says so).
+"""
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from PIL import Image
+
+from .checkpoint import WriteError, writing
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to ``path``; if the write fails (disk full), cut the file back to where it was (no
+    torn row) and raise :class:`WriteError`."""
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
+    with writing(path.name):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError:
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass
+                raise
+        finally:
+            os.close(fd)
+
+
+def read_jsonl_rows(path: Path) -> tuple[list[str], int]:
+    """The lines of ``path`` that are whole JSON objects, and how many others (torn or garbage) there were."""
+    keep, torn = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a row cut short by a kill or a full disk
+            row = None
+        if isinstance(row, dict):
+            keep.append(line)
+        elif line.strip():
+            torn += 1
+    return keep, torn
 
 
 def config_markdown(config: dict) -> str:
@@ -49,23 +94,24 @@ class RunLogger:
         for path in (self.metrics_path, self.out_dir / "samples.jsonl"):
             if not path.exists():
                 continue
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("iteration", 0) < iteration:
-                        keep.append(line)
-                except json.JSONDecodeError:  # a row cut short by a kill
-                    pass
+            rows, torn = read_jsonl_rows(path)
+            keep = [line for line in rows if json.loads(line).get("iteration", 0) < iteration]
+            if torn:
+                print(f"note: {path.name}: dropped {torn} torn row{'s' if torn > 1 else ''} (a write cut short "
+                      f"by a kill or a full disk)", flush=True)
             tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(l + "\n" for l in keep))
+            with writing(f"{path.name} (while dropping the rows to re-run)", partial=tmp):
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write("".join(l + "\n" for l in keep))
+                    f.flush()
+                    os.fsync(f.fileno())
             tmp.replace(path)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
         row = {"iteration": step, **{k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in scalars.items()}}
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.metrics_path, [row])
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, float(v), step)
@@ -76,16 +122,16 @@ class RunLogger:
         """Append one JSON row per sample to ``samples.jsonl`` (each row carries its ``iteration``)."""
         if not self.enabled:
             return
-        with (self.out_dir / "samples.jsonl").open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        append_jsonl(self.out_dir / "samples.jsonl", rows)
 
     def log_image(self, tag: str, image: Image.Image, step: int) -> None:
         if not self.enabled:
             return
         img_dir = self.out_dir / "images"
         img_dir.mkdir(parents=True, exist_ok=True)
-        image.save(img_dir / f"{tag.replace('/', '_')}_{step:06d}.png")
+        path = img_dir / f"{tag.replace('/', '_')}_{step:06d}.png"
+        with writing(f"image {path.name}", partial=path):
+            image.save(path)
         if self.tb is not None:
             import numpy as np
 

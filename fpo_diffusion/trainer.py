@@ -21,14 +21,15 @@ from tqdm.auto import tqdm
 
 from .advantages import group_advantages, zero_variance_share
 from .algorithms import AlgorithmContext, build_algorithm
-from .checkpoint import CheckpointError, install_lora_only_hooks
+from .budget import check_iteration_memory
+from .checkpoint import CheckpointError, RunLock, install_lora_only_hooks
 from .config import Config, ConfigError, config_to_dict, save_config
 from .export import export_trained_lora
 from .images import make_grid
 from .noise import SeedStreams
 from .prompts import PromptItem, load_prompts, rank_slice
 from .rollout import Rollout, Sampler
-from .run_state import EMA, Progress, check_resume, load_run, save_run
+from .run_state import EMA, Progress, check_resume, load_run, save_run, set_aside_unfinished, unfinished_start
 from .tracking import RunLogger
 from .update import CAUSES, NonfiniteGuard, TrainingError, Updater, adamw
 
@@ -70,15 +71,40 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: str | None = None):
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
 
         _quiet_libraries()
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=_no_accelerator())
-        acc = self.accelerator
-        self.resume_from = check_resume(cfg, self.out, resume)
+        from .distributed import cpu_fallback_note, deepspeed_on_cpu
+
+        cpu = _no_accelerator() and not deepspeed_on_cpu()
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu)
+        if (note := cpu_fallback_note(cpu)) and self.accelerator.is_main_process:
+            print(note, flush=True)  # a DeepSpeed / FSDP launch config that becomes a plain run says so
+        # One writer per run folder: the main process holds its lock until the run ends (released by the
+        # kernel however the process ends); a second process is refused with one line.
+        self.lock = RunLock(self.out).acquire() if self.accelerator.is_main_process else None
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (the loop does this when :meth:`train` ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup(self, resume: str | None) -> None:
+        from accelerate.utils import set_seed
+
+        cfg, acc = self.cfg, self.accelerator
+        # A folder whose run stopped before its first checkpoint is started over (its files set aside).
+        unfinished = resume in (None, "latest") and unfinished_start(self.out)
+        acc.wait_for_everyone()
+        self.resume_from = None if unfinished else check_resume(cfg, self.out, resume, world_size=acc.num_processes,
+                                                                distributed_type=str(acc.distributed_type))
         set_seed(cfg.train.seed)
 
         # Model + LoRA
@@ -109,6 +135,11 @@ class Trainer:
         self.lr_scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.warmup_steps,
                                           num_training_steps=t.iterations * self.steps_per_iteration)
         install_lora_only_hooks(acc)
+        from .distributed import configure_deepspeed
+
+        for note in configure_deepspeed(acc, t):  # DeepSpeed takes its micro-batch from the config: no dataloader
+            if acc.is_main_process:
+                print(note, flush=True)
         self.model, self.optimizer = acc.prepare(self.policy.denoiser, self.optimizer)
         # Stepped once per optimizer step by us (a prepared scheduler steps once per process).
         acc.register_for_checkpointing(self.lr_scheduler)
@@ -127,6 +158,11 @@ class Trainer:
                                device=acc.device, autocast=acc.autocast,
                                progress=cfg.log.progress and acc.is_local_main_process)
         self.latent_shape = tuple(self.policy.latent_shape(cfg.sampling.height, cfg.sampling.width))
+        one_cond = self.sampler.conditions([self.prompts[0].prompt])
+        check_iteration_memory(cfg, math.prod(self.latent_shape),
+                               sum(v.numel() * v.element_size() for v in one_cond.values()),
+                               (cfg.sampling.height or self.policy.height) * (cfg.sampling.width or self.policy.width),
+                               self.world)
         self.algorithm = build_algorithm(cfg.algorithm, AlgorithmContext(
             cfg=cfg, policy=self.policy, model=self.model, device=acc.device, autocast=acc.autocast,
             latent_shape=self.latent_shape, negative_cond=self.sampler.negative_cond,
@@ -135,6 +171,11 @@ class Trainer:
 
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
+            if unfinished:  # nothing is lost: the earlier attempt's files move into a folder of their own
+                kept = set_aside_unfinished(self.out)
+                print(f"note: {self.out} held a run that stopped before its first checkpoint; its files are kept in "
+                      f"{kept}; starting the run over" + (" (there was nothing to resume)" if resume else ""),
+                      flush=True)
         acc.wait_for_everyone()
         self.logger = RunLogger(self.out, enabled=acc.is_main_process, tensorboard=cfg.log.tensorboard,
                                 wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, config=config_to_dict(cfg))
@@ -276,6 +317,7 @@ class Trainer:
                 self.export()
         finally:
             self.logger.close()
+            self.close()
         return last
 
 

@@ -2,9 +2,12 @@
 gradient accumulation, gradient clipping, and non-finite steps skipped.
 
 A non-finite reward skips the whole iteration's update (the loop decides, :class:`NonfiniteGuard`
-counts); a non-finite loss, FPO ratio or gradient norm skips one optimizer step. Either way
-nothing non-finite reaches the weights, the optimizer state, the LR schedule, the EMA or a
-checkpoint; each skip is printed with its iteration and counted in the metrics
+counts); a non-finite loss, FPO ratio or gradient norm skips one optimizer step; and a step that
+itself overflows (finite gradients, but ``train.lr=1e39`` or a huge weight decay) is undone: the
+weights and optimizer state from before it are restored (:class:`StepUndo`) and it counts as a
+skipped step of cause ``step``. Either way nothing non-finite reaches the weights, the optimizer
+state, the LR schedule, the EMA or a checkpoint (which refuses non-finite tensors besides); each
+skip is printed with its iteration and counted in the metrics
 (``nonfinite/<cause>``), and ``train.max_nonfinite_in_a_row`` skips in a row stop the run with
 :class:`TrainingError`.
 """
@@ -25,7 +28,7 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite updates in a row)."""
 
 
-CAUSES = ("", "gradient", "loss", "ratio", "reward")
+CAUSES = ("", "step", "gradient", "loss", "ratio", "reward")
 """Why an update was skipped (index 0: it was not); a higher index wins when several apply."""
 
 
@@ -60,6 +63,44 @@ class NonfiniteGuard:
                                 f"iteration {iteration}); stopping")
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite (one device sync)."""
+    tensors = [t for t in tensors if t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+class StepUndo:
+    """A copy of the trainable weights and their optimizer state, taken right before an optimizer step,
+    to put back if the step made any of them non-finite."""
+
+    def __init__(self, optimizer):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        with torch.no_grad():
+            self.weights = [p.detach().clone() for p in self.params]
+            self.state = {id(p): ({k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                                  if (st := self.optimizer.state.get(p)) else None) for p in self.params}
+
+    def step_was_finite(self) -> bool:
+        """Whether the weights and the optimizer state after the step are all finite."""
+        tensors = list(self.params)
+        for p in self.params:
+            tensors.extend(v for v in self.optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+        return all_finite(tensors)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, w in zip(self.params, self.weights):
+            p.copy_(w)
+            saved = self.state[id(p)]
+            if saved is None:
+                self.optimizer.state.pop(p, None)
+            else:
+                self.optimizer.state[p] = saved
+
+
 class Updater:
     """Runs :meth:`update` with the run's optimizer, LR schedule, EMA and accelerator."""
 
@@ -69,6 +110,17 @@ class Updater:
         self.optimizer, self.lr_scheduler, self.ema = optimizer, lr_scheduler, ema
         self.n_local, self.guard = n_local, guard
         self.seeds = SeedStreams(train.seed)
+        from accelerate.utils import DistributedType
+
+        # DeepSpeed's engine steps inside the backward pass that ends an accumulation (accelerate's
+        # ``sync_gradients``), before any check after it could skip the step.
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    @staticmethod
+    def _deepspeed_stop(iteration: int, what: str) -> str:
+        return (f"iteration {iteration}: {what} under DeepSpeed, whose engine steps inside the backward pass, so "
+                f"the update cannot be skipped as in other runs: stopping (resume from the last checkpoint, e.g. "
+                f"with a lower train.lr)")
 
     def _max_over_ranks(self, cause: int) -> int:
         acc = self.accelerator
@@ -95,6 +147,7 @@ class Updater:
                 cause = 0  # index into CAUSES; the worst over the accumulated minibatches and the ranks wins
                 for j, idx in enumerate(group):
                     sync = j == len(group) - 1
+                    acc.sync_gradients = sync  # the state accelerate's accumulate() sets: DeepSpeed steps at sync only
                     ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
                     idx_d = idx.to(dev)
                     with ctx:
@@ -103,18 +156,28 @@ class Updater:
                         if not bool(torch.isfinite(loss.detach())):
                             bad_ratio = any("ratio" in k and not math.isfinite(float(v)) for k, v in stats.items())
                             cause = max(cause, CAUSES.index("ratio" if bad_ratio else "loss"))
-                        acc.backward(loss / len(group))
+                        if sync and self.deepspeed and (worst := self._max_over_ranks(cause)):
+                            raise TrainingError(self._deepspeed_stop(iteration, f"a non-finite {CAUSES[worst]}"))
+                        # accelerate (DeepSpeed) divides by its accumulation count: each group's gradient is its mean
+                        acc.backward(loss * acc.gradient_accumulation_steps / len(group))
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     sums["surrogate"] = sums.get("surrogate", 0.0) + float(loss.detach())
                     n_terms += 1
                 gn = acc.clip_grad_norm_(model.parameters(), tr.max_grad_norm if tr.max_grad_norm else float("inf"))
-                gn = float(gn) if gn is not None else float("nan")
-                if cause == 0 and not math.isfinite(gn):
+                if self.deepspeed and gn is not None and not math.isfinite(float(gn)):  # the engine has stepped
+                    raise TrainingError(self._deepspeed_stop(iteration, "a non-finite gradient norm"))
+                gn = float(gn) if gn is not None else float("nan")  # DeepSpeed without clipping may not report it
+                if cause == 0 and not math.isfinite(gn) and not (self.deepspeed and math.isnan(gn)):
                     cause = CAUSES.index("gradient")
                 cause = self._max_over_ranks(cause)
                 if cause == 0:
+                    undo = StepUndo(self.optimizer)
                     self.optimizer.step()
+                    if self._max_over_ranks(0 if undo.step_was_finite() else CAUSES.index("step")):
+                        cause = CAUSES.index("step")  # the step overflowed: as if it had not been taken
+                        undo.restore()
+                if cause == 0:
                     faults.hit("update")
                     self.lr_scheduler.step()
                     if self.ema is not None:
@@ -125,7 +188,9 @@ class Updater:
                     skipped += 1
                     nonfinite[CAUSES[cause]] += 1
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.guard.skip(iteration, CAUSES[cause])
+                    self.guard.skip(iteration, CAUSES[cause], " (the optimizer step overflowed: the weights and optimizer "
+                                    "state from before it are restored; is train.lr too large?)"
+                                    if CAUSES[cause] == "step" else "")
                 self.optimizer.zero_grad(set_to_none=True)
         name = algorithm.name
         out = {f"{name}/{k}": v / max(n_terms, 1) for k, v in sums.items()}

@@ -8,8 +8,14 @@ Protocol (see :mod:`rewards.server`): ``POST {url}/score`` with JSON
 Failure policy: connection errors, timeouts, 5xx answers and malformed answers (not JSON,
 wrong length, non-numbers, non-finite numbers) are retried ``retries`` times with
 exponential backoff (``backoff * 2**attempt`` seconds); 4xx answers (other than 408/429)
-are not retried since repeating them cannot help. When
-nothing valid comes back, :class:`RewardError` says why. A failed reward is never a zero.
+are not retried since repeating them cannot help. Each retry prints one line to stderr (what
+failed, which attempt, the wait). When nothing valid comes back, :class:`RewardError` says why.
+A failed reward is never a zero.
+
+Worst case before the error (a server that accepts connections and never answers):
+``(retries + 1) * timeout + backoff * (2**retries - 1)`` seconds per batch
+(:attr:`RemoteReward.worst_case_seconds`): 4 x 60 + 3.5 = 243.5 s, about 4 minutes, with the
+defaults. Lower ``timeout`` / ``retries`` in ``reward.options`` for a faster stop.
 
 Range: whatever the served reward's range is (unknown to the client).
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import sys
 import threading
 import time
 from typing import Any
@@ -82,6 +89,11 @@ class RemoteReward(Reward):
                 self._client = httpx.Client(timeout=self.timeout, headers=headers)
         return self._client
 
+    @property
+    def worst_case_seconds(self) -> float:
+        """The longest one batch can take before :class:`RewardError` (every attempt timing out)."""
+        return (self.retries + 1) * self.timeout + self.backoff * (2 ** self.retries - 1)
+
     def close(self) -> None:
         """Close the HTTP connection pool."""
         if self._client is not None:
@@ -105,7 +117,10 @@ class RemoteReward(Reward):
         last = "no attempt made"
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                wait = self.backoff * 2 ** (attempt - 1)
+                print(f"remote reward at {self.url}: attempt {attempt} of {self.retries + 1} failed ({last[:200]}); "
+                      f"retrying in {wait:g} s", file=sys.stderr, flush=True)
+                time.sleep(wait)
             try:
                 r = self._http().post(f"{self.url}/score", json=body)
             except httpx.HTTPError as e:

@@ -1,6 +1,8 @@
-"""Baselines in the shared loop (Flow-GRPO, DDPO) and the benchmark scripts' smoke modes."""
+"""Baselines in the shared loop (Flow-GRPO, DDPO), FPO outside the loop, and the benchmark scripts' smoke modes."""
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,10 +130,121 @@ def test_baseline_config_validation():
     assert load_config(None, ["algorithm=ddpo", "ddpo.eta=0.5"]).ddpo.eta == 0.5
 
 
+def _check_rows(script: str, rows: list[dict]) -> None:
+    """What each benchmark's rows must say (their own definitions, measured in this one run)."""
+    assert rows
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, float):
+                assert math.isfinite(v), (k, v)
+    if script == "step_cost.py":  # FPO's update against the raw forward+backward on the same rows
+        assert {r["model"] for r in rows} == {"tiny-sd", "tiny-sd3"}
+        for r in rows:
+            assert r["raw_fwd_bwd_s"] > 0 and r["fpo_update_s"] > 0 and r["rows"] == r["B"] * r["N_mc"]
+            assert math.isclose(r["ratio"], r["fpo_update_s"] / r["raw_fwd_bwd_s"], rel_tol=1e-12)
+    elif script == "rollout.py":  # our rollout against the stock pipeline, same samples
+        (r,) = rows
+        assert r["model"] == "embedded:tiny-sd3" and r["samples"] == 4 and r["steps"] == 2
+        assert r["stock_pil_s"] > 0 and math.isclose(r["ratio"], r["ours_s"] / r["stock_pil_s"], rel_tol=1e-12)
+    elif script == "memory.py":  # one row without, one with gradient checkpointing, same shapes
+        assert [r["checkpointing"] for r in rows] == [False, True]
+        assert rows[0]["latent"] == rows[1]["latent"] and rows[0]["B"] == rows[1]["B"]
+        for r in rows:
+            assert r["peak_GiB"] >= r["baseline_GiB"] >= 0 and r["update_s"] > 0
+        assert "saving_vs_off" in rows[1]
+
+
 @pytest.mark.parametrize("script", ["step_cost.py", "rollout.py", "memory.py", "learning.py"])
-def test_bench_smoke(script):
+def test_bench_smoke(script, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke"], capture_output=True, text=True,
+    out = tmp_path / "rows.json"
+    args = ["--smoke"] + ([] if script == "learning.py" else ["--json", str(out)])
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
                        env=env, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "|" in p.stdout  # printed its table
+    table = [ln for ln in p.stdout.splitlines() if ln.startswith("|")]
+    assert len(table) >= 3 and table[1].startswith("|---"), p.stdout[-2000:]  # header, rule, rows
+    if script == "learning.py":  # one line per variant: the held-out score before -> after training
+        scores = re.findall(r"tiny-sd3 (\S+) seed 0: score ([\d.]+) -> ([\d.]+) \((\d+) evaluations", p.stdout)
+        assert {v for v, *_ in scores} == {"fpo-mean", "flow_grpo"}, p.stdout[-2000:]
+        assert all(0 <= float(a) <= 1 and 0 <= float(b) <= 1 and int(n) > 0 for _, a, b, n in scores)
+        return
+    rows = json.loads(out.read_text())
+    _check_rows(script, rows)
+    assert len(table) == 2 + len(rows)  # the printed table is the rows written
+
+
+def _fpo_outside_the_loop(**overrides):
+    """FPO on a tiny SD3 policy with a random LoRA (so the policy differs from its frozen base), built
+    on an ``AlgorithmContext`` alone: no trainer."""
+    from fpo_diffusion.algorithms import FPO, AlgorithmContext
+    from fpo_diffusion.rollout import ReferenceSamples
+
+    from helpers_policies import PROMPTS, make_policy
+
+    pol = make_policy("sd3", init=False)
+    cfg = load_config(None, ["fpo.n_mc=2", "train.minibatch_size=2", *(f"{k}={v}" for k, v in overrides.items())])
+    shape = tuple(pol.latent_shape())
+    g = torch.Generator().manual_seed(0)
+    cond = pol.encode_prompts(PROMPTS)
+    ro = ReferenceSamples(torch.arange(2), torch.arange(2), cond, torch.randn(2, *shape, generator=g))
+    anchor = ReferenceSamples(torch.arange(2), torch.arange(2), cond, torch.randn(2, *shape, generator=g))
+    ctx = AlgorithmContext.for_policy(cfg, pol, latent_shape=shape, reference_samples=lambda n: anchor)
+    alg = FPO(ctx)
+    alg.setup()
+    return alg, pol, ro, anchor
+
+
+def _grads(loss, params):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+
+
+def test_fpo_kl_anchor_adds_kl_beta_times_its_gradient():
+    """The KL anchor to the frozen base model is part of the loss: the gradient is the surrogate's
+    plus ``kl_beta`` times that of ``mean (v_theta - v_ref)^2``, with ``v_ref`` the adapter-disabled model."""
+    from fpo_diffusion.fpo import fpo_loss, kl_penalty
+
+    beta = 0.7
+    alg, pol, ro, _ = _fpo_outside_the_loop(**{"fpo.kl_beta": beta, "fpo.fm_anchor_beta": 0})
+    prep = alg.prepare(ro, 0)
+    idx, adv = torch.arange(2), torch.tensor([1.0, -0.5])
+    params = pol.trainable_parameters()
+    loss, stats = alg.loss(ro, prep, idx, adv, iteration=0, epoch=0, step=0)
+    g = _grads(loss, params)
+    # by hand: the surrogate at the same (t, eps), and the KL to the base model's prediction there
+    l_new, pred = pol.cfm_loss(ro.x0, ro.cond, prep["t"], prep["eps"], return_pred=True)
+    with torch.no_grad(), pol.reference():
+        _, pred_ref = pol.cfm_loss(ro.x0, ro.cond, prep["t"], prep["eps"], return_pred=True)
+    torch.testing.assert_close(prep["ref_pred"], pred_ref)
+    surrogate, _ = fpo_loss(prep["l_old"], l_new.float(), adv, alg.objective)
+    kl = kl_penalty(pred, pred_ref).mean()
+    assert float(kl) > 0 and math.isclose(float(stats["kl_ref"]), float(kl), rel_tol=1e-5)
+    torch.testing.assert_close(loss, surrogate + beta * kl, rtol=1e-5, atol=1e-8)
+    g_sur, g_kl = _grads(surrogate, params), _grads(kl, params)
+    assert float((beta * g_kl).norm()) > 1e-3 * float(g_sur.norm())  # the anchor's share is not negligible
+    torch.testing.assert_close(g, g_sur + beta * g_kl, rtol=1e-4, atol=1e-7)
+    # off: no reference predictions, the loss is the surrogate alone
+    alg0, pol0, ro0, _ = _fpo_outside_the_loop(**{"fpo.kl_beta": 0, "fpo.fm_anchor_beta": 0})
+    prep0 = alg0.prepare(ro0, 0)
+    assert "ref_pred" not in prep0
+    loss0, stats0 = alg0.loss(ro0, prep0, idx, adv, iteration=0, epoch=0, step=0)
+    assert "kl_ref" not in stats0
+    torch.testing.assert_close(loss0, fpo_loss(prep0["l_old"], pol0.cfm_loss(ro0.x0, ro0.cond, prep0["t"], prep0["eps"]),
+                                              adv, alg0.objective)[0])
+
+
+def test_fpo_flow_matching_anchor_adds_its_beta_times_the_anchor_cfm_loss():
+    """With ``fm_anchor_beta`` the loss adds that times the CFM loss on the reference sampler's samples."""
+    fm = 0.3
+    alg, pol, ro, anchor = _fpo_outside_the_loop(**{"fpo.kl_beta": 0, "fpo.fm_anchor_beta": fm,
+                                                    "fpo.fm_anchor_samples": 2})
+    assert alg.anchor is anchor  # setup took the context's reference samples
+    prep = alg.prepare(ro, 0)
+    idx, adv = torch.arange(2), torch.ones(2)
+    loss, stats = alg.loss(ro, prep, idx, adv, iteration=0, epoch=0, step=0)
+    anc = alg._anchor_loss(0, 0, 0, len(idx))
+    assert float(anc) > 0 and math.isclose(float(stats["fm_anchor_loss"]), float(anc), rel_tol=1e-6)
+    from fpo_diffusion.fpo import fpo_loss
+
+    surrogate, _ = fpo_loss(prep["l_old"], pol.cfm_loss(ro.x0, ro.cond, prep["t"], prep["eps"]), adv, alg.objective)
+    torch.testing.assert_close(loss, surrogate + fm * anc, rtol=1e-5, atol=1e-8)

@@ -220,3 +220,78 @@ def test_relative_position_diagonal_threshold_boundary():
 def test_rule_result_partial_without_clauses():
     assert RuleResult(True, "").partial == 1.0
     assert RuleResult(False, "x").partial == 0.0
+
+
+# --- tie order and threshold dtype, as the official evaluator -------------------------------
+def _official_filter(boxes_scores: np.ndarray, confidence_threshold: float, max_objects: int = 16,
+                     nms_threshold: float = 1.0) -> list[int]:
+    """``evaluate_image``'s per-class filtering from djghosh13/geneval ``evaluate_images.py``, transcribed
+    (``bbox[index]`` is mmdet's float32 ``[n, 5]`` array). Returns the indices kept, in order.
+
+    ``np.argsort`` there is numpy 1.x's default sort, which for a class's handful of detections (up to
+    16) is an insertion sort: stable. ``kind="stable"`` pins that here (numpy 2 on SIMD CPUs reorders
+    ties even for 4 elements)."""
+    def iou(a, b):
+        def area(x):
+            return max(x[2] - x[0] + 1, 0) * max(x[3] - x[1] + 1, 0)
+        i = area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
+        return i / (area(a) + area(b) - i)
+
+    bbox = boxes_scores.astype(np.float32)
+    ordering = np.argsort(bbox[:, 4], kind="stable")[::-1]
+    ordering = ordering[bbox[ordering, 4] > confidence_threshold]
+    ordering = ordering[:max_objects].tolist()
+    kept = []
+    while ordering:
+        max_obj = ordering.pop(0)
+        kept.append(max_obj)
+        ordering = [obj for obj in ordering if nms_threshold == 1 or iou(bbox[max_obj], bbox[obj]) < nms_threshold]
+    return kept
+
+
+def test_equal_scores_come_out_in_reverse_detector_order():
+    a, b, c = det("cup", (0, 0, 9, 9), 0.5), det("cup", (20, 0, 29, 9), 0.8), det("cup", (40, 0, 49, 9), 0.5)
+    assert filter_detections({"cup": [a, b, c]}, "x")["cup"] == [b, c, a]
+    assert _official_filter(np.array([[*x.box, x.score] for x in (a, b, c)]), 0.3) == [1, 2, 0]
+    # it decides which object a clause looks at: of two equally scored cups the later-listed one
+    # (on the right) is the one compared with the bowl, so "a cup left of a bowl" fails
+    left, right = det("cup", (0, 40, 9, 49)), det("cup", (80, 40, 89, 49))
+    bowl = det("bowl", (40, 40, 49, 49))
+    meta = {"tag": "position", "include": [{"class": "bowl", "count": 1},
+                                           {"class": "cup", "count": 1, "position": ["left of", 0]}]}
+    r = evaluate({"bowl": [bowl], "cup": [left, right]}, meta)
+    assert not r.correct and r.reason == "expected cup left of target, found right of target"
+    assert evaluate({"bowl": [bowl], "cup": [right, left]}, meta).correct
+    # counting looks at the top `count`, the colour clause at those same objects
+    red, blue = det("car", score=0.95, color="red"), det("car", score=0.95, color="blue")
+    colour = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]}
+    assert not evaluate({"car": [red, blue]}, colour).correct
+    assert evaluate({"car": [blue, red]}, colour).correct
+
+
+def test_scores_are_compared_with_the_threshold_in_float32():
+    f32 = float(np.float32(0.3))  # 0.30000001192..., above the float64 0.3
+    above = float(np.nextafter(np.float32(0.3), np.float32(1)))
+    r = evaluate(dets(det("cow", score=f32)), SINGLE)
+    assert not r.correct and r.reason == "expected cow>=1, found 0"  # official: float32(0.3) > float32(0.3) is False
+    assert evaluate(dets(det("cow", score=above)), SINGLE).correct
+    two = [det("clock", score=float(np.float32(0.9))), det("clock", score=0.95)]
+    assert filter_detections({"clock": two}, "counting") == {"clock": [two[1]]}
+    assert _official_filter(np.array([[*d.box, d.score] for d in two]), 0.9) == [1]
+
+
+def test_filtering_matches_the_official_code_on_random_tied_detections():
+    rng = np.random.default_rng(0)
+    levels = np.float32([0.3, 0.5, 0.9, 0.95, 1.0])
+    for case in range(400):
+        n = int(rng.integers(0, 22))
+        scores = rng.choice(levels, n) if case % 2 else rng.choice(levels, n) + rng.normal(0, 1e-8, n)
+        xy = rng.integers(0, 40, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.integers(2, 20, (n, 2))], axis=1).astype(np.float32)
+        ds = [det("cup", tuple(boxes[i]), float(np.float32(scores[i]))) for i in range(n)]
+        tag = "counting" if case % 3 == 0 else "two_object"
+        th = Thresholds(max_objects=int(rng.integers(1, 17)), nms=1.0 if case % 4 else 0.5)
+        ours = filter_detections({"cup": ds}, tag, th).get("cup", [])
+        ref = _official_filter(np.column_stack([boxes, np.float32(scores)]) if n else np.zeros((0, 5)),
+                               th.for_tag(tag), th.max_objects, th.nms)
+        assert [id(d) for d in ours] == [id(ds[i]) for i in ref], case

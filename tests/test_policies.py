@@ -34,8 +34,10 @@ def test_on_policy_ratio_is_one(case):
     assert grads and all("lora_" in n for n in grads)
 
 
-def _oracle(pol, x0: torch.Tensor, n: int):
-    """A denoiser forward that returns the exact target, knowing only x0 and the model inputs."""
+def _oracle(pol, x0: torch.Tensor, n: int, target: str):
+    """A denoiser forward that returns ``target`` exactly, knowing only x0 and the model inputs (the
+    scheduler's own ``alphas_cumprod`` for VP, the flow time for SD3/FLUX): ``"epsilon"`` (the noise),
+    ``"v_prediction"`` (``sqrt(a) eps - sqrt(1 - a) x0``) or ``"flow"`` (the velocity ``eps - x0``)."""
     x0r = x0.repeat_interleave(n, dim=0).to(pol.dtype)
     family = pol.family
 
@@ -44,13 +46,14 @@ def _oracle(pol, x0: torch.Tensor, n: int):
             x_t, k = args[0], args[1]
             acp = pol.pipeline.scheduler.alphas_cumprod.to(x_t.dtype)[k].view(-1, 1, 1, 1)
             eps_hat = (x_t - acp.sqrt() * x0r) / (1 - acp).sqrt()
-            out = eps_hat if pol.prediction_type == "epsilon" else acp.sqrt() * eps_hat - (1 - acp).sqrt() * x0r
-        elif family == "sd3":
-            x_t, tt = kw["hidden_states"], kw["timestep"] / 1000
-            out = (x_t - x0r) / tt.view(-1, 1, 1, 1)
+            v_hat = acp.sqrt() * eps_hat - (1 - acp).sqrt() * x0r
+            out = {"epsilon": eps_hat, "v_prediction": v_hat}[target]
         else:
-            x_t, tt = kw["hidden_states"], kw["timestep"]
-            out = (x_t - pack_latents(x0r)) / tt.view(-1, 1, 1)
+            x_t = kw["hidden_states"]
+            x0f = x0r if family == "sd3" else pack_latents(x0r)
+            tt = (kw["timestep"] / 1000 if family == "sd3" else kw["timestep"]).view(-1, *(1,) * (x_t.dim() - 1))
+            eps_hat = (x_t - (1 - tt) * x0f) / tt
+            out = {"flow": eps_hat - x0f, "epsilon": eps_hat}[target]
         return (out,)
 
     return forward
@@ -66,11 +69,14 @@ def test_exact_target_gives_zero_loss(case):
     x0 = torch.randn(2, *pol.latent_shape(), generator=g, dtype=torch.float64)
     t = torch.tensor([[0.02, 0.5, 0.98], [0.3, 0.71, 0.9]], dtype=torch.float64)
     eps = torch.randn(2, 3, *x0.shape[1:], generator=g, dtype=torch.float64)
-    pol.denoiser.forward = _oracle(pol, x0, 3)
-    loss = pol.cfm_loss(x0, cond, t, eps)
-    assert loss.abs().max() < 1e-20
-    # A wrong target (eps where v is expected, or vice versa) is not zero: the check is not vacuous.
-    assert pol.cfm_loss(x0 + 0.1, cond, t, eps).min() > 1e-6
+    right = pol.prediction_type
+    pol.denoiser.forward = _oracle(pol, x0, 3, right)
+    assert pol.cfm_loss(x0, cond, t, eps).abs().max() < 1e-20
+    # The other parameterisation's exact target (eps where v or the velocity is expected, v where eps
+    # is) gives a clearly non-zero loss at every pair: the loss tells the parameterisations apart.
+    wrong = {"epsilon": "v_prediction", "v_prediction": "epsilon", "flow": "epsilon"}[right]
+    pol.denoiser.forward = _oracle(pol, x0, 3, wrong)
+    assert pol.cfm_loss(x0, cond, t, eps).min() > 1e-6
 
 
 def test_vp_timestep_mapping():

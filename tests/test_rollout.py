@@ -1,6 +1,8 @@
 """Rollouts: scheduler names, CFG on/off, DDP-wrapped sampling, FPO from two samplers."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -13,19 +15,56 @@ from helpers_policies import CASE_IDS, CASES, PROMPTS, SCHEDULERS_BY_FAMILY, fre
     make_policy, rollout
 
 
+def _recording(step, log: list[str]):
+    """``step`` that appends its scheduler's class name to ``log`` (same signature: pipelines inspect it
+    to decide whether to pass ``generator``)."""
+    @functools.wraps(step)
+    def recorded(self, *args, **kwargs):
+        log.append(type(self).__name__)
+        return step(self, *args, **kwargs)
+    return recorded
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_three_schedulers_cfg_on_and_off(case):
+def test_three_schedulers_cfg_on_and_off(case, monkeypatch):
+    """Each requested scheduler is the one that steps, gives what the stock pipeline gives with that
+    scheduler installed, and a different result from the other two; CFG on and off differ."""
     _, family, pred = case
     pol = make_policy(family, pred, init=False)
     cond = pol.encode_prompts(PROMPTS)
+    names = SCHEDULERS_BY_FAMILY[family]
+    stepped: list[str] = []
+    for name in names:  # record which scheduler class runs each denoising step
+        cls = type(make_scheduler(name, pol.base_scheduler, family=family))
+        monkeypatch.setattr(cls, "step", _recording(cls.step, stepped))
     t, eps = draw_tau_eps(pol.latent_shape(), 2, TimeSampling(), seed=0, iteration=0, sample_indices=[0, 1])
-    for i, name in enumerate(SCHEDULERS_BY_FAMILY[family]):
-        cfg = 1.0 if i == 0 else 2.5
-        x0 = pol.sample(cond, generators(2), steps=2, guidance_scale=cfg, scheduler=name)
-        assert x0.shape == (2, *pol.latent_shape()) and torch.isfinite(x0).all(), name
+    steps, h, w = 3, pol.height, pol.width
+    x0 = {}
+    for name in names:
+        sched = make_scheduler(name, pol.base_scheduler, family=family)
+        for cfg in (1.0, 2.5):
+            stepped.clear()
+            x0[name, cfg] = pol.sample(cond, generators(2), steps=steps, guidance_scale=cfg, scheduler=name)
+            assert stepped and set(stepped) == {type(sched).__name__}, (name, stepped)
+            assert x0[name, cfg].shape == (2, *pol.latent_shape()) and torch.isfinite(x0[name, cfg]).all(), name
         with torch.no_grad():
-            loss = pol.cfm_loss(x0, cond, t, eps)
+            loss = pol.cfm_loss(x0[name, 2.5], cond, t, eps)
         assert loss.shape == (2, 2) and torch.isfinite(loss).all(), name
+        # the stock pipeline call with this scheduler installed by hand gives the same latents
+        pipe, base = pol.pipeline, pol.pipeline.scheduler
+        pipe.scheduler = sched
+        try:
+            with torch.no_grad():
+                out = pipe(**pol._pipe_kwargs(cond, None, 2.5), num_inference_steps=steps,
+                           generator=generators(2), height=h, width=w, output_type="latent", return_dict=False)[0]
+        finally:
+            pipe.scheduler = base
+        torch.testing.assert_close(x0[name, 2.5], pol._from_pipe_latents(out, h, w), rtol=1e-5, atol=1e-5, msg=name)
+    for name in names:
+        assert (x0[name, 1.0] - x0[name, 2.5]).abs().max() > 1e-2, name
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert (x0[a, 2.5] - x0[b, 2.5]).abs().max() > 1e-2, (a, b)
     assert pol.pipeline.scheduler is pol.base_scheduler  # restored after sampling
 
 

@@ -7,10 +7,13 @@ real-image GenEval (Mask2Former + CLIP colours) and by the shapes world (exact d
 
 Faithfulness notes (each checked against the official source):
 
-* per class, detections are kept when ``score > threshold`` (strictly greater, as the
-  official ``bbox[..., 4] > confidence_threshold``), with the threshold 0.9 for the
-  ``counting`` tag and 0.3 otherwise (for every class, exclude clauses included), sorted by
-  score and capped at 16; NMS runs only when ``nms < 1`` (official default 1.0: off);
+* per class, detections are ordered as the official ``np.argsort(scores)[::-1]`` (a stable
+  ascending sort reversed: best first, and equal scores in *reverse* detector order), kept when
+  ``score > threshold`` compared in float32 (the official ``bbox[..., 4] > confidence_threshold``
+  compares mmdet's float32 scores with the threshold cast to float32, so a score of exactly
+  ``float32(0.3)`` is dropped), with the threshold 0.9 for the ``counting`` tag and 0.3 otherwise
+  (for every class, exclude clauses included), and capped at 16; NMS runs only when ``nms < 1``
+  (official default 1.0: off);
 * ``include`` clauses are ANDed; each looks at the top-``count`` detections of its class;
   colour is checked on those, then position (only when the clause is still matched)
   against every object of the target clause's matched group;
@@ -143,16 +146,20 @@ def relative_position(obj_a: Any, obj_b: Any, threshold: float = 0.1) -> set[str
 # --------------------------------------------------------------------------------------------
 
 def filter_detections(detections: Detections, tag: str | None, thresholds: Thresholds = Thresholds()) -> Detections:
-    """Official per-class filtering: score > threshold, best first, at most ``max_objects``, NMS.
+    """Official per-class filtering: best first, score > threshold (in float32), at most ``max_objects``, NMS.
 
-    Classes left without detections are dropped (as the official ``del detected[classname]``).
-    The sort is stable, so equal scores keep the detector's order.
+    The order is the official ``np.argsort(scores)[::-1]`` on the class's detections as the detector
+    listed them: equal scores come out in reverse detector order (the stable ascending sort the
+    official numpy uses for a class's handful of detections, reversed). Classes left without
+    detections are dropped (as the official ``del detected[classname]``).
     """
-    threshold = thresholds.for_tag(tag)
+    threshold = np.float32(thresholds.for_tag(tag))
     out: Detections = {}
     for classname, dets in detections.items():
-        ordering = sorted(dets, key=lambda d: -float(d.score))
-        ordering = [d for d in ordering if float(d.score) > threshold][: thresholds.max_objects]
+        scores = np.asarray([d.score for d in dets], dtype=np.float32).reshape(-1)
+        order = np.argsort(scores, kind="stable")[::-1]
+        order = order[scores[order] > threshold][: thresholds.max_objects]
+        ordering = [dets[i] for i in order.tolist()]
         kept: list[Detection] = []
         while ordering:
             best = ordering.pop(0)

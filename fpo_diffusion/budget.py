@@ -1,0 +1,55 @@
+"""How much memory one iteration holds, estimated before the run starts (issue 17, item 7).
+
+``train.prompts_per_iteration * train.group_size`` samples are drawn every iteration and kept
+until its update ends: their final latents, their text conditions, their ``(t, eps)`` pairs (or
+the sampler's trajectory for the step-wise baselines) and their decoded images, plus the prompt
+plan on every rank. A size that cannot fit (``train.group_size=1000000000``) is refused with one
+line before anything is loaded onto the device or written, instead of failing deep inside torch.
+"""
+from __future__ import annotations
+
+import os
+
+from .config import Config, ConfigError
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine (``None`` where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def iteration_bytes(cfg: Config, latent_numel: int, cond_bytes: int, image_pixels: int, world: int) -> int:
+    """Bytes one rank holds for one iteration's samples (a lower estimate: activations not included)."""
+    t = cfg.train
+    n_global = t.prompts_per_iteration * t.group_size
+    n_local = -(-n_global // max(world, 1))
+    per_latent = 4 * latent_numel  # float32
+    held = 1 + cfg.fpo.n_mc  # x0 and the (t, eps) pairs
+    if cfg.algorithm in ("flow_grpo", "ddpo"):
+        held = 1 + cfg.sampling.steps  # x0 and the sampler's trajectory
+    per_sample = per_latent * held + cond_bytes + 3 * image_pixels
+    return 8 * n_global + n_local * per_sample  # the prompt plan (int64, on every rank) + the samples
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_iteration_memory(cfg: Config, latent_numel: int, cond_bytes: int, image_pixels: int, world: int,
+                           available: int | None = None) -> int:
+    """The estimate of :func:`iteration_bytes`; :class:`ConfigError` when it exceeds ``available``
+    (default: this machine's RAM)."""
+    need = iteration_bytes(cfg, latent_numel, cond_bytes, image_pixels, world)
+    have = physical_memory() if available is None else available
+    if have is not None and need > have:
+        t = cfg.train
+        raise ConfigError(f"train.prompts_per_iteration x train.group_size = {t.prompts_per_iteration} x {t.group_size} "
+                          f"samples per iteration need about {_gb(need)} on each of {world} rank(s) (latents, noise "
+                          f"pairs, text conditions, images), more than this machine's {_gb(have)}; lower them")
+    return need
+
+
+__all__ = ["check_iteration_memory", "iteration_bytes", "physical_memory"]
