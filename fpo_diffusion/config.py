@@ -295,10 +295,11 @@ class PromptConfig:
 
     source: str = "embedded:shapes"
     """A ``.txt`` file (one prompt a line), a ``.jsonl`` file (``{"prompt": ..., ...metadata}``,
-    GenEval style), ``hf:<dataset>[:<split>]`` or a folder saved by ``datasets``, or
-    ``embedded:shapes`` (the shapes world's fixed training set: 2048 GenEval-format entries over
-    all six tasks, never a ShapesEval prompt; ``shapes.scenes.training_metadata``) /
-    ``embedded:tiny``."""
+    GenEval style), ``hf:<dataset>[:<split>]`` or a folder saved by ``datasets``, or an embedded
+    source: ``embedded:tiny``, or one a plug-in installs (``fpo_diffusion.prompts`` entry points):
+    ``embedded:shapes`` (the shapes world's RL training prompts: 2000 GenEval-format entries, 400
+    for each task with training prompts, from the combinations ShapesEval holds out none of),
+    ``embedded:shapes-validation`` (its validation split) and ``embedded:shapes-test`` (ShapesEval)."""
     column: str = "prompt"
     """Prompt column of a ``datasets`` dataset."""
 
