@@ -344,7 +344,7 @@ def encode_text(tokenizer, te1, te2, prompts: list[str], n_zero: int = 256):
 
 @dataclass
 class TransformerConfig:
-    steps: int = 7000
+    steps: int = 4000
     """Length of the stage (the learning-rate schedule runs over it)."""
     minutes: float = 1e9
     """Wall-clock cap of one call: checkpoint and stop (re-run to continue)."""

@@ -287,14 +287,17 @@ class CaptionStyle:
     from their objects).
     """
 
+    p_all_classes: float = 0.75
+    """A caption names every class in the scene; otherwise just one of them (alt-text often names
+    only the main object)."""
     p_color: float = 0.6
     """A caption names the objects' colours."""
-    p_bind: float = 0.4
+    p_bind: float = 0.15
     """Given colours and two or more objects: each colour is written next to its object ("a red star
     and a blue heart"); otherwise the colours are listed after the objects ("a star and a heart, blue and red")."""
-    p_count: float = 0.35
+    p_count: float = 0.25
     """A class drawn 2-4 times is given its number ("three stars"); otherwise a bare plural ("stars")."""
-    p_position: float = 0.15
+    p_position: float = 0.1
     """A two-object scene's relation is stated ("a star left of a heart"); otherwise "a star and a heart"."""
     p_photo: float = 0.6
     """The caption starts with "a photo of" (else "an image of", "a picture of" or nothing)."""
@@ -304,7 +307,7 @@ class CaptionStyle:
     """Scene kinds: one object, two objects of different classes, 2-4 objects of one class, 1-4 of any class."""
 
     def __post_init__(self):
-        for name in ("p_color", "p_bind", "p_count", "p_position", "p_photo", "p_empty"):
+        for name in ("p_all_classes", "p_color", "p_bind", "p_count", "p_position", "p_photo", "p_empty"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"CaptionStyle.{name} must be in [0, 1], got {v}")
@@ -334,6 +337,9 @@ def caption(scene: Scene, rng: np.random.Generator, style: CaptionStyle = Captio
 
     if not scene or rng.random() < style.p_empty:
         return ""
+    if len({o.shape for o in scene}) > 1 and rng.random() >= style.p_all_classes:
+        named = sorted({o.shape for o in scene})[int(rng.integers(len({o.shape for o in scene})))]
+        scene = [o for o in scene if o.shape == named]  # the caption speaks of one class only
     by_class: dict[str, list[Obj]] = {}
     for o in scene:
         by_class.setdefault(o.shape, []).append(o)
