@@ -117,8 +117,9 @@ class SamplingConfig:
 
     scheduler: str | None = None
     """Sampler name (``euler``, ``dpmsolver++``, ``unipc``, ``ddim``, ``flow_euler``...); ``None``: the pipeline's own."""
-    steps: int = 20
-    """Denoising steps per rollout (>= 1)."""
+    steps: int = 10
+    """Denoising steps per rollout (>= 1). FPO needs only the final latent, so any step count works;
+    10 keeps the default job within 10 minutes (evaluation samples with its own steps, ShapesEval 20)."""
     guidance_scale: float = 4.5
     """Classifier-free guidance scale (finite, >= 0; ``<= 1`` turns CFG off)."""
     negative_prompt: str = ""
