@@ -351,6 +351,12 @@ class TrainConfig:
     """Seed of everything (prompts, rollouts, ``(t, eps)`` pairs); in ``[0, 2**32)``."""
     max_nonfinite_in_a_row: int = 3
     """Stop after this many consecutive updates skipped for NaN/Inf (>= 1)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in a collective (gather, barrier, gradient all-reduce) for the others before the
+    run stops with one line (``InitProcessGroupKwargs``; torch's default is 30 minutes): a rank that hangs
+    (stopped, deadlocked, a stuck filesystem) ends the run instead of blocking every other rank. Finite,
+    > 0; it must exceed the longest time one rank works alone, e.g. a remote reward's worst case
+    (``RemoteReward.worst_case_seconds``, about 4 minutes by default) or a checkpoint write. May change on resume."""
 
     def __post_init__(self):
         for name in ("iterations", "prompts_per_iteration", "epochs", "minibatch_size", "grad_accum_steps"):
@@ -378,6 +384,7 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
         _require("train.seed", self.seed, 0, 2**32, hi_open=True)
         _require("train.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, 1)
+        _require("train.collective_timeout_s", self.collective_timeout_s, 0, math.inf, lo_open=True, hi_open=True)
 
 
 @dataclass

@@ -89,6 +89,19 @@ def set_aside_unfinished(out_dir: Path) -> Path:
     return dest
 
 
+RESUMABLE_TRAIN_FIELDS = ("iterations", "collective_timeout_s")
+"""``train`` fields a resume may change (besides all of ``log`` and ``checkpoint``, and ``output_dir``)."""
+
+
+def _fill_defaults(saved: dict, defaults: dict) -> None:
+    """Give a saved config the default of every field it lacks (it was written before the field existed)."""
+    for k, v in defaults.items():
+        if k not in saved:
+            saved[k] = v
+        elif isinstance(v, dict) and isinstance(saved[k], dict) and k not in ("weights", "options"):
+            _fill_defaults(saved[k], v)
+
+
 def _steps_per_iteration(cfg: Config, world: int) -> int:
     t = cfg.train
     n_local = t.prompts_per_iteration * t.group_size // world
@@ -115,10 +128,11 @@ def check_resume(cfg: Config, out_dir: Path, resume: str | None, *, world_size: 
     saved = state.get("config")
     if saved is not None:
         now = config_to_dict(cfg)
+        _fill_defaults(saved, config_to_dict(Config()))  # fields added since the checkpoint was written
         saved.pop("output_dir", None)  # the same run in another folder (copied or moved)
         now.pop("output_dir", None)
         for section in ("train", "log", "checkpoint"):
-            for k in ("iterations",) if section == "train" else list(now[section]):
+            for k in RESUMABLE_TRAIN_FIELDS if section == "train" else list(now[section]):
                 saved.get(section, {}).pop(k, None)
                 now[section].pop(k, None)
         if saved != now:

@@ -58,6 +58,30 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
+def collective_timeout(seconds: float):
+    """accelerate's handler that sets the process group's timeout (``train.collective_timeout_s``): a rank
+    waiting longer than this in a gather, barrier or all-reduce raises instead of hanging (torch's
+    default: 30 minutes); ``launch/train.py`` turns that into one line."""
+    import datetime
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=seconds))
+
+
+def collective_failure(e: BaseException) -> str | None:
+    """What a distributed failure means for the user, in words, or ``None`` if ``e`` is not one: a timeout
+    of a collective (another rank is stuck) or a connection lost to another rank (it ended)."""
+    import re
+
+    text = " ".join(str(e).split())
+    if re.search(r"[Tt]imed out|[Tt]imeout|timed-out", text):
+        return "waited longer than train.collective_timeout_s for the other ranks (one is stuck or too slow)"
+    if re.search(r"Connection (closed|reset) by peer|Broken pipe", text):
+        return "lost the connection to another rank (it ended or was killed)"
+    return None
+
+
 def _no_accelerator() -> bool:
     """True on a CPU-only machine: accelerate then runs multi-process launches as gloo CPU ranks
     (without ``cpu=True`` every rank of ``accelerate launch --multi_gpu`` would think it is alone)."""
@@ -79,7 +103,8 @@ class Trainer:
         from .distributed import cpu_fallback_note, deepspeed_on_cpu
 
         cpu = _no_accelerator() and not deepspeed_on_cpu()
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu)
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu,
+                                       kwargs_handlers=[collective_timeout(cfg.train.collective_timeout_s)])
         if (note := cpu_fallback_note(cpu)) and self.accelerator.is_main_process:
             print(note, flush=True)  # a DeepSpeed / FSDP launch config that becomes a plain run says so
         # One writer per run folder: the main process holds its lock until the run ends (released by the

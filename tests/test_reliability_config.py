@@ -67,7 +67,7 @@ def cli(capsys):
     ("lora.dropout=1", "lora.dropout must be in [0, 1), got 1.0"),
     ("lora.target_modules=[]", "lora.target_modules must be non-empty"),
     ("sampling.guidance_scale=-2", "sampling.guidance_scale must be a finite number >= 0"),
-    ("algorithm=ppo", "algorithm must be one of fpo, flow_grpo, ddpo, got 'ppo'"),
+    ("algorithm=ppo", "algorithm must be one of fpo, flow_grpo, ddpo"),
     ("reward.weights={brightness: 0}", "reward.weights are all 0"),
     ("output_dir=", "output_dir must not be empty (an empty output_dir would write the run into the current directory)"),
     ("output_dir='  '", "output_dir must not be empty"),

@@ -244,3 +244,20 @@ def test_an_iteration_that_cannot_fit_in_memory_is_refused_before_anything_is_wr
     # the default job is far below it
     cfg = load_config(None, [])
     assert budget.iteration_bytes(cfg, 16 * 4 * 4, 77 * 32 * 4, 64 * 64, 1) < 2**30
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes_and_the_collective_timeout_may_change(tmp_path):
+    from fpo_diffusion.config import ConfigError, config_to_dict
+    from fpo_diffusion.run_state import check_resume
+
+    run = tmp_path / "run"
+    cfg = load_config(None, overrides(run))
+    saved = config_to_dict(cfg)
+    del saved["train"]["collective_timeout_s"]  # written by a version without the field
+    ck = run / "checkpoints" / "checkpoint-000001"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(json.dumps({"iteration": 1, "world_size": 1, "config": saved}))
+    assert check_resume(cfg, run, "latest", world_size=1) == ck
+    assert check_resume(load_config(None, overrides(run, **{"train.collective_timeout_s": 60})), run, "latest") == ck
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in train.lr;"):
+        check_resume(load_config(None, overrides(run, **{"train.lr": 1e-3})), run, "latest")
