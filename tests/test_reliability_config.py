@@ -202,3 +202,25 @@ def test_the_defaults_and_every_shipped_config_pass():
     for f in sorted((ROOT / "launch" / "configs").glob("*.yaml")):
         load_config(f)
     assert yaml.safe_load((ROOT / "launch" / "configs" / "shapes.yaml").read_text()) is not None
+
+
+def test_an_offline_hf_prompt_source_and_an_export_onto_a_file_are_one_line(tmp_path, capsys):
+    from fpo_diffusion.cli import run_cli
+    from fpo_diffusion.config import PromptConfig
+    from fpo_diffusion.prompts import load_prompts
+
+    assert __import__("os").environ.get("HF_DATASETS_OFFLINE") == "1"  # conftest: nothing downloads
+    with pytest.raises(ConfigError) as e:
+        load_prompts(PromptConfig(source="hf:someone/no-such-prompts"))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("prompt source hf:someone/no-such-prompts: cannot load the dataset (")
+    assert "pass the folder of dataset.save_to_disk(...)" in msg
+    sys.path.insert(0, str(ROOT / "launch"))
+    import export_lora
+
+    target = tmp_path / "a_file"
+    target.write_text("precious")
+    rc = run_cli(export_lora.main, ["--run", str(tmp_path / "run"), "--out", str(target)], prog="export_lora")
+    assert rc == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"export_lora: error: --out {target} is a file, not a folder; choose a new or empty folder"]
+    assert target.read_text() == "precious"
