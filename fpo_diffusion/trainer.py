@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .advantages import group_advantages, zero_variance_share
 from .algorithms import AlgorithmContext, build_algorithm
-from .budget import check_iteration_memory
+from .budget import check_image_size, check_iteration_memory
 from .checkpoint import CheckpointError, RunLock, install_lora_only_hooks
 from .config import Config, ConfigError, config_to_dict, save_config
 from .export import export_trained_lora
@@ -182,6 +182,7 @@ class Trainer:
         self.sampler = Sampler(cfg, self.policy, self.prompts, rank=acc.process_index, world=self.world,
                                device=acc.device, autocast=acc.autocast,
                                progress=cfg.log.progress and acc.is_local_main_process)
+        check_image_size(cfg.sampling.height, cfg.sampling.width, self.policy)
         self.latent_shape = tuple(self.policy.latent_shape(cfg.sampling.height, cfg.sampling.width))
         one_cond = self.sampler.conditions([self.prompts[0].prompt])
         check_iteration_memory(cfg, math.prod(self.latent_shape),

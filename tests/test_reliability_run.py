@@ -261,3 +261,11 @@ def test_a_checkpoint_from_before_a_field_existed_resumes_and_the_collective_tim
     assert check_resume(load_config(None, overrides(run, **{"train.collective_timeout_s": 60})), run, "latest") == ck
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's in train.lr;"):
         check_resume(load_config(None, overrides(run, **{"train.lr": 1e-3})), run, "latest")
+
+
+def test_an_image_size_the_pipeline_cannot_take_is_one_line(tmp_path, cli):
+    out = tmp_path / "run"
+    rc, err, _ = cli(overrides(out, **{"model.family": "sd3", "model.path": "embedded:tiny-sd3", "sampling.height": 5}))
+    assert rc == 2 and err == ["train: error: sampling.height=5 is not a multiple of 2 (this model's latent cell in "
+                               "pixels); use 4 or 6"]
+    assert not out.exists()
