@@ -18,22 +18,9 @@ import pytest
 import yaml
 
 from fpo_diffusion.config import Config, ConfigError, load_config
+from test_trainer import cli  # noqa: F401  (the fixture: launch/train.py in-process -> (exit status, stderr lines))
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def cli(capsys):
-    sys.path.insert(0, str(ROOT / "launch"))
-    import train as train_script
-
-    from fpo_diffusion.cli import run_cli
-
-    def call(argv):
-        rc = run_cli(train_script.main, argv, prog="train")
-        return rc, capsys.readouterr().err.strip().splitlines()
-
-    return call
 
 
 @pytest.mark.parametrize("override,needle", [
