@@ -416,6 +416,51 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training (Flow-GRPO's ``eval_freq``; ``fpo_diffusion/heldout.py``).
+
+    After every ``every`` iterations' updates (and after the last) the current policy (its EMA with
+    ``train.ema_decay``, what the export writes) samples ``images_per_prompt`` images for each evaluation
+    prompt with fixed seeds, through the stock pipeline with the ``sampling`` settings. Its reward (and each
+    reward component, and the mean per GenEval ``tag`` when the prompts' metadata has one) is merged into
+    that iteration's row of ``metrics.jsonl`` and TensorBoard as ``eval/reward/*`` / ``eval/task/*``; a grid
+    of its images is logged as ``images/eval_<iteration>.png``.
+    """
+
+    every: int = 0
+    """Evaluate after every this many iterations and after the last (>= 0; 0: off)."""
+    prompts: str | None = None
+    """The evaluation prompt source, in any ``prompts.source`` form (``.txt``, GenEval-style ``.jsonl``,
+    ``hf:<dataset>[:<split>]``, a ``datasets`` folder, ``embedded:...``); keep it disjoint from the training
+    prompts. ``None``: no evaluation (``eval.every`` > 0 then needs it)."""
+    column: str = "prompt"
+    """Prompt column of a ``datasets`` evaluation set."""
+    max_prompts: int | None = 64
+    """Evaluate the first this many prompts (>= 1; ``None``: all)."""
+    images_per_prompt: int = 2
+    """Images per evaluation prompt (>= 1)."""
+    seed: int = 20240601
+    """Seed of the evaluation noise (>= 0): image ``j`` of prompt ``i`` gets the same draw at every evaluation,
+    on any number of ranks."""
+    grid_prompts: int = 8
+    """Prompts (rows) in the logged evaluation grid (>= 0; 0: no grid)."""
+
+    def __post_init__(self):
+        _require("eval.every", self.every, 0, why="0: off")
+        if self.prompts is not None:
+            _nonempty("eval.prompts", self.prompts, "null: no evaluation")
+        if self.every and self.prompts is None:
+            raise ValueError(f"eval.every={self.every} needs eval.prompts (a prompt file, dataset or embedded set "
+                             f"held out from training)")
+        _nonempty("eval.column", self.column)
+        if self.max_prompts is not None:
+            _require("eval.max_prompts", self.max_prompts, 1, why="null: all")
+        _require("eval.images_per_prompt", self.images_per_prompt, 1)
+        _require("eval.seed", self.seed, 0, 2**32, hi_open=True)
+        _require("eval.grid_prompts", self.grid_prompts, 0, why="0: no grid")
+
+
+@dataclass
 class CheckpointConfig:
     """Checkpoints under ``<output_dir>/checkpoints``."""
 
@@ -449,6 +494,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         _nonempty("output_dir", self.output_dir, "an empty output_dir would write the run into the current directory")
