@@ -4,7 +4,6 @@ continues the same run, and saving / restoring everything a checkpoint holds
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import pickle
 import re
@@ -17,43 +16,20 @@ from . import __version__
 from .checkpoint import (LOCK_FILE, CheckpointError, list_checkpoints, load_extra, read_state, resolve_resume,
                          save_checkpoint, say_once)
 from .config import Config, ConfigError, config_to_dict
+from .lagged import LaggedWeights
 
 EMA_FILE = "ema.safetensors"
 
 
-class EMA:
+class EMA(LaggedWeights):
     """An exponential moving average of trainable parameters (``decay`` per optimizer step)."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = list(params), float(decay)
-        self.shadow = [p.detach().clone() for p in self.params]
+        super().__init__(params)
+        self.decay = float(decay)
 
-    @torch.no_grad()
     def step(self) -> None:
-        for e, p in zip(self.shadow, self.params):
-            e.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {str(i): e for i, e in enumerate(self.shadow)}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for i, e in enumerate(self.shadow):
-            e.copy_(state[str(i)])
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """Temporarily copy the EMA weights into the parameters."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, e in zip(self.params, self.shadow):
-                p.copy_(e)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self.params, backup):
-                    p.copy_(b)
+        self.blend(self.decay)
 
 
 @dataclass

@@ -198,7 +198,9 @@ class Trainer:
             cfg=cfg, policy=self.policy, model=self.model, device=acc.device, autocast=acc.autocast,
             latent_shape=self.latent_shape, negative_cond=self.sampler.negative_cond,
             seeds=SeedStreams(t.seed), stock_sample=self.sampler.stock_sample,
-            reference_samples=self.sampler.reference_samples))
+            reference_samples=self.sampler.reference_samples, rank_mean=lambda x: acc.reduce(x, reduction="mean")))
+        if self.algorithm.state_dict():  # e.g. fpo.beta: auto, DiffusionNFT's old policy: in every checkpoint
+            acc.register_for_checkpointing(self.algorithm)
 
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -274,6 +276,7 @@ class Trainer:
         if cfm_start is None and math.isfinite(own_cfm):  # never a non-finite reference in a checkpoint
             cfm_start = self.progress.cfm_start = own_cfm
         stats = self.updater.update(self.algorithm, ro, adv, prep, it)
+        stats.update(self.algorithm.end_iteration(it, stats))
         upd_s = time.perf_counter() - t_u
         comps = {k: float(self._gather(v).mean()) for k, v in sorted(ro.components.items())}
         n_global = len(all_rewards)
