@@ -14,7 +14,7 @@ import math
 import torch
 
 from .config import ConfigError, EvalConfig, PromptConfig
-from .images import labelled_grid
+from .images import group_rows, labelled_grid
 from .prompts import load_prompts
 
 
@@ -68,18 +68,13 @@ class HeldOutEval:
         for tag in sorted({t for t in tags if isinstance(t, str) and t}):
             out[f"eval/task/{tag}"] = float(rewards[[i for i, t in enumerate(tags) if t == tag]].mean())
         grid = None
-        if self.accelerator.is_main_process and self.cfg.grid_prompts and images:
-            rows, caps, labels = [], [], []
-            for pos, (g, im) in enumerate(zip(self.mine, images)):
-                p = self.prompt_of[g]
-                if not rows or self.prompt_of[self.mine[pos - 1]] != p:
-                    if len(rows) == self.cfg.grid_prompts:
-                        break
-                    rows.append([]), caps.append(self.items[p].prompt), labels.append([])
-                rows[-1].append(im)
-                labels[-1].append(f"{float(total[pos]):.2f}")
-            grid = labelled_grid(rows, caps, labels, title=f"held-out evaluation after iteration {iteration}: "
-                                                            f"mean reward {out['eval/reward/mean']:.3f} over {self.n} images")
+        if self.accelerator.is_main_process and self.cfg.grid_prompts:
+            keys = [self.prompt_of[g] for g in self.mine]
+            rows = group_rows(keys, max_rows=self.cfg.grid_prompts)
+            grid = labelled_grid([[images[j] for j in r] for r in rows], [self.items[keys[r[0]]].prompt for r in rows],
+                                 [[f"{float(total[j]):.2f}" for j in r] for r in rows],
+                                 title=f"held-out evaluation after iteration {iteration}: mean reward "
+                                       f"{out['eval/reward/mean']:.3f} over {self.n} images")
         return out, grid
 
 
