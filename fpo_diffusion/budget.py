@@ -1,4 +1,5 @@
-"""How much memory one iteration holds, estimated before the run starts (issue 17, item 7).
+"""What the run's sizes need, checked before the run starts (issue 17, item 7): how much memory one
+iteration holds, and image sizes the model's pipeline accepts.
 
 ``train.prompts_per_iteration * train.group_size`` samples are drawn every iteration and kept
 until its update ends: their final latents, their text conditions, their ``(t, eps)`` pairs (or
@@ -52,4 +53,27 @@ def check_iteration_memory(cfg: Config, latent_numel: int, cond_bytes: int, imag
     return need
 
 
-__all__ = ["check_iteration_memory", "iteration_bytes", "physical_memory"]
+
+
+def latent_cell(policy) -> int:
+    """Pixels per latent cell side that the policy's pipeline needs image sizes to be multiples of
+    (the VAE's downsampling times the transformer's patch; FLUX packs 2 x 2 latents)."""
+    pipe = policy.pipeline
+    patch = getattr(pipe, "patch_size", None) or getattr(getattr(policy.denoiser, "config", None), "patch_size", None)
+    if type(pipe).__name__.startswith("Flux"):
+        patch = 2
+    return int(policy.vae_scale_factor) * int(patch or 1)
+
+
+def check_image_size(height: int | None, width: int | None, policy) -> None:
+    """:class:`ConfigError` unless ``sampling.height`` / ``sampling.width`` are multiples of :func:`latent_cell`
+    (the stock pipeline would refuse them later with a traceback, or round them silently)."""
+    cell = latent_cell(policy)
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and v % cell:
+            lo, hi = max(cell, v // cell * cell), (v // cell + 1) * cell
+            raise ConfigError(f"sampling.{name}={v} is not a multiple of {cell} (this model's latent cell in pixels); "
+                              f"use {lo} or {hi}")
+
+
+__all__ = ["check_image_size", "check_iteration_memory", "iteration_bytes", "latent_cell", "physical_memory"]

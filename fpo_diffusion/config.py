@@ -154,6 +154,51 @@ class SamplingConfig:
 
 
 @dataclass
+class BetaAutoConfig:
+    """``fpo.beta: auto``: the ratio's temperature adapted once per iteration (``fpo_diffusion/beta_control.py``).
+
+    After each iteration's update the measured ``statistic`` (mean over the update's minibatches and
+    the ranks) moves ``beta``: below ``target / tolerance`` it is multiplied by ``rate``, above
+    ``target * tolerance`` divided by it, then clamped to ``[beta_min, beta_max]`` (PPO's adaptive-KL
+    rule, with ``beta`` as a temperature). The current value is logged as ``fpo/beta`` and checkpointed.
+    """
+
+    statistic: str = "clip_frac"
+    """``clip_frac`` (share of ratio terms outside the clip range, ``fpo/clip_frac``) or ``log_ratio_std``
+    (spread of ``log rho``, ``fpo/log_ratio_std``)."""
+    target: float = 0.1
+    """Target of the statistic (``clip_frac``: in ``(0, 1)``; ``log_ratio_std``: finite, > 0)."""
+    init: float = 5.0
+    """``beta`` of the first iteration (in ``[beta_min, beta_max]``)."""
+    rate: float = 2.0
+    """Multiplicative step per iteration (> 1 and <= ``tolerance ** 2``; PPO's 2)."""
+    tolerance: float = 1.5
+    """No-change band ``[target / tolerance, target * tolerance]`` (finite, > 1; PPO's 1.5)."""
+    beta_min: float = 1e-3
+    """Lower clamp (> 0)."""
+    beta_max: float = 1e7
+    """Upper clamp (finite, >= ``beta_min``)."""
+    keep_gradient_scale: bool = True
+    """Divide the surrogate by ``beta / init``, so that its gradient at ``rho == 1`` (and so its balance with
+    ``kl_beta``, ``fm_anchor_beta`` and ``train.max_grad_norm``) stays that of ``beta = init`` while ``beta``
+    moves only where the clip binds; ``false``: the gradient grows with ``beta``, as a fixed ``beta`` does."""
+
+    def __post_init__(self):
+        try:
+            self.controller()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _require("fpo.beta_auto.init", self.init, self.beta_min, self.beta_max, why="inside [beta_min, beta_max]")
+
+    def controller(self):
+        """The pure controller's settings (``beta_control.BetaController``)."""
+        from .beta_control import BetaController
+
+        return BetaController(statistic=self.statistic, target=self.target, rate=self.rate, tolerance=self.tolerance,
+                              beta_min=self.beta_min, beta_max=self.beta_max)
+
+
+@dataclass
 class FPOConfig:
     """The FPO objective (``fpo_diffusion/fpo.py``)."""
 
@@ -161,8 +206,15 @@ class FPOConfig:
     """Number of ``(t, eps)`` pairs per sample (N_mc, >= 1)."""
     ratio_mode: str = "mean"
     """``mean`` (FPO paper) or ``per_sample`` (FPO++)."""
-    beta: float = 5.0
-    """Scale on the loss difference inside the exp (finite, > 0); sets how far the ratio moves per step."""
+    beta: float | str = 5.0
+    """Scale on the loss difference inside the exp (finite, > 0); sets how far the ratio moves per step.
+    ``auto``: adapted during training toward a target clip fraction or log-ratio spread (``beta_auto``)."""
+    beta_auto: BetaAutoConfig = field(default_factory=BetaAutoConfig)
+    """The controller of ``beta: auto`` (ignored for a numeric ``beta``)."""
+    ratio_reduction: str = "mean"
+    """How the CFM loss is reduced over latent dims inside the ratio: ``mean`` (per-dimension mean) or ``sum``
+    (the FPO paper's squared norm: the log-ratio grows by the number of latent dims, 16k-65k for SD-size
+    latents, so ``beta`` must shrink by as much; ``beta: auto`` finds it)."""
     delta: float | None = None
     """Clamp on the loss difference before the exp (> 0); ``None``: no clamp."""
     eps_clip: float = 0.2
@@ -193,7 +245,12 @@ class FPOConfig:
             _require(f"fpo.{name}", getattr(self, name), 0, math.inf, hi_open=True,
                      why="a negative weight pushes the policy away from what it anchors to")
         _require("fpo.fm_anchor_samples", self.fm_anchor_samples, 1)
-        _require("fpo.beta", self.beta, 0, math.inf, lo_open=True, hi_open=True)
+        if isinstance(self.beta, str):
+            if self.beta != "auto":
+                raise ConfigError(f"fpo.beta must be a finite number > 0 or auto, got {self.beta!r}")
+        else:
+            _require("fpo.beta", self.beta, 0, math.inf, lo_open=True, hi_open=True)
+        _choice("fpo.ratio_reduction", self.ratio_reduction, ("mean", "sum"))
         fpo_objective(self)  # ratio_mode, negative_adv, beta, delta, eps_clip (the objective checks its own)
 
 
@@ -251,6 +308,99 @@ class DDPOConfig:
             raise ValueError(f"ddpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if not 0 <= self.kl_beta < math.inf:
             raise ValueError(f"ddpo.kl_beta must be a finite number >= 0, got {self.kl_beta}")
+
+
+@dataclass
+class DiffusionNFTConfig:
+    """The DiffusionNFT baseline (``algorithm: diffusion_nft``; flow families ``sd3``/``flux``).
+
+    Zheng et al. 2025, official code NVlabs/DiffusionNFT: the forward-process loss with implicit positive
+    and negative policies (``fpo_diffusion/nft.py``); rollouts from the stock pipeline with ``sampling`` (the
+    official recipe is CFG-free: ``sampling.guidance_scale=1``) run by the old policy, a lagged copy of the
+    trained one (``fpo_diffusion/algorithms/diffusion_nft.py``). Defaults are the official SD3.5 GenEval ones.
+    """
+
+    beta: float = 1.0
+    """Step of the implicit policies ``v+- = v_old +- beta (v_theta - v_old)`` (finite, > 0; official 1.0,
+    0.1 for OCR)."""
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to ``[-m, m]`` and mapped to ``r = A / (2 m) + 1/2``; also the loss scale (> 0)."""
+    kl_beta: float = 1e-4
+    """Weight of ``mean (v_theta - v_ref)^2`` to the frozen base model (finite, >= 0; official ``train.beta``)."""
+    timestep_fraction: float = 0.99
+    """Each sample trains on ``max(1, int(sampling.steps * timestep_fraction))`` distinct times of the
+    sampler's flow schedule, a random subset (in ``(0, 1]``)."""
+    old_decay_rate: float = 0.001
+    """After iteration ``k`` the old policy becomes ``d * old + (1 - d) * theta`` with
+    ``d = min(max(0, k + 1 - old_decay_flat) * old_decay_rate, old_decay_max)`` (``>= 0``; official ``decay_type``
+    1: 0.001, 0, 0.5; 2: 0.0075, 75, 0.999; 0 everywhere: on-policy)."""
+    old_decay_flat: int = 0
+    """Iterations before the old policy starts to lag (>= 0)."""
+    old_decay_max: float = 0.5
+    """Largest decay of the old policy (in ``[0, 1)``)."""
+
+    def __post_init__(self):
+        _require("diffusion_nft.beta", self.beta, 0, math.inf, lo_open=True, hi_open=True)
+        _require("diffusion_nft.adv_clip_max", self.adv_clip_max, 0, math.inf, lo_open=True, hi_open=True)
+        _require("diffusion_nft.kl_beta", self.kl_beta, 0, math.inf, hi_open=True,
+                 why="a negative weight pushes the policy away from the base model")
+        _require("diffusion_nft.timestep_fraction", self.timestep_fraction, 0, 1, lo_open=True)
+        _require("diffusion_nft.old_decay_rate", self.old_decay_rate, 0, math.inf, hi_open=True)
+        _require("diffusion_nft.old_decay_flat", self.old_decay_flat, 0)
+        _require("diffusion_nft.old_decay_max", self.old_decay_max, 0, 1, hi_open=True,
+                 why="1 would freeze the old policy for good")
+
+
+AWM_WEIGHTINGS = ("uniform", "t", "t2", "huber", "ghuber")
+"""``awm.weighting`` values (``fpo_diffusion.awm.WEIGHTINGS``)."""
+
+
+@dataclass
+class AWMConfig:
+    """The AWM baseline (``algorithm: awm``; flow families ``sd3``/``flux``).
+
+    Xue et al. 2025, official code scxue/advantage_weighted_matching: the flow-matching loss on the policy's
+    own samples weighted by the advantage (``fpo_diffusion/awm.py``), i.e. FPO's surrogate gradient with the
+    ratio fixed at 1; rollouts from the stock pipeline with ``sampling`` (official: CFG-free,
+    ``sampling.guidance_scale=1``). Defaults are the official SD3.5 GenEval ones (``config/dgx_awm.py``).
+    """
+
+    weighting: str = "ghuber"
+    """Time weighting of the per-pair loss: ``uniform``, ``t``, ``t2``, ``huber`` or ``ghuber`` (generalised Huber)."""
+    ghuber_power: float = 0.25
+    """Power ``p`` of ``ghuber``: ``t ((mse + 1e-10)^p - 1e-10^p) / p`` (in ``(0, 1]``)."""
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to ``[-adv_clip_max, adv_clip_max]`` (> 0) ..."""
+    advantage_max: float = 1.0
+    """... and rescaled to ``[-advantage_max, advantage_max]`` (finite, > 0)."""
+    train_timesteps: int = 6
+    """Times per sample, one per stratum of the sampler's steps ``[1, int(sampling.steps * timestep_fraction))``
+    (>= 1)."""
+    timestep_fraction: float = 0.9
+    """Share of the sampler's steps the times are drawn from (in ``(0, 1]``; needs
+    ``int(sampling.steps * timestep_fraction) >= 2``)."""
+    kl_beta: float = 1e-3
+    """Weight of ``mean (v_theta - v_ref)^2`` to the frozen base model (finite, >= 0; official ``train.beta``)."""
+    ema_kl_beta: float = 1.0
+    """Weight of ``mean (v_theta - v_ema)^2`` to a lagged copy of the policy (finite, >= 0; official ``ema_beta``)."""
+    ema_decay_rate: float = 0.001
+    """After iteration ``k`` the lagged copy becomes ``d * ema + (1 - d) * theta``, ``d = min((k + 1) *
+    ema_decay_rate, ema_decay_max)`` (>= 0; official ``kl_ema_decay_type: linear``)."""
+    ema_decay_max: float = 0.3
+    """Largest decay of the lagged copy (in ``[0, 1)``; official ``kl_ema_decay``)."""
+
+    def __post_init__(self):
+        _choice("awm.weighting", self.weighting, AWM_WEIGHTINGS)
+        _require("awm.ghuber_power", self.ghuber_power, 0, 1, lo_open=True)
+        _require("awm.adv_clip_max", self.adv_clip_max, 0, math.inf, lo_open=True, hi_open=True)
+        _require("awm.advantage_max", self.advantage_max, 0, math.inf, lo_open=True, hi_open=True)
+        _require("awm.train_timesteps", self.train_timesteps, 1)
+        _require("awm.timestep_fraction", self.timestep_fraction, 0, 1, lo_open=True)
+        for name in ("kl_beta", "ema_kl_beta"):
+            _require(f"awm.{name}", getattr(self, name), 0, math.inf, hi_open=True,
+                     why="a negative weight pushes the policy away from what it anchors to")
+        _require("awm.ema_decay_rate", self.ema_decay_rate, 0, math.inf, hi_open=True)
+        _require("awm.ema_decay_max", self.ema_decay_max, 0, 1, hi_open=True)
 
 
 @dataclass
@@ -353,6 +503,12 @@ class TrainConfig:
     """Seed of everything (prompts, rollouts, ``(t, eps)`` pairs); in ``[0, 2**32)``."""
     max_nonfinite_in_a_row: int = 3
     """Stop after this many consecutive updates skipped for NaN/Inf (>= 1)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in a collective (gather, barrier, gradient all-reduce) for the others before the
+    run stops with one line (``InitProcessGroupKwargs``; torch's default is 30 minutes): a rank that hangs
+    (stopped, deadlocked, a stuck filesystem) ends the run instead of blocking every other rank. Finite,
+    > 0; it must exceed the longest time one rank works alone, e.g. a remote reward's worst case
+    (``RemoteReward.worst_case_seconds``, about 4 minutes by default) or a checkpoint write. May change on resume."""
 
     def __post_init__(self):
         for name in ("iterations", "prompts_per_iteration", "epochs", "minibatch_size", "grad_accum_steps"):
@@ -380,6 +536,7 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
         _require("train.seed", self.seed, 0, 2**32, hi_open=True)
         _require("train.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, 1)
+        _require("train.collective_timeout_s", self.collective_timeout_s, 0, math.inf, lo_open=True, hi_open=True)
 
 
 @dataclass
@@ -411,6 +568,51 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training (Flow-GRPO's ``eval_freq``; ``fpo_diffusion/heldout.py``).
+
+    After every ``every`` iterations' updates (and after the last) the current policy (its EMA with
+    ``train.ema_decay``, what the export writes) samples ``images_per_prompt`` images for each evaluation
+    prompt with fixed seeds, through the stock pipeline with the ``sampling`` settings. Its reward (and each
+    reward component, and the mean per GenEval ``tag`` when the prompts' metadata has one) is merged into
+    that iteration's row of ``metrics.jsonl`` and TensorBoard as ``eval/reward/*`` / ``eval/task/*``; a grid
+    of its images is logged as ``images/eval_<iteration>.png``.
+    """
+
+    every: int = 0
+    """Evaluate after every this many iterations and after the last (>= 0; 0: off)."""
+    prompts: str | None = None
+    """The evaluation prompt source, in any ``prompts.source`` form (``.txt``, GenEval-style ``.jsonl``,
+    ``hf:<dataset>[:<split>]``, a ``datasets`` folder, ``embedded:...``); keep it disjoint from the training
+    prompts. ``None``: no evaluation (``eval.every`` > 0 then needs it)."""
+    column: str = "prompt"
+    """Prompt column of a ``datasets`` evaluation set."""
+    max_prompts: int | None = 64
+    """Evaluate the first this many prompts (>= 1; ``None``: all)."""
+    images_per_prompt: int = 2
+    """Images per evaluation prompt (>= 1)."""
+    seed: int = 20240601
+    """Seed of the evaluation noise (>= 0): image ``j`` of prompt ``i`` gets the same draw at every evaluation,
+    on any number of ranks."""
+    grid_prompts: int = 8
+    """Prompts (rows) in the logged evaluation grid (>= 0; 0: no grid)."""
+
+    def __post_init__(self):
+        _require("eval.every", self.every, 0, why="0: off")
+        if self.prompts is not None:
+            _nonempty("eval.prompts", self.prompts, "null: no evaluation")
+        if self.every and self.prompts is None:
+            raise ValueError(f"eval.every={self.every} needs eval.prompts (a prompt file, dataset or embedded set "
+                             f"held out from training)")
+        _nonempty("eval.column", self.column)
+        if self.max_prompts is not None:
+            _require("eval.max_prompts", self.max_prompts, 1, why="null: all")
+        _require("eval.images_per_prompt", self.images_per_prompt, 1)
+        _require("eval.seed", self.seed, 0, 2**32, hi_open=True)
+        _require("eval.grid_prompts", self.grid_prompts, 0, why="0: no grid")
+
+
+@dataclass
 class CheckpointConfig:
     """Checkpoints under ``<output_dir>/checkpoints``."""
 
@@ -431,26 +633,30 @@ class Config:
     output_dir: str = "runs/fpo-shapes"
     """Where the run writes config, metrics, TensorBoard, checkpoints and the exported LoRA (not empty)."""
     algorithm: str = "fpo"
-    """``fpo``, ``flow_grpo`` or ``ddpo``: FPO or a baseline in the same loop (see ``fpo_diffusion/algorithms``)."""
+    """``fpo``, ``flow_grpo``, ``ddpo``, ``diffusion_nft`` or ``awm``: FPO or a baseline in the same loop (see
+    ``fpo_diffusion/algorithms``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     fpo: FPOConfig = field(default_factory=FPOConfig)
     flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
     ddpo: DDPOConfig = field(default_factory=DDPOConfig)
+    diffusion_nft: DiffusionNFTConfig = field(default_factory=DiffusionNFTConfig)
+    awm: AWMConfig = field(default_factory=AWMConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         _nonempty("output_dir", self.output_dir, "an empty output_dir would write the run into the current directory")
         _choice("algorithm", self.algorithm, ALGORITHMS)
 
 
-ALGORITHMS = ("fpo", "flow_grpo", "ddpo")
+ALGORITHMS = ("fpo", "flow_grpo", "ddpo", "diffusion_nft", "awm")
 """``algorithm`` values (the keys of ``fpo_diffusion.algorithms.ALGORITHMS``)."""
 
 
@@ -716,7 +922,8 @@ def fpo_objective(f: FPOConfig):
     from .fpo import FPOObjective
 
     try:
-        return FPOObjective(ratio_mode=f.ratio_mode, beta=f.beta, delta=math.inf if f.delta is None else f.delta,
+        return FPOObjective(ratio_mode=f.ratio_mode, beta=f.beta_auto.init if f.beta == "auto" else f.beta,
+                            ratio_reduction=f.ratio_reduction, delta=math.inf if f.delta is None else f.delta,
                             eps_clip=f.eps_clip, eps_clip_high=f.eps_clip_high, negative_adv=f.negative_adv)
     except ValueError as e:
         raise ConfigError(str(e)) from None

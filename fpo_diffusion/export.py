@@ -84,6 +84,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     if merge and format != "diffusers":
         raise ValueError("--merge writes a full diffusers pipeline: it does not combine with --format kohya")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"--out {out_dir} is a file, not a folder; choose a new or empty folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise OutputExistsError(f"output folder {out_dir} is not empty; choose another --out")
     policy, _, _ = load_trained_policy(run_dir, checkpoint, ema=ema)

@@ -42,7 +42,9 @@ Official defaults (``config/nft.py`` ``_get_config`` / ``sd3_geneval``): ``beta 
 (0.1 for OCR and multi-reward), ``adv_clip_max = 5``, a KL to the base model of weight
 ``train.beta = 1e-4`` on ``mean (v_theta - v_ref)^2`` (lines 966-970), ``timestep_fraction =
 0.99`` of the 10 sampler steps per sample, CFG-free rollouts (``guidance_scale = 1``) with the
-old policy, which trails the trained one (``decay_type = 1``, :func:`old_policy_decay`).
+old policy, which trails the trained one: after each update ``old <- decay * old + (1 - decay) *
+theta`` (lines 1034-1039) with ``decay = min(0.001 * step, 0.5)`` (``decay_type = 1``,
+:func:`fpo_diffusion.lagged.lag_decay`).
 """
 from __future__ import annotations
 
@@ -122,17 +124,4 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x0: torch.Tensor, eps: 
     return loss, stats
 
 
-def old_policy_decay(step: int, *, flat: int = 0, rate: float = 0.001, maximum: float = 0.5) -> float:
-    """How much of the old policy survives an update of the old weights (``return_decay``, lines 169-189).
-
-    After each rollout-and-update the old (sampling) weights become ``decay * old + (1 - decay) *
-    trained`` (lines 1034-1039) with ``decay = 0`` for ``step < flat``, else ``min((step - flat) *
-    rate, maximum)``; ``step`` counts the updates done. Official ``decay_type`` 1 (the default):
-    ``flat=0, rate=0.001, maximum=0.5``; 2 (OCR): ``75, 0.0075, 0.999``; 0: always 0 (on-policy).
-    """
-    if step < flat:
-        return 0.0
-    return min((step - flat) * rate, maximum)
-
-
-__all__ = ["WEIGHT_FLOOR", "adaptive_x0_loss", "nft_loss", "nft_optimality", "old_policy_decay"]
+__all__ = ["WEIGHT_FLOOR", "adaptive_x0_loss", "nft_loss", "nft_optimality"]

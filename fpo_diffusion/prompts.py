@@ -133,7 +133,13 @@ def _load_dataset(src: str, column: str) -> list[PromptItem]:
 
     if src.startswith("hf:"):
         name, _, split = src[3:].partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
+        try:
+            ds = datasets.load_dataset(name, split=split or "train")
+        except (ConnectionError, OSError, ValueError) as e:  # offline, no such dataset / split, no network
+            why = " ".join(str(e).split())[:200]
+            raise ConfigError(f"prompt source {src}: cannot load the dataset ({type(e).__name__}: {why}); online, "
+                              f"check the name; offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE), load it once online "
+                              f"and pass the folder of dataset.save_to_disk(...)") from None
     else:
         ds = datasets.load_from_disk(src)
         if isinstance(ds, datasets.DatasetDict):

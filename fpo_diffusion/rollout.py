@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import faults
 from .algorithms.context import stock_sampler
 from .config import Config
-from .images import foreground_share, to_pil
+from .images import foreground_share, grid_positions, to_pil
 from .noise import SeedStreams, sample_generator
 from .policies.base import Cond, Policy, batch_slices, cond_cat, cond_index, cond_to
 from .prompts import PromptItem, iteration_plan, rank_slice
@@ -36,6 +36,7 @@ class Rollout:
     images: list = field(default_factory=list)  # a few PIL images for the grid
     seconds: float = 0.0
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample data of the algorithm's sampler
+    image_index: list = field(default_factory=list)  # positions of ``images`` among this rank's samples
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Sampler:
         (a ``MultiReward``: scoring of one batch overlaps sampling of the next)."""
         global_idx, prompt_idx, items, cond = self._share(iteration, "rollout")
         n_grid = self.cfg.log.grid_images
+        grid_pick = set(grid_positions(prompt_idx.tolist(), n_grid))  # a few samples of every prompt, as fit
         x0s, futures, grid_images, extras = [], [], [], {}
         t0 = time.perf_counter()
         for chunk in self._batches(len(items), iteration):
@@ -121,8 +123,7 @@ class Sampler:
             for k, v in ext.items():
                 extras.setdefault(k, []).append(v)
             pil = to_pil(self.policy.decode(x0))
-            if len(grid_images) < n_grid:
-                grid_images.extend(pil[: n_grid - len(grid_images)])
+            grid_images.extend(im for i, im in zip(range(chunk.start, chunk.stop), pil) if i in grid_pick)
             chunk_items = items[chunk]
             futures.append((reward.submit(pil, [it.prompt for it in chunk_items],
                                           [it.metadata for it in chunk_items]), pil))
@@ -137,7 +138,8 @@ class Sampler:
         comps = {k: torch.cat(v) for k, v in comps.items()}
         comps["_foreground_share"] = torch.full((len(x0),), sum(fg) / len(x0))
         return Rollout(global_idx, prompt_idx, cond, x0, torch.cat(rewards), comps, grid_images,
-                       time.perf_counter() - t0, {k: torch.cat(v) for k, v in extras.items()})
+                       time.perf_counter() - t0, {k: torch.cat(v) for k, v in extras.items()},
+                       image_index=sorted(grid_pick))
 
     @torch.no_grad()
     def reference_samples(self, n_samples: int | None = None) -> ReferenceSamples:
@@ -155,9 +157,10 @@ class Sampler:
         return ReferenceSamples(global_idx, prompt_idx, cond, torch.cat(x0s))
 
     @torch.no_grad()
-    def images(self, prompts: list[str], seed: int, model: torch.nn.Module | None = None) -> list:
+    def images(self, prompts: list[str], seed: int, model: torch.nn.Module | None = None, first: int = 0) -> list:
         """PIL images of ``model`` (``None``: the policy's denoiser) for ``prompts`` through the stock
-        pipeline (the config's ``sampling`` settings), image ``i`` from ``sample_generator(seed, 0, i)``.
+        pipeline (the config's ``sampling`` settings), image ``i`` from ``sample_generator(seed, 0, first + i)``
+        (``first``: the position of ``prompts[0]`` in a list split over ranks).
 
         The noise depends only on ``seed`` and the position, so two policies (say before and after
         training) are compared on the same draws. For evaluations; training uses :meth:`rollout`.
@@ -165,7 +168,7 @@ class Sampler:
         cond = self.conditions(prompts)
         images = []
         for chunk in batch_slices(len(prompts), self.cfg.sampling.batch_size):
-            gens = [sample_generator(seed, 0, i) for i in range(chunk.start, chunk.stop)]
+            gens = [sample_generator(seed, 0, first + i) for i in range(chunk.start, chunk.stop)]
             with self.autocast():
                 x0 = self.stock_sample(cond_index(cond, chunk), gens, self.negative_batch(len(gens)), model=model)
             images.extend(to_pil(self.policy.decode(x0.float())))

@@ -4,7 +4,6 @@ continues the same run, and saving / restoring everything a checkpoint holds
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import pickle
 import re
@@ -17,43 +16,20 @@ from . import __version__
 from .checkpoint import (LOCK_FILE, CheckpointError, list_checkpoints, load_extra, read_state, resolve_resume,
                          save_checkpoint, say_once)
 from .config import Config, ConfigError, config_to_dict
+from .lagged import LaggedWeights
 
 EMA_FILE = "ema.safetensors"
 
 
-class EMA:
+class EMA(LaggedWeights):
     """An exponential moving average of trainable parameters (``decay`` per optimizer step)."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = list(params), float(decay)
-        self.shadow = [p.detach().clone() for p in self.params]
+        super().__init__(params)
+        self.decay = float(decay)
 
-    @torch.no_grad()
     def step(self) -> None:
-        for e, p in zip(self.shadow, self.params):
-            e.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {str(i): e for i, e in enumerate(self.shadow)}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for i, e in enumerate(self.shadow):
-            e.copy_(state[str(i)])
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """Temporarily copy the EMA weights into the parameters."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, e in zip(self.params, self.shadow):
-                p.copy_(e)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self.params, backup):
-                    p.copy_(b)
+        self.blend(self.decay)
 
 
 @dataclass
@@ -89,6 +65,19 @@ def set_aside_unfinished(out_dir: Path) -> Path:
     return dest
 
 
+RESUMABLE_TRAIN_FIELDS = ("iterations", "collective_timeout_s")
+"""``train`` fields a resume may change (besides all of ``log`` and ``checkpoint``, and ``output_dir``)."""
+
+
+def _fill_defaults(saved: dict, defaults: dict) -> None:
+    """Give a saved config the default of every field it lacks (it was written before the field existed)."""
+    for k, v in defaults.items():
+        if k not in saved:
+            saved[k] = v
+        elif isinstance(v, dict) and isinstance(saved[k], dict) and k not in ("weights", "options"):
+            _fill_defaults(saved[k], v)
+
+
 def _steps_per_iteration(cfg: Config, world: int) -> int:
     t = cfg.train
     n_local = t.prompts_per_iteration * t.group_size // world
@@ -115,10 +104,11 @@ def check_resume(cfg: Config, out_dir: Path, resume: str | None, *, world_size: 
     saved = state.get("config")
     if saved is not None:
         now = config_to_dict(cfg)
+        _fill_defaults(saved, config_to_dict(Config()))  # fields added since the checkpoint was written
         saved.pop("output_dir", None)  # the same run in another folder (copied or moved)
         now.pop("output_dir", None)
         for section in ("train", "log", "checkpoint"):
-            for k in ("iterations",) if section == "train" else list(now[section]):
+            for k in RESUMABLE_TRAIN_FIELDS if section == "train" else list(now[section]):
                 saved.get(section, {}).pop(k, None)
                 now[section].pop(k, None)
         if saved != now:

@@ -12,6 +12,7 @@ continues exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -21,11 +22,11 @@ from tqdm.auto import tqdm
 
 from .advantages import group_advantages, zero_variance_share
 from .algorithms import AlgorithmContext, build_algorithm
-from .budget import check_iteration_memory
+from .budget import check_image_size, check_iteration_memory
 from .checkpoint import CheckpointError, RunLock, install_lora_only_hooks
 from .config import Config, ConfigError, config_to_dict, save_config
 from .export import export_trained_lora
-from .images import make_grid
+from .images import group_rows, labelled_grid
 from .noise import SeedStreams
 from .prompts import PromptItem, load_prompts, rank_slice
 from .rollout import Rollout, Sampler
@@ -58,6 +59,30 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
+def collective_timeout(seconds: float):
+    """accelerate's handler that sets the process group's timeout (``train.collective_timeout_s``): a rank
+    waiting longer than this in a gather, barrier or all-reduce raises instead of hanging (torch's
+    default: 30 minutes); ``launch/train.py`` turns that into one line."""
+    import datetime
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=seconds))
+
+
+def collective_failure(e: BaseException) -> str | None:
+    """What a distributed failure means for the user, in words, or ``None`` if ``e`` is not one: a timeout
+    of a collective (another rank is stuck) or a connection lost to another rank (it ended)."""
+    import re
+
+    text = " ".join(str(e).split())
+    if re.search(r"[Tt]imed out|[Tt]imeout|timed-out", text):
+        return "waited longer than train.collective_timeout_s for the other ranks (one is stuck or too slow)"
+    if re.search(r"Connection (closed|reset) by peer|Broken pipe", text):
+        return "lost the connection to another rank (it ended or was killed)"
+    return None
+
+
 def _no_accelerator() -> bool:
     """True on a CPU-only machine: accelerate then runs multi-process launches as gloo CPU ranks
     (without ``cpu=True`` every rank of ``accelerate launch --multi_gpu`` would think it is alone)."""
@@ -79,7 +104,8 @@ class Trainer:
         from .distributed import cpu_fallback_note, deepspeed_on_cpu
 
         cpu = _no_accelerator() and not deepspeed_on_cpu()
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu)
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu,
+                                       kwargs_handlers=[collective_timeout(cfg.train.collective_timeout_s)])
         if (note := cpu_fallback_note(cpu)) and self.accelerator.is_main_process:
             print(note, flush=True)  # a DeepSpeed / FSDP launch config that becomes a plain run says so
         # One writer per run folder: the main process holds its lock until the run ends (released by the
@@ -156,7 +182,12 @@ class Trainer:
         self.prompts: list[PromptItem] = load_prompts(cfg.prompts)
         self.sampler = Sampler(cfg, self.policy, self.prompts, rank=acc.process_index, world=self.world,
                                device=acc.device, autocast=acc.autocast,
-                               progress=cfg.log.progress and acc.is_local_main_process)
+                               progress=False)  # one bar, the iterations' (no nested per-rollout bar)
+        from .heldout import HeldOutEval
+
+        self.heldout = HeldOutEval(cfg.eval, cfg.train.iterations, sampler=self.sampler, reward=self.reward,
+                                   accelerator=acc) if cfg.eval.every else None
+        check_image_size(cfg.sampling.height, cfg.sampling.width, self.policy)
         self.latent_shape = tuple(self.policy.latent_shape(cfg.sampling.height, cfg.sampling.width))
         one_cond = self.sampler.conditions([self.prompts[0].prompt])
         check_iteration_memory(cfg, math.prod(self.latent_shape),
@@ -167,7 +198,9 @@ class Trainer:
             cfg=cfg, policy=self.policy, model=self.model, device=acc.device, autocast=acc.autocast,
             latent_shape=self.latent_shape, negative_cond=self.sampler.negative_cond,
             seeds=SeedStreams(t.seed), stock_sample=self.sampler.stock_sample,
-            reference_samples=self.sampler.reference_samples))
+            reference_samples=self.sampler.reference_samples, rank_mean=lambda x: acc.reduce(x, reduction="mean")))
+        if self.algorithm.state_dict():  # e.g. fpo.beta: auto, DiffusionNFT's old policy: in every checkpoint
+            acc.register_for_checkpointing(self.algorithm)
 
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -243,6 +276,7 @@ class Trainer:
         if cfm_start is None and math.isfinite(own_cfm):  # never a non-finite reference in a checkpoint
             cfm_start = self.progress.cfm_start = own_cfm
         stats = self.updater.update(self.algorithm, ro, adv, prep, it)
+        stats.update(self.algorithm.end_iteration(it, stats))
         upd_s = time.perf_counter() - t_u
         comps = {k: float(self._gather(v).mean()) for k, v in sorted(ro.components.items())}
         n_global = len(all_rewards)
@@ -270,9 +304,27 @@ class Trainer:
                   f"hacking; look at the image grids (raise fpo.kl_beta or fpo.fm_anchor_beta)", flush=True)
         self._log_samples(it, all_groups, all_rewards, adv_all)
         if cfg.log.image_every and (it % cfg.log.image_every == 0 or it == cfg.train.iterations - 1) and ro.images:
-            caps = [f"{float(r):.2f} | {self.prompts[int(p)].prompt}" for p, r in zip(ro.prompt_idx, ro.rewards)]
-            self.logger.log_image("samples", make_grid(ro.images, caps[: len(ro.images)]), it)
+            self.logger.log_image("samples", self._samples_grid(ro, it), it)
         return m
+
+    def _samples_grid(self, ro: Rollout, it: int):
+        """The logged training grid: a row per prompt (its group's first samples), the reward on each tile."""
+        pos = ro.image_index or list(range(len(ro.images)))
+        keys = [int(ro.prompt_idx[i]) for i in pos]
+        rows = group_rows(keys)
+        t = self.cfg.train
+        return labelled_grid([[ro.images[j] for j in r] for r in rows], [self.prompts[keys[r[0]]].prompt for r in rows],
+                             [[f"{float(ro.rewards[pos[j]]):.2f}" for j in r] for r in rows],
+                             title=f"iteration {it}: {len(rows)} of {t.prompts_per_iteration} prompts x "
+                                   f"{t.group_size} samples (rank {self.accelerator.process_index}), reward on each")
+
+    def _evaluate(self, it: int) -> dict[str, float]:
+        """The held-out evaluation after iteration ``it`` (``eval.*``), its grid logged; ``eval/*`` metrics."""
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            metrics, grid = self.heldout.run(self.model, it)
+        if grid is not None:
+            self.logger.log_image("eval", grid, it)
+        return metrics
 
     def _log_samples(self, it: int, groups: torch.Tensor, rewards: torch.Tensor, adv: torch.Tensor) -> None:
         """One row per global sample in ``samples.jsonl``: what was asked, what it scored, its advantage
@@ -303,22 +355,56 @@ class Trainer:
         iters = range(self.start_iteration, end)
         bar = tqdm(iters, desc=cfg.algorithm.upper(), initial=self.start_iteration, total=cfg.train.iterations,
                    disable=not (cfg.log.progress and acc.is_local_main_process))
+        recent: list[float] = []
         try:
             for it in bar:
                 last = self.train_iteration(it)
+                if self.heldout is not None and self.heldout.due(it):
+                    last.update(self._evaluate(it))
                 self.logger.log(last, it)
-                bar.set_postfix(reward=f"{last['reward/mean']:.3f}", ratio=f"{last.get('fpo/ratio_mean', 1):.3f}",
-                                clip=f"{last.get('fpo/clip_frac', 0):.2f}")
+                recent = (recent + [last["reward/mean"]])[-10:]
+                bar.set_postfix_str(progress_line(last, self.algorithm.name, recent), refresh=False)
                 done = it + 1
                 every = cfg.checkpoint.every
                 if (every and done % every == 0) or done == end:
                     self._save(done)
             if end == cfg.train.iterations:
                 self.export()
+            if acc.is_main_process:
+                print(where_line(self.out, exported=end == cfg.train.iterations, tensorboard=cfg.log.tensorboard),
+                      flush=True)
         finally:
             self.logger.close()
             self.close()
         return last
+
+
+def progress_line(m: dict[str, float], algorithm: str, recent: list[float]) -> str:
+    """The progress bar's text for one iteration: the reward and its running mean, the spread of the
+    log-ratio (FPO: ``log rho`` is ~1e-3 per update, a ratio printed as 1.000 says nothing), the clip
+    share, and the seconds of rollout and update."""
+    fin = [r for r in recent if math.isfinite(r)]
+    parts = [f"reward {m.get('reward/mean', float('nan')):.3f}"
+             + (f" (mean of last {len(fin)}: {sum(fin) / len(fin):.3f})" if len(fin) > 1 else "")]
+    spread = m.get(f"{algorithm}/log_ratio_std")
+    if spread is not None:
+        parts.append(f"log-ratio std {spread:.2e}")
+    lo, hi = m.get(f"{algorithm}/ratio_min"), m.get(f"{algorithm}/ratio_max")
+    if lo is not None and hi is not None:
+        parts.append(f"ratio [{lo:.5f}, {hi:.5f}]")
+    if f"{algorithm}/clip_frac" in m:
+        parts.append(f"clip {m[f'{algorithm}/clip_frac']:.3f}")
+    if "eval/reward/mean" in m:
+        parts.append(f"held-out {m['eval/reward/mean']:.3f}")
+    parts.append(f"rollout {m.get('perf/rollout_s', float('nan')):.1f}s update {m.get('perf/update_s', float('nan')):.1f}s")
+    return " | ".join(parts)
+
+
+def where_line(out: Path, *, exported: bool, tensorboard: bool) -> str:
+    """The run's last line: where its LoRA, checkpoints and TensorBoard logs are."""
+    lora = f"LoRA in {out / 'lora'}" if exported else "no LoRA exported yet (stopped early: --resume latest goes on)"
+    tb = f", TensorBoard logs in {out / 'tb'} (tensorboard --logdir {out / 'tb'})" if tensorboard else ""
+    return f"done: {lora}, checkpoints in {out / 'checkpoints'}{tb}"
 
 
 FPOTrainer = Trainer

@@ -175,6 +175,8 @@ class Updater:
                     undo = StepUndo(self.optimizer)
                     self.optimizer.step()
                     if self._max_over_ranks(0 if undo.step_was_finite() else CAUSES.index("step")):
+                        if self.deepspeed:  # its engine stepped (and holds the master weights): nothing to restore
+                            raise TrainingError(self._deepspeed_stop(iteration, "an optimizer step that overflowed"))
                         cause = CAUSES.index("step")  # the step overflowed: as if it had not been taken
                         undo.restore()
                 if cause == 0:

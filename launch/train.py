@@ -22,14 +22,23 @@ def main(argv: list[str] | None = None) -> int:
                                                      "the options)")
     args = parser.parse_args(argv)
 
+    import os
+
     from fpo_diffusion.config import load_config
-    from fpo_diffusion.trainer import TrainingError, run
+    from fpo_diffusion.trainer import TrainingError, collective_failure, run
 
     cfg = load_config(args.config, args.overrides)
     try:
         run(cfg, resume=args.resume, stop_after=args.stop_after)
     except TrainingError as e:
         print(f"train: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # torch.distributed: DistBackendError and gloo's errors are RuntimeErrors
+        why = collective_failure(e)
+        if why is None:
+            raise
+        print(f"train: error: rank {os.environ.get('RANK', '0')}: {why}; stopping (the last checkpoint is intact: "
+              f"--resume latest)", file=sys.stderr)
         return 1
     return 0
 

@@ -118,3 +118,16 @@ def test_deepspeed_zero2_trains_on_cpu_like_a_plain_run(tmp_path):
     assert plain["type"].endswith("NO") and ds["type"].endswith("DEEPSPEED")
     assert ds["steps"] == 2  # one engine step per accumulation group (groups of 3 and 1 minibatches)
     torch.testing.assert_close(torch.tensor(ds["weights"]), torch.tensor(plain["weights"]), rtol=1e-4, atol=1e-6)
+
+
+def test_readme_command_starts_without_accelerate_guessing_defaults():
+    """The README's main command names launch/accelerate/single.yaml: accelerate prints no "`--num_processes` was
+    set to a value of `0`" list of guessed defaults before the run's own output."""
+    readme = (ROOT / "README.md").read_text()
+    cmd = "accelerate launch --config_file launch/accelerate/single.yaml launch/train.py"
+    assert f"```bash\n{cmd}\n```" in readme
+    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        "launch/accelerate/single.yaml", "launch/train.py", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "was set to a value of" not in p.stdout + p.stderr and p.stdout.startswith("usage: train.py")

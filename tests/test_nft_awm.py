@@ -5,7 +5,8 @@ import torch
 
 from fpo_diffusion.awm import awm_advantages, awm_loss, awm_pair_loss, stratified_step_indices
 from fpo_diffusion.fpo import FPOObjective, fpo_loss
-from fpo_diffusion.nft import adaptive_x0_loss, nft_loss, nft_optimality, old_policy_decay
+from fpo_diffusion.lagged import lag_decay
+from fpo_diffusion.nft import adaptive_x0_loss, nft_loss, nft_optimality
 
 F64 = torch.float64
 
@@ -52,10 +53,11 @@ def test_nft_pieces_by_hand():
     x0_hat = torch.tensor([[[1.0, -3.0]]], dtype=F64, requires_grad=True)
     (g,) = torch.autograd.grad(adaptive_x0_loss(x0_hat, torch.zeros(1, 1, 2, dtype=F64)).sum(), x0_hat)
     assert torch.allclose(g, torch.tensor([[[0.5, -1.5]]], dtype=F64))
-    assert old_policy_decay(0) == 0.0 and old_policy_decay(100) == pytest.approx(0.1)
-    assert old_policy_decay(10_000) == 0.5
-    assert old_policy_decay(70, flat=75, rate=0.0075, maximum=0.999) == 0.0
-    assert old_policy_decay(85, flat=75, rate=0.0075, maximum=0.999) == pytest.approx(0.075)
+    # DiffusionNFT's decay_type 1 (default) and 2, AWM's linear EMA decay
+    assert lag_decay(0) == 0.0 and lag_decay(100) == pytest.approx(0.1) and lag_decay(10_000) == 0.5
+    assert lag_decay(70, flat=75, rate=0.0075, maximum=0.999) == 0.0
+    assert lag_decay(85, flat=75, rate=0.0075, maximum=0.999) == pytest.approx(0.075)
+    assert lag_decay(1000, maximum=0.3) == 0.3
 
 
 def _toy_velocity_model(seed=0, B=4, N=3, D=5):

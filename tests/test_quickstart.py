@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_readme_main_command_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
-    # `accelerate launch launch/train.py` with the default config, cut to 2 small iterations.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "launch" / "train.py"),
+    # The README's `accelerate launch --config_file launch/accelerate/single.yaml launch/train.py`, cut to 2
+    # small iterations.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "launch" / "accelerate" / "single.yaml"), str(ROOT / "launch" / "train.py"),
            f"output_dir={out}", "train.iterations=2", "train.prompts_per_iteration=2", "train.group_size=2",
            "train.minibatch_size=4", "sampling.steps=4", "fpo.n_mc=2", "log.image_every=1", "checkpoint.every=1"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path,

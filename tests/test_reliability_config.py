@@ -18,22 +18,9 @@ import pytest
 import yaml
 
 from fpo_diffusion.config import Config, ConfigError, load_config
+from test_trainer import cli  # noqa: F401  (the fixture: launch/train.py in-process -> (exit status, stderr lines))
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def cli(capsys):
-    sys.path.insert(0, str(ROOT / "launch"))
-    import train as train_script
-
-    from fpo_diffusion.cli import run_cli
-
-    def call(argv):
-        rc = run_cli(train_script.main, argv, prog="train")
-        return rc, capsys.readouterr().err.strip().splitlines()
-
-    return call
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -67,7 +54,7 @@ def cli(capsys):
     ("lora.dropout=1", "lora.dropout must be in [0, 1), got 1.0"),
     ("lora.target_modules=[]", "lora.target_modules must be non-empty"),
     ("sampling.guidance_scale=-2", "sampling.guidance_scale must be a finite number >= 0"),
-    ("algorithm=ppo", "algorithm must be one of fpo, flow_grpo, ddpo, got 'ppo'"),
+    ("algorithm=ppo", "algorithm must be one of fpo, flow_grpo, ddpo"),
     ("reward.weights={brightness: 0}", "reward.weights are all 0"),
     ("output_dir=", "output_dir must not be empty (an empty output_dir would write the run into the current directory)"),
     ("output_dir='  '", "output_dir must not be empty"),
@@ -202,3 +189,25 @@ def test_the_defaults_and_every_shipped_config_pass():
     for f in sorted((ROOT / "launch" / "configs").glob("*.yaml")):
         load_config(f)
     assert yaml.safe_load((ROOT / "launch" / "configs" / "shapes.yaml").read_text()) is not None
+
+
+def test_an_offline_hf_prompt_source_and_an_export_onto_a_file_are_one_line(tmp_path, capsys):
+    from fpo_diffusion.cli import run_cli
+    from fpo_diffusion.config import PromptConfig
+    from fpo_diffusion.prompts import load_prompts
+
+    assert __import__("os").environ.get("HF_DATASETS_OFFLINE") == "1"  # conftest: nothing downloads
+    with pytest.raises(ConfigError) as e:
+        load_prompts(PromptConfig(source="hf:someone/no-such-prompts"))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("prompt source hf:someone/no-such-prompts: cannot load the dataset (")
+    assert "pass the folder of dataset.save_to_disk(...)" in msg
+    sys.path.insert(0, str(ROOT / "launch"))
+    import export_lora
+
+    target = tmp_path / "a_file"
+    target.write_text("precious")
+    rc = run_cli(export_lora.main, ["--run", str(tmp_path / "run"), "--out", str(target)], prog="export_lora")
+    assert rc == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"export_lora: error: --out {target} is a file, not a folder; choose a new or empty folder"]
+    assert target.read_text() == "precious"

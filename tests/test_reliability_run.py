@@ -244,3 +244,28 @@ def test_an_iteration_that_cannot_fit_in_memory_is_refused_before_anything_is_wr
     # the default job is far below it
     cfg = load_config(None, [])
     assert budget.iteration_bytes(cfg, 16 * 4 * 4, 77 * 32 * 4, 64 * 64, 1) < 2**30
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes_and_the_collective_timeout_may_change(tmp_path):
+    from fpo_diffusion.config import ConfigError, config_to_dict
+    from fpo_diffusion.run_state import check_resume
+
+    run = tmp_path / "run"
+    cfg = load_config(None, overrides(run))
+    saved = config_to_dict(cfg)
+    del saved["train"]["collective_timeout_s"]  # written by a version without the field
+    ck = run / "checkpoints" / "checkpoint-000001"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(json.dumps({"iteration": 1, "world_size": 1, "config": saved}))
+    assert check_resume(cfg, run, "latest", world_size=1) == ck
+    assert check_resume(load_config(None, overrides(run, **{"train.collective_timeout_s": 60})), run, "latest") == ck
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in train.lr;"):
+        check_resume(load_config(None, overrides(run, **{"train.lr": 1e-3})), run, "latest")
+
+
+def test_an_image_size_the_pipeline_cannot_take_is_one_line(tmp_path, cli):
+    out = tmp_path / "run"
+    rc, err, _ = cli(overrides(out, **{"model.family": "sd3", "model.path": "embedded:tiny-sd3", "sampling.height": 5}))
+    assert rc == 2 and err == ["train: error: sampling.height=5 is not a multiple of 2 (this model's latent cell in "
+                               "pixels); use 4 or 6"]
+    assert not out.exists()

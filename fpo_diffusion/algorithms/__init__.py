@@ -1,13 +1,16 @@
 """RL algorithms that plug into the shared loop (``config.algorithm``)."""
 from __future__ import annotations
 
+from .awm import AWM
 from .base import Algorithm
 from .context import AlgorithmContext
 from .ddpo import DDPO
+from .diffusion_nft import DiffusionNFT
 from .flow_grpo import FlowGRPO
 from .fpo import FPO
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"fpo": FPO, "flow_grpo": FlowGRPO, "ddpo": DDPO}
+ALGORITHMS: dict[str, type[Algorithm]] = {"fpo": FPO, "flow_grpo": FlowGRPO, "ddpo": DDPO,
+                                          "diffusion_nft": DiffusionNFT, "awm": AWM}
 """Name -> algorithm class."""
 
 
@@ -17,4 +20,5 @@ def build_algorithm(name: str, ctx: AlgorithmContext) -> Algorithm:
     return ALGORITHMS[name](ctx)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmContext", "DDPO", "FPO", "FlowGRPO", "build_algorithm"]
+__all__ = ["ALGORITHMS", "AWM", "Algorithm", "AlgorithmContext", "DDPO", "DiffusionNFT", "FPO", "FlowGRPO",
+           "build_algorithm"]

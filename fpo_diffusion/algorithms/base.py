@@ -11,7 +11,10 @@ between FPO and the baselines:
   returns the trajectory in ``extras``);
 * ``prepare``: per-sample tensors computed once after the rollout, without grad (FPO: the
   ``(t, eps)`` pairs and old CFM losses);
-* ``loss``: the differentiable loss of one minibatch and its diagnostics.
+* ``loss``: the differentiable loss of one minibatch and its diagnostics;
+* ``end_iteration``: what changes between iterations besides the weights (FPO's ``beta: auto``
+  temperature, DiffusionNFT's old policy, AWM's lagged anchor), with ``state_dict`` /
+  ``load_state_dict`` so that a checkpoint holds it and a resumed run continues exactly.
 """
 from __future__ import annotations
 
@@ -19,17 +22,23 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..config import ConfigError
 from ..policies.base import Cond, batch_slices, cond_index
 from .context import AlgorithmContext, Samples
 
 
 class Algorithm(ABC):
     name: str = ""
+    families: tuple[str, ...] = ()
+    """Model families the algorithm supports (empty: every family)."""
 
     def __init__(self, ctx: AlgorithmContext):
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.policy = ctx.policy
+        if self.families and self.policy.family not in self.families:
+            raise ConfigError(f"algorithm {self.name!r} supports model families {', '.join(self.families)}; "
+                              f"this model is {self.policy.family!r}")
 
     def setup(self) -> None:
         """Called once the loop is fully built (and resumed)."""
@@ -47,6 +56,19 @@ class Algorithm(ABC):
     def loss(self, ro: Samples, prep: dict[str, torch.Tensor], idx: torch.Tensor, adv: torch.Tensor, *,
              iteration: int, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss of minibatch ``idx`` (indices into the rank's samples) with advantages ``adv``."""
+
+    def end_iteration(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Called once after ``iteration``'s update (not after a skipped one) with its metrics (this rank's
+        means, keyed ``<name>/<stat>``); returns more metrics to log. Default: nothing."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to continue this algorithm exactly (empty: nothing; the loop then
+        registers nothing, and checkpoints stay as they were)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output."""
 
     @torch.no_grad()
     def own_cfm_loss(self, ro: Samples, prep: dict[str, torch.Tensor], iteration: int) -> torch.Tensor:

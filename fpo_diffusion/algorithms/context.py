@@ -36,6 +36,13 @@ ReferenceSampler = Callable[[int], Samples]
 """``(n) -> samples``: up to ``n`` samples of this rank from the frozen base model (adapter
 disabled), drawn from the ``reference`` seed stream, fixed for the whole run."""
 
+RankMean = Callable[[torch.Tensor], torch.Tensor]
+"""``(tensor) -> tensor``: the mean over the ranks (every rank calls it, every rank gets the same value)."""
+
+
+def _one_rank(t: torch.Tensor) -> torch.Tensor:
+    return t
+
 
 @dataclass
 class AlgorithmContext:
@@ -54,6 +61,8 @@ class AlgorithmContext:
     seeds: SeedStreams
     stock_sample: StockSampler
     reference_samples: ReferenceSampler | None = None
+    rank_mean: RankMean = _one_rank
+    """Mean over the ranks, for what every rank must agree on (e.g. an adapted temperature); one rank: identity."""
 
     @classmethod
     def for_policy(cls, cfg: Config, policy: Policy, *, latent_shape: tuple[int, ...] | None = None,
@@ -88,4 +97,4 @@ def stock_sampler(policy: Policy, sampling: SamplingConfig) -> StockSampler:
     return sample
 
 
-__all__ = ["AlgorithmContext", "ReferenceSampler", "Samples", "StockSampler", "stock_sampler"]
+__all__ = ["AlgorithmContext", "RankMean", "ReferenceSampler", "Samples", "StockSampler", "stock_sampler"]

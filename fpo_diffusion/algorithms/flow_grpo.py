@@ -46,6 +46,31 @@ def sde_step_with_logprob(v: torch.Tensor, sigma: torch.Tensor, sigma_next: torc
     return prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std
 
 
+def flow_sigmas(policy, steps: int, height: int, width: int) -> torch.Tensor:
+    """The noise levels ``[S+1]`` (float64, last 0) of the policy's flow scheduler for ``steps`` sampler
+    steps: ``FlowMatchEulerDiscreteScheduler`` with the model's own config (its shift; FLUX's
+    resolution-dependent shift as ``FluxPipeline`` computes it). ``sigmas[j]`` is step ``j``'s time
+    ``t`` (the pipeline's ``timesteps / 1000``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(policy.base_scheduler.config)
+    kw = {}
+    if sched.config.get("use_dynamic_shifting", False):  # FLUX: resolution-dependent shift, as FluxPipeline
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        _, h, w = policy.latent_shape(height, width)
+        c = sched.config
+        kw["mu"] = calculate_shift((h // 2) * (w // 2), c.get("base_image_seq_len", 256),
+                                   c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+                                   c.get("max_shift", 1.15))
+        kw["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    sched.set_timesteps(steps, device="cpu", **kw)
+    sigmas = sched.sigmas.to(torch.float64).cpu()
+    if len(sigmas) != steps + 1:
+        raise ValueError(f"unexpected flow schedule of {len(sigmas)} sigmas for {steps} steps")
+    return sigmas
+
+
 class FlowGRPO(StepwiseAlgorithm):
     """Flow-GRPO: SDE rollouts with per-step log-probs, GRPO clip over steps (config ``flow_grpo``)."""
 
@@ -54,24 +79,7 @@ class FlowGRPO(StepwiseAlgorithm):
     section = "flow_grpo"
 
     def _build_schedule(self) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        base = self.policy.base_scheduler
-        sched = FlowMatchEulerDiscreteScheduler.from_config(base.config)
-        kw = {}
-        if sched.config.get("use_dynamic_shifting", False):  # FLUX: resolution-dependent shift, as FluxPipeline
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            _, h, w = self.policy.latent_shape(self.height, self.width)
-            c = sched.config
-            kw["mu"] = calculate_shift((h // 2) * (w // 2), c.get("base_image_seq_len", 256),
-                                       c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
-                                       c.get("max_shift", 1.15))
-            kw["sigmas"] = np.linspace(1.0, 1 / self.steps, self.steps)
-        sched.set_timesteps(self.steps, device="cpu", **kw)
-        self.sigmas = sched.sigmas.to(torch.float64).cpu()  # [S+1], last 0
-        if len(self.sigmas) != self.steps + 1:
-            raise ValueError(f"unexpected flow schedule of {len(self.sigmas)} sigmas for {self.steps} steps")
+        self.sigmas = flow_sigmas(self.policy, self.steps, self.height, self.width)  # [S+1], last 0
         self.sigma_max = float(self.sigmas[1]) if self.steps > 1 else 0.99
 
     def model_time(self, j):
@@ -85,4 +93,4 @@ class FlowGRPO(StepwiseAlgorithm):
                                      sigma_max=self.sigma_max, prev_sample=prev_sample, noise=noise)
 
 
-__all__ = ["FlowGRPO", "sde_step_with_logprob"]
+__all__ = ["FlowGRPO", "flow_sigmas", "sde_step_with_logprob"]

@@ -1,9 +1,21 @@
 """FPO in the shared loop: fixed ``(t, eps)`` pairs, old CFM losses, the clipped FPO ratio,
-plus the optional KL anchor to the frozen base model and flow-matching anchor."""
+plus the optional KL anchor to the frozen base model and flow-matching anchor.
+
+With ``fpo.beta: auto`` the ratio's temperature is adapted once per iteration by the pure
+controller of ``beta_control.py`` from the update's measured ``fpo/clip_frac`` or
+``fpo/log_ratio_std`` (mean over the minibatches and the ranks); the temperature in use is logged
+as ``fpo/beta`` every iteration and checkpointed (:meth:`FPO.state_dict`). With
+``beta_auto.keep_gradient_scale`` the surrogate is divided by ``beta / init``, so ``beta`` moves
+where the clip binds but not the size of the on-policy gradient.
+"""
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 
+from ..beta_control import BetaState, update_beta
 from ..config import fpo_objective
 from ..fpo import fpo_loss, kl_penalty
 from ..policies.base import batch_slices, cond_index
@@ -15,8 +27,12 @@ class FPO(Algorithm):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.objective = fpo_objective(self.cfg.fpo)
+        f = self.cfg.fpo
+        self.objective = dataclasses.replace(fpo_objective(f), latent_dims=math.prod(ctx.latent_shape))
         self.anchor = None
+        self.auto = f.beta == "auto"
+        self.controller = f.beta_auto.controller() if self.auto else None
+        self.beta_state = BetaState(beta=f.beta_auto.init) if self.auto else None
 
     def setup(self) -> None:
         if self.cfg.fpo.fm_anchor_beta > 0:
@@ -66,7 +82,11 @@ class FPO(Algorithm):
         need_pred = "ref_pred" in prep
         out = self.cfm(ro.x0[idx], cond_index(ro.cond, idx), prep["t"][idx], prep["eps"][idx], return_pred=need_pred)
         l_new, pred = out if need_pred else (out, None)
-        loss, stats = fpo_loss(prep["l_old"][idx], l_new.float(), adv, self.objective)
+        objective = dataclasses.replace(self.objective, beta=self.beta_state.beta) if self.auto else self.objective
+        loss, stats = fpo_loss(prep["l_old"][idx], l_new.float(), adv, objective)
+        if self.auto and f.beta_auto.keep_gradient_scale:
+            loss = loss * (f.beta_auto.init / objective.beta)
+        stats["beta"] = torch.tensor(objective.beta)
         if need_pred:
             kl = kl_penalty(pred, prep["ref_pred"][idx]).mean()
             loss = loss + f.kl_beta * kl
@@ -76,3 +96,20 @@ class FPO(Algorithm):
             loss = loss + f.fm_anchor_beta * anc
             stats["fm_anchor_loss"] = anc.detach()
         return loss, stats
+
+    def end_iteration(self, iteration, metrics):
+        """``beta: auto``: the next iteration's temperature from this one's measured statistic."""
+        if not self.auto:
+            return {}
+        stat = self.controller.statistic
+        local = torch.tensor([metrics.get(f"fpo/{stat}", math.nan)], dtype=torch.float64, device=self.ctx.device)
+        measured = float(self.ctx.rank_mean(local))
+        self.beta_state = update_beta(self.beta_state, measured, self.controller)
+        return {f"fpo/beta_auto_{stat}": measured, "fpo/beta_next": self.beta_state.beta}
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self.beta_state) if self.auto else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.auto:
+            self.beta_state = BetaState(beta=float(state["beta"]), updates=int(state["updates"]))

@@ -44,18 +44,11 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class StepwiseAlgorithm(Algorithm):
     """A baseline whose policy is the chain of per-step Gaussian transitions of its sampler."""
 
-    families: tuple[str, ...] = ()
-    """Model families the algorithm supports."""
     section: str = ""
     """Name of the algorithm's section on :class:`~fpo_diffusion.config.Config`."""
 
     def __init__(self, ctx):
-        super().__init__(ctx)
-        if self.policy.family not in self.families:
-            from ..config import ConfigError
-
-            raise ConfigError(f"algorithm {self.name!r} supports model families {', '.join(self.families)}; "
-                              f"this model is {self.policy.family!r}")
+        super().__init__(ctx)  # refuses a model family outside ``families``
         self.acfg = getattr(self.cfg, self.section)
         s = self.cfg.sampling
         self.steps = int(s.steps)

@@ -1,0 +1,81 @@
+"""Held-out evaluation during training (eval.*), the progress line and the run's last line."""
+import json
+
+import pytest
+
+from fpo_diffusion.config import ConfigError, load_config
+from fpo_diffusion.trainer import progress_line, where_line
+
+EVAL_ROWS = [{"prompt": "a red circle", "tag": "colors"}, {"prompt": "two blue squares", "tag": "counting"},
+             {"prompt": "a green triangle", "tag": "colors"}]
+
+
+def _cfg(tmp_path, **extra):
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EVAL_ROWS))
+    o = {"output_dir": str(tmp_path / "run"), "model.family": "sd3", "model.path": "embedded:tiny-sd3",
+         "prompts.source": "embedded:tiny", "reward.weights": "{brightness: 1.0}", "sampling.steps": 2,
+         "train.iterations": 3, "train.prompts_per_iteration": 2, "train.group_size": 2, "train.lr": 3e-2,
+         "log.image_every": 0, "log.progress": "false", "checkpoint.every": 0,
+         "eval.every": 2, "eval.prompts": str(tmp_path / "eval.jsonl"), "eval.images_per_prompt": 2}
+    o.update(extra)
+    return load_config(None, [f"{k}={v}" for k, v in o.items()])
+
+
+def test_eval_config_is_checked(tmp_path):
+    assert load_config().eval.every == 0  # off by default
+    with pytest.raises(ConfigError, match="eval.every=5 needs eval.prompts"):
+        load_config(None, ["eval.every=5"])
+    with pytest.raises(ConfigError, match="eval.images_per_prompt must be >= 1"):
+        load_config(None, ["eval.images_per_prompt=0"])
+
+
+def test_heldout_eval_logs_reward_per_task_and_a_grid_with_fixed_seeds(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fpo_diffusion.trainer import Trainer
+
+    tr = Trainer(_cfg(tmp_path))
+    before = tr.heldout.run(tr.model, 0)[0]
+    assert tr.heldout.run(tr.model, 5)[0] == before  # the same prompts and noise at every evaluation
+    tr.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]  # still one row per iteration
+    evaluated = [r["iteration"] for r in rows if "eval/reward/mean" in r]
+    assert evaluated == [1, 2]  # after every 2 iterations and after the last
+    last = rows[-1]
+    assert set(k for k in last if k.startswith("eval/task/")) == {"eval/task/colors", "eval/task/counting"}
+    assert last["eval/reward/mean"] != before["eval/reward/mean"]  # the policy moved (lr 3e-2)
+    # brightness of 6 images: colors is the mean of prompts 0 and 2, counting of prompt 1
+    assert last["eval/reward/mean"] == pytest.approx((2 * last["eval/task/colors"] + last["eval/task/counting"]) / 3)
+    assert sorted(p.name for p in (tmp_path / "run" / "images").iterdir()) == ["eval_000001.png", "eval_000002.png"]
+    ea = EventAccumulator(str(tmp_path / "run" / "tb"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("eval/reward/mean")] == [1, 2]
+
+
+def test_progress_line_and_last_line(tmp_path):
+    m = {"reward/mean": 0.41234, "fpo/log_ratio_std": 3.1e-4, "fpo/ratio_min": 0.99971, "fpo/ratio_max": 1.00068,
+         "fpo/clip_frac": 0.0, "perf/rollout_s": 1.85, "perf/update_s": 1.44, "eval/reward/mean": 0.5}
+    line = progress_line(m, "fpo", [0.3, 0.4, 0.41234])
+    assert line == ("reward 0.412 (mean of last 3: 0.371) | log-ratio std 3.10e-04 | ratio [0.99971, 1.00068] | "
+                    "clip 0.000 | held-out 0.500 | rollout 1.9s update 1.4s")
+    assert "ratio=1.000" not in line
+    assert progress_line({"reward/mean": 0.5, "perf/rollout_s": 1, "perf/update_s": 2}, "ddpo", [0.5]) == \
+        "reward 0.500 | rollout 1.0s update 2.0s"
+    out = tmp_path / "run"
+    assert where_line(out, exported=True, tensorboard=True) == (
+        f"done: LoRA in {out / 'lora'}, checkpoints in {out / 'checkpoints'}, TensorBoard logs in {out / 'tb'} "
+        f"(tensorboard --logdir {out / 'tb'})")
+    assert "no LoRA exported yet" in where_line(out, exported=False, tensorboard=False)
+
+
+def test_training_prints_where_things_are_and_no_nested_bar(tmp_path, capsys):
+    from fpo_diffusion.trainer import Trainer
+
+    cfg = _cfg(tmp_path, **{"eval.every": 0, "train.iterations": 1, "log.progress": "true"})
+    tr = Trainer(cfg)
+    assert tr.sampler.progress is False  # one bar: the iterations'
+    tr.train()
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == where_line(tmp_path / "run", exported=True, tensorboard=True)
+    assert "rollout 0:" not in captured.err  # the per-rollout bar (its description, "rollout <iteration>: ...")
