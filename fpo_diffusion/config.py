@@ -580,7 +580,8 @@ class EvalConfig:
     """
 
     every: int = 0
-    """Evaluate after every this many iterations and after the last (>= 0; 0: off)."""
+    """Evaluate after every this many iterations and after the last (>= 0; 0: off). On the embedded
+    shapes model: ``eval.every=25 eval.prompts=embedded:shapes-validation`` (its validation split)."""
     prompts: str | None = None
     """The evaluation prompt source, in any ``prompts.source`` form (``.txt``, GenEval-style ``.jsonl``,
     ``hf:<dataset>[:<split>]``, a ``datasets`` folder, ``embedded:...``); keep it disjoint from the training

@@ -38,10 +38,15 @@ def training_prompts() -> list[dict]:
 
 
 def validation_prompts() -> list[dict]:
-    """``embedded:shapes-validation``: the validation split (for evaluation during training and tuning)."""
-    from .scenes import validation_metadata
+    """``embedded:shapes-validation``: the validation split (for evaluation during training and tuning),
+    its six tasks interleaved, so that the first N entries are an even mix of tasks."""
+    from .scenes import TASKS, validation_metadata
 
-    return validation_metadata()
+    by_task = {t: [m for m in validation_metadata() if m["tag"] == t] for t in TASKS}
+    out = []
+    for i in range(max(len(v) for v in by_task.values())):
+        out.extend(v[i] for v in by_task.values() if i < len(v))
+    return out
 
 
 def test_prompts() -> list[dict]:
