@@ -42,7 +42,7 @@ GRID_ENTRIES = 12
 def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None):
     from .pretrain import load_pipeline as _load
 
-    pipe = _load(model_dir, torch_dtype=torch.float32)
+    pipe = _load(model_dir, dtype=torch.float32)
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir))
     pipe.set_progress_bar_config(disable=True)
