@@ -140,36 +140,3 @@ def test_fixed_beta_and_the_sum_reduction_in_the_loop(tmp_path):
     for a, b in zip(runs["mean"], runs["sum"]):
         assert a["fpo/ratio_max"] == pytest.approx(b["fpo/ratio_max"], rel=1e-4)
         assert a["fpo/ratio_max"] > 1
-
-
-def raises_strict_reward_on_the_shipped_model(tmp_path, algorithm: str, model: str = "embedded:shapes",
-                                              iterations: int = 12, **overrides) -> tuple[float, float]:
-    """For the lead, once the new shapes model lands: train ``algorithm`` briefly on ``model`` with the strict
-    shapes reward and return the strict reward on held-aside seeds ``(before, after)``. Mark the test that
-    calls it ``slow`` and parametrise it over ``["fpo", "flow_grpo", "diffusion_nft", "awm"]``, e.g.::
-
-        @pytest.mark.slow
-        @pytest.mark.parametrize("algorithm", ["fpo", "flow_grpo", "diffusion_nft", "awm"])
-        def test_each_algorithm_raises_the_strict_reward(tmp_path, algorithm):
-            before, after = raises_strict_reward_on_the_shipped_model(tmp_path, algorithm)
-            assert after >= before + 0.15
-    """
-    from fpo_diffusion.trainer import Trainer
-    from rewards.registry import build_reward
-
-    from test_shapes_learning import PROMPTS, _strict_score
-
-    src = tmp_path / "prompts.jsonl"
-    src.write_text("".join(json.dumps(m) + "\n" for m in PROMPTS))
-    args = {"output_dir": tmp_path / "run", "algorithm": algorithm, "model.path": model, "prompts.source": src,
-            "reward.options": "{shapes: {mode: strict}}", "sampling.steps": 10, "sampling.batch_size": 16,
-            "train.prompts_per_iteration": 4, "train.group_size": 8, "train.minibatch_size": 16,
-            "train.iterations": iterations, "train.lr": 1e-3, "train.seed": 0, "log.progress": "false",
-            "log.tensorboard": "false", "log.image_every": 0, "checkpoint.every": 0, **overrides}
-    tr = Trainer(load_config(None, [f"{k}={v}" for k, v in args.items()]))
-    strict = build_reward("shapes", mode="strict")
-    before = _strict_score(tr, strict, seed_base=777, per_prompt=16)
-    tr.train()
-    after = _strict_score(tr, strict, seed_base=777, per_prompt=16)
-    tr.reward.close()
-    return before, after
