@@ -7,6 +7,8 @@ import torch
 from fpo_diffusion.beta_control import BetaController, BetaState, update_beta
 from fpo_diffusion.fpo import FPOObjective, fpo_log_ratio, fpo_loss
 
+from test_fpo import _toy
+
 
 def test_update_rule_band_rate_and_clamps():
     ctl = BetaController(statistic="clip_frac", target=0.1, rate=2.0, tolerance=1.5, beta_min=0.5, beta_max=40.0)
@@ -42,15 +44,6 @@ def test_settings_are_range_checked():
                        (dict(beta_max=math.inf), "beta_max")]:
         with pytest.raises(ValueError, match=match):
             BetaController(**bad)
-
-
-def _toy(seed=0, B=6, N=4, D=5):
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(D, D, generator=g, dtype=torch.float64)
-    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
-    y = torch.randn(B, N, D, generator=g, dtype=torch.float64)
-    adv = torch.randn(B, generator=g, dtype=torch.float64)
-    return W, (lambda Wp: ((x @ Wp.T - y) ** 2).mean(-1)), adv
 
 
 @pytest.mark.parametrize("mode", ["mean", "per_sample"])

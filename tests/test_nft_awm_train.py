@@ -140,3 +140,91 @@ def test_fixed_beta_and_the_sum_reduction_in_the_loop(tmp_path):
     for a, b in zip(runs["mean"], runs["sum"]):
         assert a["fpo/ratio_max"] == pytest.approx(b["fpo/ratio_max"], rel=1e-4)
         assert a["fpo/ratio_max"] > 1
+
+
+def _outside_the_loop(algorithm: str, **overrides):
+    """``algorithm`` on a tiny SD3 policy with a random LoRA, built on an ``AlgorithmContext`` alone."""
+    from fpo_diffusion.algorithms import AlgorithmContext, build_algorithm
+    from fpo_diffusion.rollout import ReferenceSamples
+
+    from helpers_policies import PROMPTS, make_policy
+
+    pol = make_policy("sd3", init=False)
+    cfg = load_config(None, [f"algorithm={algorithm}", "fpo.n_mc=2", "train.minibatch_size=2", "sampling.steps=4",
+                             "sampling.guidance_scale=1", *(f"{k}={v}" for k, v in overrides.items())])
+    shape = tuple(pol.latent_shape())
+    ro = ReferenceSamples(torch.arange(2), torch.arange(2), pol.encode_prompts(PROMPTS),
+                          torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)))
+    alg = build_algorithm(algorithm, AlgorithmContext.for_policy(cfg, pol, latent_shape=shape))
+    alg.setup()
+    return alg, pol, ro
+
+
+def _grad(loss, params):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+
+def test_beta_auto_keeps_the_on_policy_gradient_of_its_initial_beta():
+    """keep_gradient_scale: at rho == 1 the gradient is that of beta = init whatever beta has become; without
+    it the gradient grows with beta, as a fixed beta's does."""
+    adv, idx = torch.tensor([1.0, -0.5]), torch.arange(2)
+    grads = {}
+    for keep in (True, False):
+        alg, pol, ro = _outside_the_loop("fpo", **{"fpo.beta": "auto", "fpo.beta_auto.init": 5.0, "fpo.kl_beta": 0,
+                                                   "fpo.beta_auto.keep_gradient_scale": keep})
+        prep = alg.prepare(ro, 0)
+        for beta in (5.0, 80.0):
+            alg.beta_state = BetaState(beta)
+            loss, stats = alg.loss(ro, prep, idx, adv, iteration=0, epoch=0, step=0)
+            assert float(stats["beta"]) == beta and float(stats["ratio_max"]) == 1.0
+            grads[keep, beta] = _grad(loss, pol.trainable_parameters())
+    torch.testing.assert_close(grads[True, 80.0], grads[True, 5.0], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(grads[False, 80.0], 16 * grads[False, 5.0], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(grads[False, 5.0], grads[True, 5.0])
+
+
+def test_diffusion_nft_samples_and_anchors_with_the_old_policy():
+    """Rollouts and v_old come from the lagged weights, not the trained ones; the times are distinct
+    steps of the sampler's schedule."""
+    alg, pol, ro = _outside_the_loop("diffusion_nft", **{"diffusion_nft.kl_beta": 0})
+    for e in alg.lagged.shadow:  # an old policy that is the base model: zero LoRA B matrices
+        e.zero_()
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    with torch.no_grad():
+        x_old, _ = alg.sample(ro.cond, gens(), None, 0)
+        with pol.reference():
+            x_base = alg.ctx.stock_sample(ro.cond, gens(), None)
+        x_now = alg.ctx.stock_sample(ro.cond, gens(), None)
+    torch.testing.assert_close(x_old, x_base, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(x_old, x_now, atol=1e-4)
+    prep = alg.prepare(ro, 0)
+    assert prep["t"].shape == (2, 3)  # int(4 * 0.99) = 3 of the 4 steps
+    assert all(len(set(row.tolist())) == 3 and set(row.tolist()) <= set(alg.sigmas[:4].float().tolist())
+               for row in prep["t"])
+    with torch.no_grad(), pol.reference():
+        _, v_base = pol.cfm_loss(ro.x0, ro.cond, prep["t"], prep["eps"], return_pred=True)
+    torch.testing.assert_close(prep["v_old"], v_base, rtol=1e-5, atol=1e-6)
+
+
+def test_awm_loss_in_the_algorithm_is_the_pure_function():
+    """The algorithm's loss is awm_loss on its per-pair loss plus both anchors, by hand."""
+    from fpo_diffusion.awm import awm_advantages, awm_loss, awm_pair_loss
+    from fpo_diffusion.fpo import kl_penalty
+
+    alg, pol, ro = _outside_the_loop("awm", **{"awm.kl_beta": 0.5, "awm.ema_kl_beta": 2.0, "sampling.steps": 10})
+    for e in alg.lagged.shadow:
+        e.mul_(0.5)  # a lagged copy that differs from the weights
+    prep = alg.prepare(ro, 0)
+    idx, adv = torch.arange(2), torch.tensor([3.0, -8.0])
+    loss, stats = alg.loss(ro, prep, idx, adv, iteration=0, epoch=0, step=0)
+    t = prep["t"]
+    assert t.shape == (2, 6) and bool((t < alg.sigmas[1].float() + 1e-6).all())  # step 0 (t = 1) never drawn
+    mse, v = pol.cfm_loss(ro.x0, ro.cond, t, prep["eps"], return_pred=True)
+    with torch.no_grad(), pol.reference():
+        _, v_ref = pol.cfm_loss(ro.x0, ro.cond, t, prep["eps"], return_pred=True)
+    with torch.no_grad(), alg.lagged.swapped_in():
+        _, v_ema = pol.cfm_loss(ro.x0, ro.cond, t, prep["eps"], return_pred=True)
+    expected = awm_loss(awm_pair_loss(mse, t, "ghuber", 0.25), awm_advantages(adv))[0] \
+        + 0.5 * kl_penalty(v, v_ref).mean() + 2.0 * kl_penalty(v, v_ema).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+    assert float(stats["kl_ema"]) > 0 and float(stats["kl_ref"]) > 0

@@ -31,6 +31,8 @@ class Algorithm(ABC):
     name: str = ""
     families: tuple[str, ...] = ()
     """Model families the algorithm supports (empty: every family)."""
+    section: str = ""
+    """Name of the algorithm's own section on :class:`~fpo_diffusion.config.Config` (``acfg``), if any."""
 
     def __init__(self, ctx: AlgorithmContext):
         self.ctx = ctx
@@ -39,6 +41,7 @@ class Algorithm(ABC):
         if self.families and self.policy.family not in self.families:
             raise ConfigError(f"algorithm {self.name!r} supports model families {', '.join(self.families)}; "
                               f"this model is {self.policy.family!r}")
+        self.acfg = getattr(self.cfg, self.section) if self.section else None
 
     def setup(self) -> None:
         """Called once the loop is fully built (and resumed)."""

@@ -31,12 +31,9 @@ class ForwardProcessAlgorithm(Algorithm):
     """A flow-matching baseline trained on ``(t, eps)`` pairs of the sampler's schedule."""
 
     families = ("sd3", "flux")
-    section: str = ""
-    """Name of the algorithm's section on :class:`~fpo_diffusion.config.Config`."""
 
     def __init__(self, ctx):
-        super().__init__(ctx)  # refuses a model family outside ``families``
-        self.acfg = getattr(self.cfg, self.section)
+        super().__init__(ctx)  # refuses a model family outside ``families``; ``acfg``: the ``section``
         s = self.cfg.sampling
         self.steps = int(s.steps)
         self.sigmas = flow_sigmas(self.policy, self.steps, int(s.height or self.policy.height),

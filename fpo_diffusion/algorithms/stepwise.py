@@ -44,12 +44,8 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class StepwiseAlgorithm(Algorithm):
     """A baseline whose policy is the chain of per-step Gaussian transitions of its sampler."""
 
-    section: str = ""
-    """Name of the algorithm's section on :class:`~fpo_diffusion.config.Config`."""
-
     def __init__(self, ctx):
-        super().__init__(ctx)  # refuses a model family outside ``families``
-        self.acfg = getattr(self.cfg, self.section)
+        super().__init__(ctx)  # refuses a model family outside ``families``; ``acfg``: the ``section``
         s = self.cfg.sampling
         self.steps = int(s.steps)
         self.guidance = float(s.guidance_scale)
