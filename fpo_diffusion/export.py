@@ -93,6 +93,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         from .lora import merge_lora
 
         merge_lora(policy)
+        if policy.family == "sd3":  # a T5-less SD3 pipeline gets the null T5, so the stock call loads it
+            from .policies.sd3 import complete_t5_less
+
+            complete_t5_less(policy.pipeline)
         policy.pipeline.save_pretrained(str(out_dir))
     elif format == "kohya":
         from .lora import export_lora_kohya

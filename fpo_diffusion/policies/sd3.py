@@ -126,3 +126,37 @@ def fast_zero_tokens(pipe, max_sequence_length: int = 256) -> dict:
     proc.log_n = math.log(max_sequence_length)
     pipe.transformer.set_attn_processor(proc)
     return {"max_sequence_length": 1}
+
+
+def null_t5(dim: int):
+    """``(T5EncoderModel, T5TokenizerFast)`` whose every output is exactly zero.
+
+    For an SD3 model used without T5, where the pipeline fills the T5 part of the context with zeros
+    (``dim`` = the transformer's ``joint_attention_dim``): a one-layer T5 with a zero final norm gives
+    exactly those zeros, and makes a saved folder a complete SD3 pipeline that
+    ``StableDiffusion3Pipeline.from_pretrained(path)`` and ``DiffusionPipeline.from_pretrained(path)``
+    load with no extra arguments (diffusers refuses a folder whose ``text_encoder_3`` is null). The tokenizer
+    knows three tokens (``<pad>``, ``</s>``, ``<unk>``) and reads every prompt as empty (just
+    ``</s>``), so no prompt is ever "truncated".
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    tk = Tokenizer(models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)], unk_id=2))
+    tk.normalizer = normalizers.Replace(Regex(r"[\s\S]+"), "")
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+    enc = T5EncoderModel(T5Config(vocab_size=3, d_model=dim, d_kv=8, d_ff=8, num_layers=1, num_heads=1))
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.zero_()
+    return enc.eval(), tok
+
+
+def complete_t5_less(pipe) -> None:
+    """Give a T5-less SD3 pipeline the :func:`null_t5` before ``save_pretrained``, so the folder loads with the
+    stock call; the pipeline samples exactly as before (zeros are what it fed without T5)."""
+    if getattr(pipe, "text_encoder_3", None) is None and hasattr(pipe, "transformer"):
+        enc, tok = null_t5(int(pipe.transformer.config.joint_attention_dim))
+        pipe.register_modules(text_encoder_3=enc.to(pipe.transformer.device), tokenizer_3=tok)

@@ -482,28 +482,10 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
 
 
 def null_t5(dim: int = 2 * TEXT_DIM):
-    """``(T5EncoderModel, T5TokenizerFast)`` whose every output is exactly zero.
+    """The SD3 policy's :func:`~fpo_diffusion.policies.sd3.null_t5` at this model's context width."""
+    from fpo_diffusion.policies.sd3 import null_t5 as _null_t5
 
-    The model was trained without T5, where the pipeline fills the T5 part of the context with
-    zeros. A one-layer T5 with a zero final norm gives exactly those zeros, and makes the folder
-    a complete SD3 pipeline that ``StableDiffusion3Pipeline.from_pretrained(path)`` and
-    ``DiffusionPipeline.from_pretrained(path)`` load with no extra arguments. The tokenizer
-    knows three tokens (``<pad>``, ``</s>``, ``<unk>``) and reads every prompt as empty (just
-    ``</s>``), so no prompt is ever "truncated".
-    """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
-
-    tk = Tokenizer(models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)], unk_id=2))
-    tk.normalizer = normalizers.Replace(Regex(r"[\s\S]+"), "")
-    tk.pre_tokenizer = pre_tokenizers.Metaspace()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tok = T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
-    enc = T5EncoderModel(T5Config(vocab_size=3, d_model=dim, d_kv=8, d_ff=8, num_layers=1, num_heads=1))
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.zero_()
-    return enc.eval(), tok
+    return _null_t5(dim)
 
 
 def export_pipeline(te1, te2, tr, out_dir: Path) -> None:
