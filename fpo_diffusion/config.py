@@ -477,7 +477,7 @@ class TrainConfig:
     """Samples per forward/backward on each rank (>= 1)."""
     grad_accum_steps: int = 1
     """Minibatches accumulated per optimizer step (>= 1)."""
-    lr: float = 3e-4
+    lr: float = 1e-4
     """AdamW learning rate (finite, > 0). A step that makes any weight non-finite is undone and
     counted as skipped (``train.max_nonfinite_in_a_row``)."""
     weight_decay: float = 0.0
