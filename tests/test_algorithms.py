@@ -165,7 +165,7 @@ def test_bench_smoke(script, tmp_path):
     table = [ln for ln in p.stdout.splitlines() if ln.startswith("|")]
     assert len(table) >= 3 and table[1].startswith("|---"), p.stdout[-2000:]  # header, rule, rows
     if script == "learning.py":  # one line per variant: the held-out score before -> after training
-        scores = re.findall(r"tiny-sd3 (\S+) seed 0: score ([\d.]+) -> ([\d.]+) \((\d+) evaluations", p.stdout)
+        scores = re.findall(r"\[test\] (\S+) lr \S+ seed 0: score ([\d.]+) -> ([\d.]+) \((\d+) evaluations", p.stdout)
         assert {v for v, *_ in scores} == {"fpo-mean", "flow_grpo"}, p.stdout[-2000:]
         assert all(0 <= float(a) <= 1 and 0 <= float(b) <= 1 and int(n) > 0 for _, a, b, n in scores)
         return
