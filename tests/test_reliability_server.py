@@ -201,6 +201,7 @@ def test_a_reward_server_that_stays_down_stops_training_with_one_line(tmp_path, 
     argv = overrides(tmp_path / "run", json.dumps({name: 1.0}), json.dumps({name: {"retries": 1, "backoff": 0.01}}))
     rc = run_cli(train_script.main, argv, prog="train")
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1, err
-    assert err[0].startswith(f"train: error: iteration 0: remote reward at {url} failed after 2 attempts: ConnectError")
+    assert rc == 1 and len(err) == 2, err  # the retry says so, then the run stops with one line
+    assert err[0].startswith(f"remote reward at {url}: attempt 1 of 2 failed (ConnectError") and "retrying in" in err[0]
+    assert err[1].startswith(f"train: error: iteration 0: remote reward at {url} failed after 2 attempts: ConnectError")
     assert not (tmp_path / "run" / "checkpoints").exists()
