@@ -189,10 +189,16 @@ def test_bad_input_gets_one_clear_line_and_nothing_is_overwritten(tmp_path, cli)
     out.mkdir()
     (out / "config.yaml").write_text("precious: true\n")
     (out / "metrics.jsonl").write_text('{"iteration": 0}\n')
+    # (it has no checkpoint, so it starts over and keeps what it had in unfinished-1/: nothing is lost)
+    rc, err = cli(tiny_overrides(out))
+    assert rc == 0, err
+    assert (out / "unfinished-1" / "config.yaml").read_text() == "precious: true\n"
+    assert (out / "unfinished-1" / "metrics.jsonl").read_text() == '{"iteration": 0}\n'
+    # now it holds a run with checkpoints: a fresh start is refused and touches nothing
+    before = (out / "config.yaml").read_text()
     rc, err = cli(tiny_overrides(out))
     assert rc == 2 and len(err) == 1 and "already holds a run" in err[0]
-    assert (out / "config.yaml").read_text() == "precious: true\n"
-    assert (out / "metrics.jsonl").read_text() == '{"iteration": 0}\n'
+    assert (out / "config.yaml").read_text() == before
     not_ckpt = tmp_path / "not_a_checkpoint"
     not_ckpt.mkdir()
     rc, err = cli(["--resume", str(not_ckpt), *tiny_overrides(tmp_path / "fresh")])
