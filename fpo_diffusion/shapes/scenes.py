@@ -26,7 +26,6 @@ fix, as on real models.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass
