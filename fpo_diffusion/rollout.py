@@ -142,16 +142,18 @@ class Sampler:
                        image_index=sorted(grid_pick))
 
     @torch.no_grad()
-    def reference_samples(self, n_samples: int | None = None) -> ReferenceSamples:
+    def reference_samples(self, n_samples: int | None = None, model: torch.nn.Module | None = None
+                          ) -> ReferenceSamples:
         """Up to ``n_samples`` of this rank's samples of the frozen base model (adapter disabled) through
-        the stock pipeline, from the ``reference`` stream (iteration 0's plan of that seed)."""
+        the stock pipeline, from the ``reference`` stream (iteration 0's plan of that seed). ``model``: the
+        prepared denoiser (an FSDP wrapper must run the forward; ``None``: the policy's own module)."""
         global_idx, prompt_idx, items, cond = self._share(0, "reference", n_samples)
         x0s = []
         with self.policy.reference():
             for chunk in self._batches(len(items), 0):
                 gens = [self.seeds.generator("reference", 0, int(g)) for g in global_idx[chunk]]
                 with self.autocast():
-                    x0 = self.stock_sample(cond_index(cond, chunk), gens, self.negative_batch(len(gens)))
+                    x0 = self.stock_sample(cond_index(cond, chunk), gens, self.negative_batch(len(gens)), model=model)
                 faults.hit("rollout")
                 x0s.append(x0.float())
         return ReferenceSamples(global_idx, prompt_idx, cond, torch.cat(x0s))

@@ -13,6 +13,7 @@ continues exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from pathlib import Path
@@ -198,7 +199,8 @@ class Trainer:
             cfg=cfg, policy=self.policy, model=self.model, device=acc.device, autocast=acc.autocast,
             latent_shape=self.latent_shape, negative_cond=self.sampler.negative_cond,
             seeds=SeedStreams(t.seed), stock_sample=self.sampler.stock_sample,
-            reference_samples=self.sampler.reference_samples, rank_mean=lambda x: acc.reduce(x, reduction="mean")))
+            reference_samples=functools.partial(self.sampler.reference_samples, model=self.model),
+            rank_mean=lambda x: acc.reduce(x, reduction="mean")))
         if self.algorithm.state_dict():  # e.g. fpo.beta: auto, DiffusionNFT's old policy: in every checkpoint
             acc.register_for_checkpointing(self.algorithm)
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..fpo import approx_kl
-from ..policies.base import Cond, cond_cat, cond_index, cond_to, unwrap_model
+from ..policies.base import Cond, cond_cat, cond_index, cond_to, runnable_module
 from .base import Algorithm
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -100,7 +100,7 @@ class StepwiseAlgorithm(Algorithm):
         dev = self.policy.device
         cdt = torch.float64 if self.policy.dtype == torch.float64 else torch.float32
         shape = tuple(self.policy.latent_shape(self.height, self.width))
-        model = unwrap_model(self.ctx.model)
+        model = runnable_module(self.ctx.model)
         was_training = model.training
         model.eval()
         neg = negative_cond if (negative_cond is not None and self.guidance > 1) else self.negative_rows(n)
@@ -171,7 +171,7 @@ class StepwiseAlgorithm(Algorithm):
                 "approx_kl": approx_kl(log_ratio),
             }
         if a.kl_beta > 0:
-            model = unwrap_model(self.ctx.model)
+            model = runnable_module(self.ctx.model)
             with torch.no_grad(), self.policy.reference(), self.ctx.autocast():
                 pred_ref = self.predict(model, x, jf, cond, neg)
                 _, _, mean_ref, _ = self.step(pred_ref, jf, x, prev_sample=x_next)

@@ -37,6 +37,34 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _is_fsdp_wrapper(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def runnable_module(model: nn.Module) -> nn.Module:
+    """The module to *call* for a no-grad forward outside the training step (rollouts, references).
+
+    An FSDP (v1) wrapper is kept: its inner module holds only this rank's shard of every weight, so
+    calling the inner module directly fails (or, with a flat shard that happens to fit, computes garbage);
+    the wrapper gathers the weights for the forward and frees them after. DDP's and ``torch.compile``'s
+    wrappers are stripped as :func:`unwrap_model` does (they add nothing a no-grad forward needs). FSDP2
+    (``fully_shard``) shards in place with hooks on the module itself, so it needs no special case.
+    """
+    while True:
+        if _is_fsdp_wrapper(model):
+            return model
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.Module) and hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
 def batch_slices(n: int, size: int) -> Iterator[slice]:
     """Consecutive slices of ``range(n)`` of at most ``size`` rows (batches in order)."""
     for s in range(0, n, size):

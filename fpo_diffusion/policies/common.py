@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import PathNotFoundError
-from .base import Cond, Policy, cond_repeat, cond_to, unwrap_model
+from .base import Cond, Policy, cond_repeat, cond_to, runnable_module, unwrap_model
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -188,7 +188,7 @@ class PipelinePolicy(Policy):
 
         pipe = self.pipeline
         old_den, old_sched = getattr(pipe, self.denoiser_attr), pipe.scheduler
-        den = unwrap_model(model) if model is not None else old_den
+        den = runnable_module(model) if model is not None else old_den
         was_training = den.training
         try:
             if den is not old_den:
@@ -214,7 +214,8 @@ class PipelinePolicy(Policy):
         """Final latents ``x0`` (the space of :meth:`cfm_loss`) from the stock pipeline.
 
         One generator per row; ``guidance_scale <= 1`` turns CFG off. ``model`` may be the
-        DDP-wrapped denoiser: it is unwrapped, sampling needs no grad.
+        prepared denoiser: a DDP / compiled wrapper is stripped (sampling needs no grad), an FSDP
+        wrapper is called as it is (:func:`~fpo_diffusion.policies.base.runnable_module`).
         """
         batch = next(iter(cond.values())).shape[0]
         if len(generators) != batch:
