@@ -87,8 +87,9 @@ def _steps_per_iteration(cfg: Config, world: int) -> int:
 def check_resume(cfg: Config, out_dir: Path, resume: str | None, *, world_size: int | None = None,
                  distributed_type: str = "") -> Path | None:
     """The checkpoint to resume from (``None``: a fresh run), after checking that ``out_dir`` holds no
-    other run and that ``cfg`` is the checkpoint's own (only ``train.iterations``, ``log`` and
-    ``checkpoint`` may change, and ``output_dir``: a copied run folder resumes).
+    other run and that ``cfg`` is the checkpoint's own (only ``train.iterations``, ``log``, ``checkpoint``
+    and ``eval`` may change, and ``output_dir``: a copied run folder resumes; the held-out evaluation draws
+    its own fixed noise and never touches the training's, so adding or changing it keeps the run exact).
 
     A checkpoint written by another number of processes (``world_size``) resumes with a line saying
     what changes (DDP or one process), or is refused where its optimizer state is sharded
@@ -107,7 +108,7 @@ def check_resume(cfg: Config, out_dir: Path, resume: str | None, *, world_size: 
         _fill_defaults(saved, config_to_dict(Config()))  # fields added since the checkpoint was written
         saved.pop("output_dir", None)  # the same run in another folder (copied or moved)
         now.pop("output_dir", None)
-        for section in ("train", "log", "checkpoint"):
+        for section in ("train", "log", "checkpoint", "eval"):
             for k in RESUMABLE_TRAIN_FIELDS if section == "train" else list(now[section]):
                 saved.get(section, {}).pop(k, None)
                 now[section].pop(k, None)
