@@ -149,6 +149,8 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
         eval_meta = [{} for _ in eval_prompts]
         eval_reward = None
     out = workdir / f"{task}-{family}-{variant}-s{seed}-lr{lr:g}-{split}"
+    if out.exists():  # an interrupted earlier attempt (a finished one left its result json): set it aside
+        out.rename(out.with_name(f"{out.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"))
     cfg = load_config(None, [
         f"output_dir={out}", f"algorithm={algo}", f"model.family={family}", f"model.path={model}",
         f"prompts.source={train_prompts}", f"reward.weights={{{reward}: 1.0}}", f"sampling.steps={steps}",
@@ -384,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra config overrides for every variant (e.g. fpo.kl_beta=0.01)")
     ap.add_argument("--out", default=str(C.ROOT / "bench" / "results"))
+    ap.add_argument("--workdir", default=None, help="folder of the runs (default: a fresh temporary one); a run "
+                    "whose result is already there is not rerun, so an interrupted benchmark continues")
     ap.add_argument("--smoke", action="store_true", help="tiny-sd3, FPO-mean + Flow-GRPO, 1 seed, 1 iteration")
     ap.add_argument("--merge", nargs="+", metavar="DIR", help="summarise the results of earlier runs (their "
                     "learning*.json) into --out and exit")
@@ -404,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.smoke:
         a.families, a.variants, a.seeds, a.iters, a.steps, a.prompts, a.group, a.n_eval = \
             ["sd3"], ["fpo-mean", "flow_grpo"], [0], 1, 2, 2, 2, 4
-    work = Path(tempfile.mkdtemp(prefix="bench-learning-runs-"))
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench-learning-runs-"))
+    work.mkdir(parents=True, exist_ok=True)
     common = {"iters": a.iters, "steps": a.steps, "prompts": a.prompts, "group": a.group, "n_eval": a.n_eval,
               "workdir": str(work), "task": a.task, "guidance": a.guidance, "minibatch": a.minibatch,
               "eval_every": a.eval_every, "set": list(a.set)}
