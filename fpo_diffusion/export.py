@@ -14,14 +14,18 @@ from .config import ConfigError, load_config
 from .errors import OutputExistsError
 
 
-def export_trained_lora(accelerator, policy, out_dir: str | Path, ema=None) -> Path:
+def export_trained_lora(accelerator, policy, out_dir: str | Path, ema=None, model=None) -> Path:
     """Write the policy's LoRA (with ``ema``'s weights swapped in, if given) in the diffusers format to
-    ``out_dir``; every rank calls this, the main process writes."""
+    ``out_dir``; every rank calls this, the main process writes. ``model``: the prepared denoiser, whose
+    FSDP shards are gathered for the export (``policies.base.full_parameters``)."""
+    from .policies.base import full_parameters
+
     out_dir = Path(out_dir)
     accelerator.wait_for_everyone()
     error: CheckpointError | None = None
-    if accelerator.is_main_process:
-        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+    with (ema.swapped_in() if ema is not None else contextlib.nullcontext()), \
+            (full_parameters(model) if model is not None else contextlib.nullcontext()):
+        if accelerator.is_main_process:
             bad = [n for n, p in named_trainable(policy.denoiser).items() if not bool(torch.isfinite(p).all())]
             if bad:  # never a non-finite LoRA on disk (the update restores a step that overflows)
                 error = NonfiniteStateError(f"refusing to export the LoRA to {out_dir}: {len(bad)} of its tensors hold "

@@ -347,7 +347,7 @@ class Trainer:
 
     def export(self, out_dir: str | Path | None = None) -> Path:
         """Export the (EMA) LoRA in the diffusers format (default: ``<output_dir>/lora``)."""
-        return export_trained_lora(self.accelerator, self.policy, out_dir or self.out / "lora", self.ema)
+        return export_trained_lora(self.accelerator, self.policy, out_dir or self.out / "lora", self.ema, self.model)
 
     def train(self, stop_after: int | None = None) -> dict[str, float]:
         """Train to ``train.iterations``; with ``stop_after`` stop (checkpointed) after that many iterations."""

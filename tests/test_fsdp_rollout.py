@@ -48,6 +48,9 @@ WORKER = textwrap.dedent('''
     with pol.reference():
         ref_base = pol.sample(cond, gens(), steps=3, guidance_scale=1.0)
 
+    if rank == 0:
+        pol.export_lora(os.environ["FPO_OUT"] + ".lora_ref")
+    dist.barrier()
     fsdp = FSDP(pol.denoiser, device_id=torch.device("cpu"), use_orig_params=True)
     inner_fails = False
     try:
@@ -61,8 +64,26 @@ WORKER = textwrap.dedent('''
     with pol.reference():
         out_base = pol.sample(cond, gens(), steps=3, guidance_scale=1.0, model=fsdp)
     err = lambda a, b: float((a - b).abs().max())
+    # the export gathers the shards: the file equals the unsharded model's (written before wrapping)
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+    from fpo_diffusion.export import export_trained_lora
+    from fpo_diffusion.lora import lora_state_dict
+    from fpo_diffusion.policies.base import full_parameters
+    shapes_sharded = sorted(tuple(v.shape) for v in lora_state_dict(pol.denoiser).values())
+    with full_parameters(fsdp):
+        shapes_full = sorted(tuple(v.shape) for v in lora_state_dict(pol.denoiser).values())
+    acc = Accelerator(cpu=True)
+    exported = os.environ["FPO_OUT"] + ".lora"
+    export_trained_lora(acc, pol, exported, None, fsdp)
+    export_err = None
+    if rank == 0:
+        a = load_file(os.path.join(os.environ["FPO_OUT"] + ".lora_ref", "pytorch_lora_weights.safetensors"))
+        b = load_file(os.path.join(exported, "pytorch_lora_weights.safetensors"))
+        export_err = max(float((a[k] - b[k]).abs().max()) for k in a) if set(a) == set(b) else float("inf")
     res = {"inner_fails": inner_fails, "stock": err(out, ref), "stepwise": err(out_step, ref_step),
-           "reference": err(out_base, ref_base), "lora_moves": err(ref, ref_base)}
+           "reference": err(out_base, ref_base), "lora_moves": err(ref, ref_base), "export": export_err,
+           "sharded_differs": shapes_sharded != shapes_full}
     with open(os.environ["FPO_OUT"] + f".{rank}", "w") as f:
         json.dump(res, f)
     dist.destroy_process_group()
@@ -87,7 +108,7 @@ def test_runnable_module_keeps_fsdp_and_strips_the_rest():
     assert runnable_module(inner) is inner
 
 
-def test_fsdp_rollout_runs_through_the_wrapper(tmp_path):
+def test_fsdp_rollout_runs_through_the_wrapper_and_the_export_gathers_the_shards(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = _free_port()
@@ -105,3 +126,5 @@ def test_fsdp_rollout_runs_through_the_wrapper(tmp_path):
         assert res["inner_fails"], res  # the bug this guards: the inner module holds only a shard
         assert res["lora_moves"] > 1e-3, res  # the LoRA changes the samples, so 'reference' is a real check
         assert res["stock"] < 1e-5 and res["stepwise"] < 1e-5 and res["reference"] < 1e-5, res
+        assert res["sharded_differs"], res  # outside the gather a rank holds shards, not the LoRA
+    assert json.loads((tmp_path / "res.0").read_text())["export"] == 0.0  # the exported LoRA is the whole one

@@ -65,6 +65,24 @@ def runnable_module(model: nn.Module) -> nn.Module:
             return model
 
 
+@contextlib.contextmanager
+def full_parameters(model: nn.Module) -> Iterator[None]:
+    """Every weight of the prepared ``model`` whole on this rank for the block, e.g. to export its LoRA.
+
+    An FSDP (v1) wrapper (found under any DDP / compile wrappers) gathers its shards
+    (``summon_full_params``, read-only: a collective, so every rank must enter); anything else already
+    holds its weights whole and the block runs as it is.
+    """
+    m = runnable_module(model)
+    if not _is_fsdp_wrapper(m):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(m, writeback=False):
+        yield
+
+
 def batch_slices(n: int, size: int) -> Iterator[slice]:
     """Consecutive slices of ``range(n)`` of at most ``size`` rows (batches in order)."""
     for s in range(0, n, size):
