@@ -56,26 +56,19 @@ def device() -> torch.device:
 
 
 def build_policy(name: str, *, dtype: torch.dtype = torch.float32, dev: torch.device | None = None):
-    """``(policy, latent_shape(h, w) -> tuple, random_cond(n, text_len) -> Cond)`` for a benchmark model."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-
-    from fpo_diffusion.policies.sd import SDPolicy
-    from fpo_diffusion.policies.sd3 import SD3Policy
-    from fpo_diffusion.tiny import build_tiny_pipeline
-
+    """``(policy, latent_shape(h, w) -> tuple, random_cond(n, text_len) -> Cond)`` for a benchmark model:
+    ``tiny-sd``, ``tiny-sd3``, ``sd15`` / ``sd35m`` (real architectures, random weights) or ``shapes``."""
     dev = dev or device()
-    fam = "sd" if name in ("tiny-sd", "sd15") else "sd3"
-    pipe = build_tiny_pipeline(fam, seed=0)
-    torch.manual_seed(0)
-    if name == "sd15":
-        pipe.unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
-    elif name == "sd35m":
-        pipe.transformer = SD3Transformer2DModel(**SD35M_TRANSFORMER_CONFIG).eval()
-    pipe.to(dev, dtype)
-    policy = (SDPolicy if fam == "sd" else SD3Policy)(pipe)
+    if name == "shapes":  # the shipped shapes model (what the default job trains)
+        from fpo_diffusion.embedded import load_model
+
+        policy = load_model("sd3", "embedded:shapes", device=dev)
+        policy.pipeline.to(dev, dtype)
+    else:
+        policy = _built_policy(name, dtype, dev)
     den = policy.denoiser
     ch = int(den.config.in_channels)
-    if fam == "sd":
+    if policy.family == "sd":
         width = int(den.config.cross_attention_dim)
 
         def cond(n: int, text_len: int = 77):
@@ -87,6 +80,25 @@ def build_policy(name: str, *, dtype: torch.dtype = torch.float32, dev: torch.de
             return {"prompt_embeds": torch.randn(n, text_len, jd, device=dev, dtype=dtype),
                     "pooled_prompt_embeds": torch.randn(n, pd, device=dev, dtype=dtype)}
     return policy, ch, cond
+
+
+def _built_policy(name: str, dtype: torch.dtype, dev: torch.device):
+    """A tiny pipeline, or one whose denoiser is a real architecture with random weights."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    from fpo_diffusion.policies.sd import SDPolicy
+    from fpo_diffusion.policies.sd3 import SD3Policy
+    from fpo_diffusion.tiny import build_tiny_pipeline
+
+    fam = "sd" if name in ("tiny-sd", "sd15") else "sd3"
+    pipe = build_tiny_pipeline(fam, seed=0)
+    torch.manual_seed(0)
+    if name == "sd15":
+        pipe.unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+    elif name == "sd35m":
+        pipe.transformer = SD3Transformer2DModel(**SD35M_TRANSFORMER_CONFIG).eval()
+    pipe.to(dev, dtype)
+    return (SDPolicy if fam == "sd" else SD3Policy)(pipe)
 
 
 def sync() -> None:

@@ -48,6 +48,7 @@ EVAL_NOUNS = ("car", "bird")
 VARIANTS = {  # name -> (algorithm, overrides)
     "fpo-mean": ("fpo", ["fpo.ratio_mode=mean"]),
     "fpo-per_sample": ("fpo", ["fpo.ratio_mode=per_sample"]),
+    "fpo-crn": ("fpo", ["fpo.ratio_mode=mean", "fpo.group_noise=true"]),  # common (t, eps) within a group
     "awm": ("awm", []),
     "diffusion_nft": ("diffusion_nft", []),
     "flow_grpo": ("flow_grpo", []),
@@ -55,7 +56,7 @@ VARIANTS = {  # name -> (algorithm, overrides)
 }
 FLOW_ONLY = {"flow_grpo"}
 VP_ONLY = {"ddpo"}
-OURS = ("fpo-mean", "fpo-per_sample")
+OURS = ("fpo-mean", "fpo-per_sample", "fpo-crn")
 """The variants that are FPO; the others are the baselines."""
 
 

@@ -9,7 +9,7 @@ Both are timed interleaved in the same process (median of ``--repeats``). The ol
 (``prepare``, no grad, once per iteration) is reported too, as its own ratio to the floor.
 Target: ratio <= 1.10.
 
-    OMP_NUM_THREADS=1 python bench/step_cost.py                      # tiny-sd, tiny-sd3, sd15, sd35m
+    OMP_NUM_THREADS=1 python bench/step_cost.py                      # tiny-sd, tiny-sd3, shapes, sd15, sd35m
     OMP_NUM_THREADS=1 python bench/step_cost.py --models tiny-sd3 --smoke
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 DEFAULTS = {  # model -> (image side in latent cells, batch B, N_mc, text tokens, repeats)
     "tiny-sd": (8, 8, 8, 16, 7),
     "tiny-sd3": (8, 8, 8, 16, 7),
+    "shapes": (4, 8, 8, 33, 7),  # the shipped shapes model at the default job's update: minibatch 8 x 8 pairs
     "sd15": (32, 1, 2, 77, 2),
     "sd35m": (16, 1, 2, 32, 2),
 }
