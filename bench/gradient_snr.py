@@ -96,8 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="rollout sampler steps")
     ap.add_argument("--reward-mode", choices=["strict", "partial"], default="strict")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--smoke", action="store_true", help="fpo and awm, 2 prompts x 2, 2 rollouts of 3 steps: seconds")
     a = ap.parse_args(argv)
+    if a.smoke:
+        a.variants, a.prompts, a.group, a.rollouts, a.pairs, a.steps = ["fpo", "awm"], 2, 2, 2, 1, 3
     C.set_threads(1)
     rows = []
     print("| variant | prompts x group | zero-advantage share | cos draws | cos prompts | grad norm |")
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
               f"| {r['cos_prompts']:.3f} ± {r['cos_prompts_se']:.3f} | {r['grad_norm']:.3g} |", flush=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "rows": rows}, f, indent=1)
+            json.dump([{**r, "args": vars(a)} for r in rows], f, indent=1)
 
 
 if __name__ == "__main__":

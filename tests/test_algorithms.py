@@ -142,6 +142,11 @@ def _check_rows(script: str, rows: list[dict]) -> None:
         for r in rows:
             assert r["raw_fwd_bwd_s"] > 0 and r["fpo_update_s"] > 0 and r["rows"] == r["B"] * r["N_mc"]
             assert math.isclose(r["ratio"], r["fpo_update_s"] / r["raw_fwd_bwd_s"], rel_tol=1e-12)
+    elif script == "gradient_snr.py":  # cosines of gradients of one rollout, the share of zero advantages
+        assert [r["variant"] for r in rows] == ["fpo", "awm"]
+        for r in rows:
+            assert -1 <= r["cos_draws"] <= 1 and -1 <= r["cos_prompts"] <= 1 and 0 <= r["zero_advantage_share"] <= 1
+            assert r["grad_norm"] >= 0 and r["rollouts"] == 2
     elif script == "rollout.py":  # our rollout against the stock pipeline, same samples
         (r,) = rows
         assert r["model"] == "embedded:tiny-sd3" and r["samples"] == 4 and r["steps"] == 2
@@ -154,7 +159,7 @@ def _check_rows(script: str, rows: list[dict]) -> None:
         assert "saving_vs_off" in rows[1]
 
 
-@pytest.mark.parametrize("script", ["step_cost.py", "rollout.py", "memory.py", "learning.py"])
+@pytest.mark.parametrize("script", ["step_cost.py", "rollout.py", "memory.py", "learning.py", "gradient_snr.py"])
 def test_bench_smoke(script, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out = tmp_path / "rows.json"
