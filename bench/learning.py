@@ -120,7 +120,8 @@ class EvalCounter:
 
 def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, prompts_per_it: int, group: int,
             lr: float, n_eval: int, workdir: Path, task: str, guidance: float = 4.5, minibatch: int | None = None,
-            eval_every: int = 1, extra_overrides: tuple[str, ...] = (), split: str = "test") -> dict:
+            eval_every: int = 1, extra_overrides: tuple[str, ...] = (), split: str = "test",
+            tags: tuple[str, ...] = ()) -> dict:
     from fpo_diffusion.config import load_config
     from fpo_diffusion.trainer import FPOTrainer
 
@@ -128,15 +129,21 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
     if task == "shapes":
         # The shipped shapes model; train on the partial-credit shapes reward (training prompts), score the
         # strict ShapesEval rule on a fixed subset of the validation or test split (disjoint from training).
-        from fpo_diffusion.shapes.scenes import TASKS, heldout_metadata, validation_metadata
+        # ``tags``: only those tasks, in training (their training prompts) and in the evaluation.
+        from fpo_diffusion.shapes.scenes import TASKS, heldout_metadata, training_metadata, validation_metadata
         from rewards.registry import build_reward
 
         model, reward, train_prompts, cfg_scale = "embedded:shapes", "shapes", "embedded:shapes", guidance
+        tasks = [t for t in TASKS if t in tags] if tags else list(TASKS)
+        if tags:
+            train_prompts = str(workdir / f"train-{'-'.join(tasks)}.jsonl")
+            rows = [m for m in training_metadata() if m["tag"] in tasks]
+            Path(train_prompts).write_text("".join(json.dumps(m) + "\n" for m in rows))
         held = {"test": heldout_metadata, "validation": validation_metadata}[split]()
         pick = []  # the same number of entries from every task, evenly spaced within the task
-        for tag in TASKS:
+        for tag in tasks:
             ms = [m for m in held if m["tag"] == tag]
-            k = max(1, n_eval // len(TASKS))
+            k = max(1, n_eval // len(tasks))
             pick += [ms[round(i * (len(ms) - 1) / max(1, k - 1))] for i in range(k)]
         eval_prompts, eval_meta = [m["prompt"] for m in pick], pick
         eval_reward = build_reward("shapes", mode="strict")
@@ -149,7 +156,8 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
         eval_prompts = (base * max(1, -(-n_eval // len(base))))[:n_eval]
         eval_meta = [{} for _ in eval_prompts]
         eval_reward = None
-    out = workdir / f"{task}-{family}-{variant}-s{seed}-lr{lr:g}-{split}"
+    label = f"{task}-{'-'.join(tags)}" if tags else task
+    out = workdir / f"{label}-{family}-{variant}-s{seed}-lr{lr:g}-{split}"
     if out.exists():  # an interrupted earlier attempt (a finished one left its result json): set it aside
         out.rename(out.with_name(f"{out.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"))
     cfg = load_config(None, [
@@ -190,7 +198,7 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
                           "score": evaluate(), "train_reward": m["reward/mean"]})
     tr.logger.close()
     tr.reward.close()
-    return {"family": family, "variant": variant, "seed": seed, "task": task, "lr": lr, "split": split,
+    return {"family": family, "variant": variant, "seed": seed, "task": label, "lr": lr, "split": split,
             "curve": curve, "train_curve": train_curve}
 
 
@@ -321,7 +329,8 @@ def _run_job(job: dict) -> dict:
     import subprocess
     import sys
 
-    path = Path(job["workdir"]) / f"job-{job['variant']}-{job['family']}-s{job['seed']}-lr{job['lr']:g}-{job['split']}.json"
+    tags = "".join(f"-{t}" for t in job.get("tags", []))
+    path = Path(job["workdir"]) / f"job{tags}-{job['variant']}-{job['family']}-s{job['seed']}-lr{job['lr']:g}-{job['split']}.json"
     if not path.exists():
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         spec = path.with_suffix(".spec")
@@ -336,7 +345,8 @@ def _job_main(spec: Path) -> None:
     res = run_one(job["family"], job["variant"], job["seed"], iters=job["iters"], steps=job["steps"],
                   prompts_per_it=job["prompts"], group=job["group"], lr=job["lr"], n_eval=job["n_eval"],
                   workdir=Path(job["workdir"]), task=job["task"], guidance=job["guidance"], minibatch=job["minibatch"],
-                  eval_every=job["eval_every"], extra_overrides=tuple(job["set"]), split=job["split"])
+                  eval_every=job["eval_every"], extra_overrides=tuple(job["set"]), split=job["split"],
+                  tags=tuple(job.get("tags", [])))
     tmp = spec.with_suffix(".tmp")
     tmp.write_text(json.dumps(res))
     tmp.replace(spec.with_suffix(".json"))
@@ -381,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="colour: tiny random models, colour-match reward; shapes: the shipped shapes model, "
                          "strict ShapesEval (sd3 family)")
     ap.add_argument("--guidance", type=float, default=4.5, help="CFG scale for --task shapes")
+    ap.add_argument("--tags", nargs="+", default=[], metavar="TASK",
+                    help="--task shapes: train on these ShapesEval tasks' training prompts only and score these "
+                         "tasks only (e.g. counting); default: all")
     ap.add_argument("--minibatch", type=int, default=None, help="samples per optimizer step (default: all of an "
                     "iteration's samples, one step per iteration)")
     ap.add_argument("--eval-every", type=int, default=1, help="score the evaluation set every N iterations")
@@ -393,6 +406,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--merge", nargs="+", metavar="DIR", help="summarise the results of earlier runs (their "
                     "learning*.json) into --out and exit")
     a = ap.parse_args(argv)
+    if a.tags:
+        from fpo_diffusion.shapes.scenes import TASKS, train_task_metadata
+
+        if a.task != "shapes":
+            ap.error("--tags needs --task shapes")
+        bad = [t for t in a.tags if t not in TASKS or not train_task_metadata().get(t)]
+        if bad:
+            ap.error(f"--tags {' '.join(bad)}: not a ShapesEval task with training prompts "
+                     f"({', '.join(t for t in TASKS if train_task_metadata().get(t))})")
     if a.tune and (not a.lrs or len(a.lrs) < 3):
         ap.error("--tune needs a grid of at least 3 learning rates (--lrs)")
     if a.merge:
@@ -413,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     common = {"iters": a.iters, "steps": a.steps, "prompts": a.prompts, "group": a.group, "n_eval": a.n_eval,
               "workdir": str(work), "task": a.task, "guidance": a.guidance, "minibatch": a.minibatch,
-              "eval_every": a.eval_every, "set": list(a.set)}
+              "eval_every": a.eval_every, "set": list(a.set), "tags": list(a.tags)}
     tune, chosen = [], {}
     if a.tune:
         split = "validation" if a.task == "shapes" else "test"  # the colour task has one prompt set
@@ -425,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [{**common, "family": f, "variant": v, "seed": s, "lr": chosen.get((f, v), a.lr), "split": "test"}
             for f in a.families for s in a.seeds for v in family_variants(f, a.variants)]
     results = _run_all(jobs, a.jobs, "test")
-    with open(out / ("learning.json" if a.task == "colour" else f"learning_{a.task}.json"), "w") as f:
+    label = "-".join([a.task, *a.tags])
+    with open(out / ("learning.json" if a.task == "colour" else f"learning_{label}.json"), "w") as f:
         json.dump({"args": vars(a), "tune": tune, "results": results}, f)
     print(summarise(results, out, tune))
 

@@ -440,6 +440,13 @@ class RewardConfig:
             raise ConfigError("reward.weights are all 0: the reward would be 0 for every sample")
 
 
+def _check_tags(name: str, tags) -> None:
+    if tags is None:
+        return
+    if not isinstance(tags, list) or not tags or not all(isinstance(t, str) and t.strip() for t in tags):
+        raise ConfigError(f"{name} must be a non-empty list of task names (e.g. [counting]) or null, got {tags!r}")
+
+
 @dataclass
 class PromptConfig:
     """Where training prompts come from (``fpo_diffusion/prompts.py``)."""
@@ -453,10 +460,14 @@ class PromptConfig:
     ``embedded:shapes-validation`` (its validation split) and ``embedded:shapes-test`` (ShapesEval)."""
     column: str = "prompt"
     """Prompt column of a ``datasets`` dataset."""
+    tags: list[str] | None = None
+    """Keep only the prompts whose metadata ``tag`` (GenEval's task name, e.g. ``counting``) is one of these
+    (a non-empty list; ``None``: every prompt). A tag no prompt carries is an error naming the tags there are."""
 
     def __post_init__(self):
         _nonempty("prompts.source", self.source)
         _nonempty("prompts.column", self.column)
+        _check_tags("prompts.tags", self.tags)
 
 
 @dataclass
@@ -588,6 +599,8 @@ class EvalConfig:
     prompts. ``None``: no evaluation (``eval.every`` > 0 then needs it)."""
     column: str = "prompt"
     """Prompt column of a ``datasets`` evaluation set."""
+    tags: list[str] | None = None
+    """Evaluate only the prompts whose metadata ``tag`` is one of these (as ``prompts.tags``; ``None``: all)."""
     max_prompts: int | None = 64
     """Evaluate the first this many prompts (>= 1; ``None``: all)."""
     images_per_prompt: int = 2
@@ -606,6 +619,7 @@ class EvalConfig:
             raise ValueError(f"eval.every={self.every} needs eval.prompts (a prompt file, dataset or embedded set "
                              f"held out from training)")
         _nonempty("eval.column", self.column)
+        _check_tags("eval.tags", self.tags)
         if self.max_prompts is not None:
             _require("eval.max_prompts", self.max_prompts, 1, why="null: all")
         _require("eval.images_per_prompt", self.images_per_prompt, 1)

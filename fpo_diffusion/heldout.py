@@ -24,7 +24,7 @@ class HeldOutEval:
     def __init__(self, cfg: EvalConfig, iterations: int, *, sampler, reward, accelerator):
         self.cfg, self.iterations = cfg, iterations
         self.sampler, self.reward, self.accelerator = sampler, reward, accelerator
-        items = load_prompts(PromptConfig(source=cfg.prompts, column=cfg.column))
+        items = load_prompts(PromptConfig(source=cfg.prompts, column=cfg.column, tags=cfg.tags))
         self.items = items[: cfg.max_prompts] if cfg.max_prompts else items
         k = cfg.images_per_prompt
         self.n = len(self.items) * k

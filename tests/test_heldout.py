@@ -53,6 +53,14 @@ def test_heldout_eval_logs_reward_per_task_and_a_grid_with_fixed_seeds(tmp_path)
     assert [e.step for e in ea.Scalars("eval/reward/mean")] == [1, 2]
 
 
+def test_eval_tags_evaluate_only_those_tasks(tmp_path):
+    from fpo_diffusion.trainer import Trainer
+
+    tr = Trainer(_cfg(tmp_path, **{"eval.tags": "[counting]"}))
+    out = tr.heldout.run(tr.model, 0)[0]
+    assert tr.heldout.n == 2 and set(k for k in out if k.startswith("eval/task/")) == {"eval/task/counting"}
+
+
 def test_progress_line_and_last_line(tmp_path):
     m = {"reward/mean": 0.41234, "fpo/log_ratio_std": 3.1e-4, "fpo/ratio_min": 0.99971, "fpo/ratio_max": 1.00068,
          "fpo/clip_frac": 0.0, "perf/rollout_s": 1.85, "perf/update_s": 1.44, "eval/reward/mean": 0.5}

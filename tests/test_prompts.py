@@ -20,6 +20,24 @@ def test_text_and_jsonl_sources(tmp_path):
     assert items[1].metadata["include"] == [{"class": "dog", "count": 2}]  # metadata reaches the reward
 
 
+def test_tags_keep_only_those_tasks_and_an_absent_tag_is_one_line(tmp_path):
+    rows = [{"prompt": f"p{i}", "tag": t} for i, t in enumerate(["counting", "position", "counting", "colors"])]
+    js = tmp_path / "m.jsonl"
+    js.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [i.prompt for i in load_prompts(PromptConfig(source=str(js), tags=["counting"]))] == ["p0", "p2"]
+    assert [i.prompt for i in load_prompts(PromptConfig(source=str(js), tags=["colors", "position"]))] == ["p1", "p3"]
+    with pytest.raises(ConfigError, match=r"has no prompt tagged 'count'; its tags: colors, counting, position$"):
+        load_prompts(PromptConfig(source=str(js), tags=["count"]))
+    txt = tmp_path / "p.txt"
+    txt.write_text("a red circle\n")
+    with pytest.raises(ConfigError, match=r"its tags: none \(no metadata with a tag\)"):
+        load_prompts(PromptConfig(source=str(txt), tags=["counting"]))
+    with pytest.raises(ConfigError, match="prompts.tags must be a non-empty list"):
+        PromptConfig(source=str(txt), tags=[])
+    # the shapes world's training prompts by task (400 each)
+    assert len(load_prompts(PromptConfig(source="embedded:shapes", tags=["counting"]))) == 400
+
+
 def test_datasets_folder(tmp_path):
     import datasets
 
