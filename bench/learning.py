@@ -49,6 +49,7 @@ VARIANTS = {  # name -> (algorithm, overrides)
     "fpo-mean": ("fpo", ["fpo.ratio_mode=mean"]),
     "fpo-per_sample": ("fpo", ["fpo.ratio_mode=per_sample"]),
     "fpo-crn": ("fpo", ["fpo.ratio_mode=mean", "fpo.group_noise=true"]),  # common (t, eps) within a group
+    "fpo-auto": ("fpo", ["fpo.ratio_mode=mean", "fpo.beta=auto"]),  # a binding clip: beta adapted to clip_frac 0.1
     "awm": ("awm", []),
     "diffusion_nft": ("diffusion_nft", []),
     "flow_grpo": ("flow_grpo", []),
@@ -56,7 +57,7 @@ VARIANTS = {  # name -> (algorithm, overrides)
 }
 FLOW_ONLY = {"flow_grpo"}
 VP_ONLY = {"ddpo"}
-OURS = ("fpo-mean", "fpo-per_sample", "fpo-crn")
+OURS = ("fpo-mean", "fpo-per_sample", "fpo-crn", "fpo-auto")
 """The variants that are FPO; the others are the baselines."""
 
 
