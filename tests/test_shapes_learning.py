@@ -71,3 +71,38 @@ def test_each_baseline_raises_the_strict_reward_on_the_shipped_model(tmp_path, a
     before, after, rewards = run_short(tmp_path, algorithm)
     assert 0.1 < before < 0.7, before
     assert after >= before + margin, (algorithm, before, after, rewards)
+
+
+@pytest.mark.slow
+def test_fpo_on_counting_prompts_improves_counting_prompts_it_never_saw(tmp_path):
+    """The shipped counting recipe (``launch/configs/shapes_counting.yaml``), 10 of its 20 iterations: the
+    strict score on the **validation** split's counting prompts (class x count combinations held out of
+    training) rises by at least 0.15. Measured: 0.14 -> 0.54 after 10 iterations (96 images)."""
+    from pathlib import Path
+
+    from fpo_diffusion.config import load_config
+    from fpo_diffusion.shapes.scenes import validation_metadata
+    from fpo_diffusion.trainer import Trainer
+    from rewards.registry import build_reward
+
+    recipe = Path(__file__).resolve().parents[1] / "launch" / "configs" / "shapes_counting.yaml"
+    cfg = load_config(recipe, [f"output_dir={tmp_path / 'run'}", "train.iterations=10", "eval.every=0",
+                               "log.progress=false", "log.tensorboard=false", "log.image_every=0", "checkpoint.every=0"])
+    tr = Trainer(cfg)
+    held = list({m["prompt"]: m for m in validation_metadata() if m["tag"] == "counting"}.values())
+    assert len(held) == 6 and not {m["prompt"] for m in held} & {it.prompt for it in tr.prompts}
+    assert {it.metadata["tag"] for it in tr.prompts} == {"counting"}
+    strict = build_reward("shapes", mode="strict")
+
+    def score() -> float:
+        items = [m for m in held for _ in range(8)]
+        pil = tr.sample_images([m["prompt"] for m in items], seed=4242)
+        return float(strict(pil, [m["prompt"] for m in items], items).mean())
+
+    before = score()
+    metrics = [tr.train_iteration(it) for it in range(cfg.train.iterations)]
+    after = score()
+    tr.reward.close()
+    assert before < 0.35, before  # the base model miscounts
+    assert after >= before + 0.15, (before, after, [m["reward/mean"] for m in metrics])
+    assert metrics[-1]["policy/cfm_loss_ratio_to_start"] < 3.0  # not a collapse
