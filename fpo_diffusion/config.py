@@ -427,7 +427,7 @@ class RewardConfig:
 
     weights: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})
     """``{reward name: weight}``; every component is logged separately."""
-    options: dict[str, dict] = field(default_factory=lambda: {"shapes": {"mode": "partial"}})
+    options: dict[str, dict] = field(default_factory=lambda: {"shapes": {"mode": "strict"}})
     """``{reward name: {option: value}}`` passed to each reward's constructor (e.g. ``{remote: {url: ...}}``)."""
 
     def __post_init__(self):
@@ -451,12 +451,13 @@ def _check_tags(name: str, tags) -> None:
 class PromptConfig:
     """Where training prompts come from (``fpo_diffusion/prompts.py``)."""
 
-    source: str = "embedded:shapes"
+    source: str = "embedded:shapes-counting"
     """A ``.txt`` file (one prompt a line), a ``.jsonl`` file (``{"prompt": ..., ...metadata}``,
     GenEval style), ``hf:<dataset>[:<split>]`` or a folder saved by ``datasets``, or an embedded
     source: ``embedded:tiny``, or one a plug-in installs (``fpo_diffusion.prompts`` entry points):
     ``embedded:shapes`` (the shapes world's RL training prompts: 2000 GenEval-format entries, 400
     for each task with training prompts, from the combinations ShapesEval holds out none of),
+    ``embedded:shapes-counting`` (those of the counting task: the default job's),
     ``embedded:shapes-validation`` (its validation split) and ``embedded:shapes-test`` (ShapesEval)."""
     column: str = "prompt"
     """Prompt column of a ``datasets`` dataset."""
@@ -474,21 +475,21 @@ class PromptConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    iterations: int = 125
+    iterations: int = 20
     """Number of FPO iterations (rollout + update; >= 1)."""
-    prompts_per_iteration: int = 8
+    prompts_per_iteration: int = 4
     """Distinct prompts per iteration (P, >= 1), across all ranks."""
-    group_size: int = 8
+    group_size: int = 16
     """Images per prompt (K, >= 2): the group advantages are computed over. ``P * K`` must divide by the
     number of ranks. The trainer estimates an iteration's memory from ``P * K`` and refuses sizes that
     cannot fit."""
     epochs: int = 1
     """Passes (E, >= 1) over the iteration's samples."""
-    minibatch_size: int = 8
+    minibatch_size: int = 32
     """Samples per forward/backward on each rank (>= 1)."""
     grad_accum_steps: int = 1
     """Minibatches accumulated per optimizer step (>= 1)."""
-    lr: float = 1e-4
+    lr: float = 2e-3
     """AdamW learning rate (finite, > 0). A step that makes any weight non-finite is undone and
     counted as skipped (``train.max_nonfinite_in_a_row``)."""
     weight_decay: float = 0.0
@@ -631,7 +632,7 @@ class EvalConfig:
 class CheckpointConfig:
     """Checkpoints under ``<output_dir>/checkpoints``."""
 
-    every: int = 25
+    every: int = 10
     """Save every this many iterations (and at the end); 0: only at the end. >= 0."""
     keep_last: int = 2
     """Keep this many most recent checkpoints (>= 0; 0: keep all)."""

@@ -26,15 +26,22 @@ from torch import nn
 Cond = dict[str, torch.Tensor]
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/FSDP-style (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
+def _strip_wrappers(model: nn.Module, keep=lambda m: False) -> nn.Module:
+    """Strip ``torch.compile`` (``._orig_mod``) and DDP/FSDP-style (``.module``) wrappers, stopping at
+    the first module ``keep`` accepts."""
+    while not keep(model):
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
         elif isinstance(model, nn.Module) and hasattr(model, "module") and isinstance(model.module, nn.Module):
             model = model.module
         else:
-            return model
+            break
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/FSDP-style (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    return _strip_wrappers(model)
 
 
 def _is_fsdp_wrapper(model: nn.Module) -> bool:
@@ -54,15 +61,7 @@ def runnable_module(model: nn.Module) -> nn.Module:
     wrappers are stripped as :func:`unwrap_model` does (they add nothing a no-grad forward needs). FSDP2
     (``fully_shard``) shards in place with hooks on the module itself, so it needs no special case.
     """
-    while True:
-        if _is_fsdp_wrapper(model):
-            return model
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.Module) and hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            return model
+    return _strip_wrappers(model, keep=_is_fsdp_wrapper)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """How the shapes world plugs into the toolkit by name (entry points in ``pyproject.toml``).
 
 * model ``embedded:shapes`` (group ``fpo_diffusion.models``): :func:`model`;
-* prompt sources ``embedded:shapes`` (the RL training prompts) and ``embedded:shapes-validation``
-  / ``embedded:shapes-test`` (group ``fpo_diffusion.prompts``);
+* prompt sources ``embedded:shapes`` (the RL training prompts), ``embedded:shapes-counting`` (those of
+  the counting task), ``embedded:shapes-validation`` / ``embedded:shapes-test`` (group
+  ``fpo_diffusion.prompts``);
 * reward ``shapes`` (group ``fpo_diffusion.rewards``): :mod:`fpo_diffusion.shapes.reward`.
 
 The core never imports this package; it looks the names up through the entry points.
@@ -35,6 +36,15 @@ def training_prompts() -> list[dict]:
     from .scenes import training_metadata
 
     return training_metadata()
+
+
+def counting_training_prompts() -> list[dict]:
+    """``embedded:shapes-counting``: the training prompts of the counting task (400 entries of 12 prompts), what
+    the default job trains on: the task the base model is worst at. Same as ``embedded:shapes`` with
+    ``prompts.tags: [counting]``."""
+    from .scenes import training_metadata
+
+    return [m for m in training_metadata() if m["tag"] == "counting"]
 
 
 def validation_prompts() -> list[dict]:
