@@ -121,7 +121,7 @@ def test_overrides_with_url_reward_names():
     url = "remote:http://127.0.0.1:8765"
     cfg = load_config(None, [f"reward.weights.{url}=1.0", f"reward.options.{url}.timeout=3"])
     assert cfg.reward.weights == {"shapes": 1.0, url: 1.0}  # a dotted override adds to the mapping
-    assert cfg.reward.options[url] == {"timeout": 3} and cfg.reward.options["shapes"] == {"mode": "partial"}
+    assert cfg.reward.options[url] == {"timeout": 3} and cfg.reward.options["shapes"] == {"mode": "strict"}
     cfg = load_config(None, [f'reward.weights={{"{url}": 1.0}}', f'reward.options."{url}".timeout=3'])
     assert cfg.reward.weights == {url: 1.0} and cfg.reward.options == {url: {"timeout": 3}}
     cfg = load_config(None, [f'reward.weights."{url}"=0.5', "reward.options.remote.url=http://10.0.0.1:80"])
