@@ -79,7 +79,7 @@ def curves(metrics: list[dict], path: Path, samples: list[dict] | None = None) -
 def grids(before: Path, after: Path, out: Path, tasks: list[str]) -> None:
     from PIL import Image, ImageOps
 
-    from fpo_diffusion.shapes.evaluate import _grid
+    from fpo_diffusion.images import labelled_grid
 
     runs = [(name, folder, json.loads((folder / "report.json").read_text())["records"])
             for name, folder in (("before", before), ("after", after))]
@@ -94,7 +94,9 @@ def grids(before: Path, after: Path, out: Path, tasks: list[str]) -> None:
             framed = [ImageOps.expand(Image.open(folder / r["file"]).convert("RGB").resize((96, 96), Image.NEAREST),
                                       border=3, fill=(40, 170, 40) if r["correct"] else (200, 40, 40))
                       for row in rows for r in row]
-            _grid(framed, ncol=len(rows[0]), scale=1).save(out / f"{name}_{task}.png")
+            n = len(rows[0])
+            labelled_grid([framed[i:i + n] for i in range(0, len(framed), n)], min_side=1,
+                          pad=2).save(out / f"{name}_{task}.png")
 
 
 def table(before: dict, after: dict) -> str:

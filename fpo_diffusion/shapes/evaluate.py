@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fpo_diffusion.images import labelled_grid
 from fpo_diffusion.policies.sd3 import fast_zero_tokens
 
 from .detector import ShapesDetector, foreground_share
@@ -134,16 +135,6 @@ def compare(base: dict, other: dict, names: tuple[str, str] = ("base", "other"))
     return "\n".join(head + rows), verdict
 
 
-def _grid(images: list[Image.Image], ncol: int, scale: int = 2, pad: int = 2) -> Image.Image:
-    w, h = images[0].size
-    nrow = math.ceil(len(images) / ncol)
-    g = Image.new("RGB", (ncol * (w * scale + pad) + pad, nrow * (h * scale + pad) + pad), (255, 255, 255))
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        g.paste(im.resize((w * scale, h * scale), Image.NEAREST), (pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
-    return g
-
-
 def write_report(out_dir: Path, records: list[dict], images: list[Image.Image], info: dict, n_images: int) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "images").mkdir(exist_ok=True)
@@ -164,7 +155,9 @@ def write_report(out_dir: Path, records: list[dict], images: list[Image.Image], 
             if len(seen) >= GRID_ENTRIES:
                 break
         sel = [(r, im) for r, im in rs if r["entry"] in seen]
-        _grid([im for _, im in sel], n_images).save(out_dir / f"grid_{t}.png")
+        tiles = [im for _, im in sel]  # one row per entry, its images upscaled 2x
+        labelled_grid([tiles[i:i + n_images] for i in range(0, len(tiles), n_images)],
+                      min_side=2 * max(tiles[0].size), pad=2).save(out_dir / f"grid_{t}.png")
         grids[t] = {"file": f"grid_{t}.png", "rows": [[r["prompt"], [x["correct"] for x, _ in sel if x["entry"] == r["entry"]]]
                                                        for r, _ in sel if r["index"] == 0]}
     summary["grids"] = grids
