@@ -125,14 +125,14 @@ def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
             items = [PromptItem(line.strip()) for line in _read_text(path).splitlines() if line.strip()]
     if not items:
         raise ConfigError(f"prompt source {src} holds no prompts")
-    tags = cfg.tags
-    if tags:
-        present = sorted({str(it.metadata.get("tag")) for it in items if it.metadata and it.metadata.get("tag")})
-        missing = [t for t in tags if t not in present]
+    if cfg.tags:
+        tag_of = [(it.metadata or {}).get("tag") for it in items]
+        present = sorted({str(t) for t in tag_of if t})
+        missing = [t for t in cfg.tags if t not in present]
         if missing:
             raise ConfigError(f"prompt source {src} has no prompt tagged {', '.join(map(repr, missing))}; its tags: "
                               f"{', '.join(present) or 'none (no metadata with a tag)'}")
-        items = [it for it in items if it.metadata and it.metadata.get("tag") in tags]
+        items = [it for it, t in zip(items, tag_of) if t in cfg.tags]
     return items
 
 

@@ -42,9 +42,7 @@ def counting_training_prompts() -> list[dict]:
     """``embedded:shapes-counting``: the training prompts of the counting task (400 entries of 12 prompts), what
     the default job trains on: the task the base model is worst at. Same as ``embedded:shapes`` with
     ``prompts.tags: [counting]``."""
-    from .scenes import training_metadata
-
-    return [m for m in training_metadata() if m["tag"] == "counting"]
+    return [m for m in training_prompts() if m["tag"] == "counting"]
 
 
 def validation_prompts() -> list[dict]:
