@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fpo_diffusion.policies.base import runnable_module
+from helpers_net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,12 +90,6 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_runnable_module_keeps_fsdp_and_strips_the_rest():
     inner = torch.nn.Linear(2, 2)
 
@@ -111,7 +105,7 @@ def test_runnable_module_keeps_fsdp_and_strips_the_rest():
 def test_fsdp_rollout_runs_through_the_wrapper_and_the_export_gathers_the_shards(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),

@@ -30,14 +30,9 @@ from safetensors.torch import load_file
 from rewards.registry import build_reward
 from rewards.remote import RemoteReward
 from rewards.server import create_app
+from helpers_net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def image(seed: int, side: int = 8) -> Image.Image:
