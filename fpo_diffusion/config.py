@@ -464,11 +464,28 @@ class PromptConfig:
     tags: list[str] | None = None
     """Keep only the prompts whose metadata ``tag`` (GenEval's task name, e.g. ``counting``) is one of these
     (a non-empty list; ``None``: every prompt). A tag no prompt carries is an error naming the tags there are."""
+    task_weights: dict[str, float] | None = None
+    """The task mix: ``{tag: weight}`` over the prompts' metadata ``tag`` (e.g. Flow-GRPO's GenEval mix
+    ``{position: 0.35, counting: 0.25, color_attr: 0.25, two_object: 0.10, colors: 0.05}``). The prompt list is
+    recomposed so that each task's share of its entries is its weight over the sum (each task's prompts cycled
+    in a fixed seeded order; the list keeps its length), and prompts are drawn uniformly from it as before.
+    Weights are finite and >= 0, at least one > 0; a task of the prompts left out (or weighted 0) is not
+    trained; a task no prompt carries is an error. ``None``: the list as it is."""
 
     def __post_init__(self):
         _nonempty("prompts.source", self.source)
         _nonempty("prompts.column", self.column)
         _check_tags("prompts.tags", self.tags)
+        if self.task_weights is not None:
+            if not isinstance(self.task_weights, dict) or not self.task_weights:
+                raise ConfigError(f"prompts.task_weights must be a non-empty {{task: weight}} mapping or null, "
+                                  f"got {self.task_weights!r}")
+            for tag, w in self.task_weights.items():
+                if isinstance(w, bool) or not isinstance(w, (int, float)):
+                    raise ConfigError(f"prompts.task_weights.{tag} must be a number, got {w!r}")
+                _require(f"prompts.task_weights.{tag}", w, 0, math.inf, hi_open=True)
+            if not any(self.task_weights.values()):
+                raise ConfigError("prompts.task_weights are all 0: no task would be trained")
 
 
 @dataclass
@@ -611,6 +628,9 @@ class EvalConfig:
     on any number of ranks."""
     grid_prompts: int = 8
     """Prompts (rows) in the logged evaluation grid (>= 0; 0: no grid)."""
+    at_start: bool = True
+    """Also evaluate the starting policy before the first iteration (logged at iteration ``-1``, as Flow-GRPO
+    evaluates at step 0), so every curve starts from the base model's score under the same noise; not on resume."""
 
     def __post_init__(self):
         _require("eval.every", self.every, 0, why="0: off")

@@ -133,7 +133,41 @@ def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
             raise ConfigError(f"prompt source {src} has no prompt tagged {', '.join(map(repr, missing))}; its tags: "
                               f"{', '.join(present) or 'none (no metadata with a tag)'}")
         items = [it for it, t in zip(items, tag_of) if t in cfg.tags]
+    if cfg.task_weights:
+        items = weight_tasks(items, cfg.task_weights, src)
     return items
+
+
+TASK_MIX_SEED = 20_261_206
+"""Seed of the order in which :func:`weight_tasks` cycles each task's prompts."""
+
+
+def weight_tasks(items: list[PromptItem], weights: dict[str, float], src: str = "the prompts") -> list[PromptItem]:
+    """``items`` recomposed to the task mix ``weights`` (``prompts.task_weights``), the same length.
+
+    Task ``t`` gets ``round(len(items) * w_t / sum(w))`` entries (the rounding remainder to the
+    heaviest tasks), its own prompts cycled in a fixed seeded order; tasks appear in the order of
+    ``weights``. Deterministic, so every rank and every resumed run sees the same list.
+    """
+    by_tag: dict[str, list[PromptItem]] = {}
+    for it in items:
+        by_tag.setdefault(str((it.metadata or {}).get("tag") or ""), []).append(it)
+    missing = [t for t in weights if t not in by_tag]
+    if missing:
+        present = sorted(t for t in by_tag if t)
+        raise ConfigError(f"prompts.task_weights: {src} has no prompt tagged {', '.join(map(repr, missing))}; its "
+                          f"tags: {', '.join(present) or 'none (no metadata with a tag)'}")
+    total, n = float(sum(weights.values())), len(items)
+    counts = {t: int(n * w / total) for t, w in weights.items()}
+    for t in sorted(weights, key=lambda t: -weights[t])[: n - sum(counts.values())]:
+        counts[t] += 1
+    gen = torch.Generator().manual_seed(TASK_MIX_SEED)
+    out: list[PromptItem] = []
+    for t, k in counts.items():
+        pool = by_tag[t]
+        order = torch.randperm(len(pool), generator=gen).tolist()
+        out.extend(pool[order[i % len(pool)]] for i in range(k) if weights[t] > 0)
+    return out
 
 
 def _load_dataset(src: str, column: str) -> list[PromptItem]:

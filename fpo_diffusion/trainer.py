@@ -359,6 +359,8 @@ class Trainer:
                    disable=not (cfg.log.progress and acc.is_local_main_process))
         recent: list[float] = []
         try:
+            if self.heldout is not None and cfg.eval.at_start and self.start_iteration == 0 and end > 0:
+                self.logger.log(self._evaluate(-1), -1)
             for it in bar:
                 last = self.train_iteration(it)
                 if self.heldout is not None and self.heldout.due(it):
