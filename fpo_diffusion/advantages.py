@@ -2,7 +2,9 @@
 
 Samples of one prompt form a group (K images, possibly spread over ranks). Per group:
 ``A = (r - mean_g) / (std + eps)`` with ``std`` the group's (``"group"``) or the whole
-batch's (``"global"``) population std, then clipped to ``[-clip, clip]``.
+batch's (``"global"``) population std, then clipped to ``[-clip, clip]``; negative advantages are
+then multiplied by ``negative_scale`` (1: symmetric, the default; 0: only better-than-the-group samples
+are reinforced, nothing is pushed away from).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, std: str = "group",
-                     clip: float = 5.0, eps: float = 1e-4) -> torch.Tensor:
+                     clip: float = 5.0, eps: float = 1e-4, negative_scale: float = 1.0) -> torch.Tensor:
     """Advantages ``[N]`` for rewards ``[N]`` with integer group ids ``[N]`` (vectorised)."""
     if rewards.shape != group_ids.shape or rewards.dim() != 1:
         raise ValueError(f"rewards and group_ids must be 1-D of equal length, got {tuple(rewards.shape)} / {tuple(group_ids.shape)}")
@@ -27,8 +29,10 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, std: str
         scale = r.std(unbiased=False).expand_as(r)
     else:
         raise ValueError(f"advantage std must be 'group' or 'global', got {std!r}")
-    adv = centred / (scale + eps)
-    return adv.clamp(-clip, clip).to(rewards.dtype)
+    adv = (centred / (scale + eps)).clamp(-clip, clip)
+    if negative_scale != 1.0:
+        adv = torch.where(adv < 0, adv * negative_scale, adv)
+    return adv.to(rewards.dtype)
 
 
 def zero_variance_share(rewards: torch.Tensor, group_ids: torch.Tensor) -> float:

@@ -413,12 +413,17 @@ class AdvantageConfig:
     """Advantages are clipped to ``[-clip, clip]`` (> 0; ``.inf``: no clip)."""
     eps: float = 1e-4
     """Added to the std (finite, > 0: a group whose rewards are all equal gets advantage 0, not 0/0)."""
+    negative_scale: float = 1.0
+    """Multiplies negative advantages after the clip, in ``[0, 1]``: 1 treats better- and worse-than-the-group
+    samples alike (GRPO); smaller values push less away from the worse samples (0: reinforce only the
+    better ones, as reward-weighted regression on the group's winners)."""
 
     def __post_init__(self):
         if self.std not in ("group", "global"):
             raise ConfigError(f"advantage.std must be group or global, got {self.std!r}")
         _require("advantage.clip", self.clip, 0, lo_open=True, why="clip <= 0 makes every advantage -clip or 0")
         _require("advantage.eps", self.eps, 0, math.inf, lo_open=True, hi_open=True)
+        _require("advantage.negative_scale", self.negative_scale, 0, 1)
 
 
 @dataclass

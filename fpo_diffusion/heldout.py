@@ -3,7 +3,8 @@
 Every ``eval.every`` iterations (and after the last) the current policy samples a fixed prompt set
 (``eval.prompts``, never the training prompts) with fixed seeds: image ``j`` of prompt ``i`` is
 drawn from the same noise at every evaluation, on any number of ranks. Its reward, each reward
-component and, when the prompts' metadata carries a GenEval ``tag``, the mean per task are merged
+component and, when the prompts' metadata carries a GenEval ``tag``, the mean per task (``eval/task/*``) and its
+standard error over images (``eval/task_se/*``) are merged
 into that iteration's row of ``metrics.jsonl`` and TensorBoard as ``eval/*``; a grid of the first
 ``eval.grid_prompts`` prompts (one row each, the reward on every tile) goes to the logged images.
 """
@@ -66,7 +67,9 @@ class HeldOutEval:
             out.update({f"eval/reward/{name}": float(v.mean()) for name, v in comps.items()})
         tags = [self.items[self.prompt_of[g]].metadata.get("tag") for g in range(self.n)]
         for tag in sorted({t for t in tags if isinstance(t, str) and t}):
-            out[f"eval/task/{tag}"] = float(rewards[[i for i, t in enumerate(tags) if t == tag]].mean())
+            r = rewards[[i for i, t in enumerate(tags) if t == tag]]
+            out[f"eval/task/{tag}"] = float(r.mean())
+            out[f"eval/task_se/{tag}"] = float(r.std(unbiased=True) / math.sqrt(len(r))) if len(r) > 1 else 0.0
         grid = None
         if self.accelerator.is_main_process and self.cfg.grid_prompts:
             keys = [self.prompt_of[g] for g in self.mine]

@@ -257,7 +257,8 @@ class Trainer:
         all_rewards = self._gather(ro.rewards)
         all_groups = self._gather(ro.prompt_idx)
         a = cfg.advantage
-        adv_all = group_advantages(all_rewards, all_groups, std=a.std, clip=a.clip, eps=a.eps)
+        adv_all = group_advantages(all_rewards, all_groups, std=a.std, clip=a.clip, eps=a.eps,
+                                   negative_scale=a.negative_scale)
         sl = rank_slice(len(all_rewards), acc.process_index, self.world)
         adv = adv_all[sl]
         bad = ~torch.isfinite(all_rewards)

@@ -132,3 +132,16 @@ def test_overrides_with_url_reward_names():
         load_config(None, ['reward.weights."remote:http://x=1'])
     with pytest.raises(ConfigError, match="unknown config field train.lr.x"):
         load_config(None, ["train.lr.x=1"])
+
+
+def test_negative_scale_shrinks_only_the_negative_advantages():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    g = torch.tensor([0, 0, 0, 0, 1, 1])
+    full = group_advantages(r, g)
+    half = group_advantages(r, g, negative_scale=0.5)
+    assert torch.equal(half[full >= 0], full[full >= 0])
+    assert torch.allclose(half[full < 0], 0.5 * full[full < 0])
+    assert (group_advantages(r, g, negative_scale=0.0) >= 0).all()
+    assert torch.equal(group_advantages(r, g, negative_scale=1.0), full)
+    with pytest.raises(ConfigError, match=r"advantage.negative_scale must be in \[0, 1\]"):
+        load_config(None, ["advantage.negative_scale=1.5"])

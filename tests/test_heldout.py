@@ -39,18 +39,33 @@ def test_heldout_eval_logs_reward_per_task_and_a_grid_with_fixed_seeds(tmp_path)
     assert tr.heldout.run(tr.model, 5)[0] == before  # the same prompts and noise at every evaluation
     tr.train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == [0, 1, 2]  # still one row per iteration
+    assert [r["iteration"] for r in rows] == [-1, 0, 1, 2]  # the start (eval.at_start), then one row per iteration
+    assert rows[0] == {"iteration": -1, **before}  # the starting policy, under the same noise
     evaluated = [r["iteration"] for r in rows if "eval/reward/mean" in r]
-    assert evaluated == [1, 2]  # after every 2 iterations and after the last
+    assert evaluated == [-1, 1, 2]  # before training, after every 2 iterations and after the last
     last = rows[-1]
     assert set(k for k in last if k.startswith("eval/task/")) == {"eval/task/colors", "eval/task/counting"}
+    # each task's standard error over its images (counting: one prompt x 2 images)
+    assert set(k for k in last if k.startswith("eval/task_se/")) == {"eval/task_se/colors", "eval/task_se/counting"}
+    assert last["eval/task_se/counting"] > 0
     assert last["eval/reward/mean"] != before["eval/reward/mean"]  # the policy moved (lr 3e-2)
     # brightness of 6 images: colors is the mean of prompts 0 and 2, counting of prompt 1
     assert last["eval/reward/mean"] == pytest.approx((2 * last["eval/task/colors"] + last["eval/task/counting"]) / 3)
-    assert sorted(p.name for p in (tmp_path / "run" / "images").iterdir()) == ["eval_000001.png", "eval_000002.png"]
+    assert sorted(p.name for p in (tmp_path / "run" / "images").iterdir()) == ["eval_-00001.png", "eval_000001.png",
+                                                                                "eval_000002.png"]
     ea = EventAccumulator(str(tmp_path / "run" / "tb"))
     ea.Reload()
-    assert [e.step for e in ea.Scalars("eval/reward/mean")] == [1, 2]
+    assert [e.step for e in ea.Scalars("eval/reward/mean")] == [-1, 1, 2]
+
+
+def test_eval_at_start_off_and_not_on_resume(tmp_path):
+    from fpo_diffusion.trainer import Trainer
+
+    Trainer(_cfg(tmp_path, **{"eval.at_start": "false", "checkpoint.every": 1})).train(stop_after=1)
+    path = tmp_path / "run" / "metrics.jsonl"
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [0]
+    Trainer(_cfg(tmp_path, **{"checkpoint.every": 1}), resume="latest").train()  # at_start on: not on resume
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [0, 1, 2]
 
 
 def test_eval_tags_evaluate_only_those_tasks(tmp_path):

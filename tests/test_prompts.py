@@ -137,3 +137,31 @@ def test_position_clause_that_arrow_mangled_says_what_works(tmp_path):
     datasets.Dataset.from_list([{"prompt": "x"}, {"prompt": None}]).save_to_disk(str(tmp_path / "none"))
     with pytest.raises(ConfigError, match="row 1: column 'prompt' is not a non-empty string"):
         load_prompts(PromptConfig(source=str(tmp_path / "none")))
+
+
+def test_task_weights_recompose_the_list_to_the_mix(tmp_path):
+    from collections import Counter
+
+    rows = [{"prompt": f"c{i}", "tag": "counting"} for i in range(3)] + [{"prompt": f"p{i}", "tag": "position"}
+                                                                          for i in range(5)]
+    rows += [{"prompt": "x", "tag": "colors"}, {"prompt": "plain"}]
+    js = tmp_path / "m.jsonl"
+    js.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_prompts(PromptConfig(source=str(js), task_weights={"counting": 3, "position": 1}))
+    assert len(items) == len(rows)  # the same length
+    tags = Counter(i.metadata["tag"] for i in items)
+    assert tags == {"counting": 8, "position": 2}  # 10 * 3/4 = 7.5 -> 7 + the remainder to the heaviest; colors: 0
+    assert Counter(i.prompt for i in items if i.metadata["tag"] == "counting") == {"c0": 3, "c1": 3, "c2": 2}
+    again = load_prompts(PromptConfig(source=str(js), task_weights={"counting": 3, "position": 1}))
+    assert [i.prompt for i in again] == [i.prompt for i in items]  # deterministic (every rank, every resume)
+    with pytest.raises(ConfigError, match=r"task_weights: .* has no prompt tagged 'count'; its tags: colors, counting"):
+        load_prompts(PromptConfig(source=str(js), task_weights={"count": 1}))
+    for bad, needle in (({"counting": -1}, "prompts.task_weights.counting must be a finite number >= 0"),
+                        ({"counting": 0}, "all 0"), ({}, "non-empty"), ({"counting": "a"}, "must be a number"),
+                        ({"counting": float("inf")}, "finite")):
+        with pytest.raises(ConfigError, match=needle):
+            PromptConfig(source=str(js), task_weights=bad)
+    # the shapes world with Flow-GRPO's GenEval mix
+    mix = {"position": 0.35, "counting": 0.25, "color_attr": 0.25, "two_object": 0.10, "colors": 0.05}
+    shapes = Counter(i.metadata["tag"] for i in load_prompts(PromptConfig(source="embedded:shapes", task_weights=mix)))
+    assert shapes == {"position": 700, "counting": 500, "color_attr": 500, "two_object": 200, "colors": 100}
