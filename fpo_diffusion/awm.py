@@ -30,7 +30,7 @@ the old losses are the live ones detached (lines 1282-1284), so ``rho == 1`` ide
 the clip (``clip_range = 1``) never acts. At ``rho == 1`` the gradient of that surrogate is
 ``mean(A grad l)``: exactly the gradient of :func:`awm_loss`, and exactly the gradient of
 FPO's surrogate (``fpo.fpo_loss``, ``ratio_mode="per_sample"``, ``beta=1``) at ``rho == 1``
-(DESIGN.md's invariant). FPO differs only off-policy, where its ratio and clip bound the step;
+(an invariant of docs/architecture.md). FPO differs only off-policy, where its ratio and clip bound the step;
 AWM keeps weighting the flow-matching loss by ``A`` however far the policy has moved.
 ``tests/test_nft_awm.py`` checks both identities.
 

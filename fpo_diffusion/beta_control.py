@@ -2,7 +2,7 @@
 
 FPO's log-ratio is ``beta * (L_old - L_new)``. With the CFM loss averaged over 10^4-10^5
 latent dimensions the difference is ~1e-3 per update, so with a fixed ``beta`` the ratio stays
-within ~1 % of 1 and the PPO clip never binds (DESIGN.md, "The ratio's scale"). The controller
+within ~1 % of 1 and the PPO clip never binds (docs/architecture.md, "The ratio's scale"). The controller
 below adapts ``beta`` so that a measured statistic of the ratio sits near a target:
 
 * ``clip_frac``: the fraction of ratio terms outside ``[1 - eps_clip, 1 + eps_clip]`` over the

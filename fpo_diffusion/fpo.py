@@ -1,6 +1,6 @@
 """The FPO objective: pure tensor functions, no model code.
 
-Notation (DESIGN.md, "The objective"):
+Notation (docs/architecture.md, "The objective and what the tests pin"):
 
 * ``l_old[b, i]``: per-sample CFM loss of the rollout policy at the pair ``(t_i, eps_i)``
   of sample ``b``, computed without grad right after the rollout;

@@ -1,4 +1,4 @@
-"""The training loop (DESIGN.md, "One FPO iteration"), shared by every algorithm.
+"""The training loop (docs/architecture.md, "One iteration"), shared by every algorithm.
 
 rollout (``rollout.py``) -> reward -> gather -> group advantages (``advantages.py``) -> the
 algorithm's ``prepare`` -> update (``update.py``) -> log (``tracking.py``) / checkpoint

@@ -1,4 +1,4 @@
-"""Pretrain the shapes world's text-to-image model (ShapesEval 2; DESIGN.md, "The embedded world").
+"""Pretrain the shapes world's text-to-image model (ShapesEval 2; docs/architecture.md, "The shapes world").
 
     python launch/pretrain_shapes.py --out DIR                 # every stage: vae, then transformer
     python launch/pretrain_shapes.py --out DIR --stage vae     # one stage (also: decoder, transformer)

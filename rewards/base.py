@@ -1,4 +1,4 @@
-"""The rewards contract (DESIGN.md, "Rewards contract").
+"""The rewards contract (docs/architecture.md, "Checklist: add a reward").
 
 A reward maps a batch of images, their prompts and their metadata to one float per image:
 ``Reward(images, prompts, metadata) -> Tensor[B]`` (float32, CPU). Heavy models load lazily,

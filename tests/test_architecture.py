@@ -1,4 +1,4 @@
-"""The dependency graph runs one way (DESIGN.md, "Layout"): no import cycles among the project's
+"""The dependency graph runs one way (docs/architecture.md, "The layer order"): no import cycles among the project's
 modules, ``rewards`` never imports the core, algorithms never reach into the rollout or the loop.
 
 Imports are read with ``ast`` (every ``import`` statement, also those inside functions and

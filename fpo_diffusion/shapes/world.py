@@ -1,4 +1,4 @@
-"""The shapes world's vocabulary and geometry (ShapesEval 2; DESIGN.md, "The embedded world").
+"""The shapes world's vocabulary and geometry (ShapesEval 2; docs/architecture.md, "The shapes world").
 
 A 64x64 canvas on a plain grey background is cut into a 4x4 grid of 16x16 cells. Every
 object is one of the 12 :data:`SHAPES`, painted in one of GenEval's ten :data:`COLORS`,
