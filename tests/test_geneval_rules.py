@@ -228,9 +228,9 @@ def _official_filter(boxes_scores: np.ndarray, confidence_threshold: float, max_
     """``evaluate_image``'s per-class filtering from djghosh13/geneval ``evaluate_images.py``, transcribed
     (``bbox[index]`` is mmdet's float32 ``[n, 5]`` array). Returns the indices kept, in order.
 
-    ``np.argsort`` there is numpy 1.x's default sort, which for a class's handful of detections (up to
-    16) is an insertion sort: stable. ``kind="stable"`` pins that here (numpy 2 on SIMD CPUs reorders
-    ties even for 4 elements)."""
+    ``np.argsort`` there is numpy's default sort, called here as there (not ``kind="stable"``): the order of
+    tied scores is whatever that numpy gives (numpy 1.x: insertion sort up to 16 elements, introsort
+    beyond; numpy 2 on AVX-512 CPUs reorders ties from 4 elements on)."""
     def iou(a, b):
         def area(x):
             return max(x[2] - x[0] + 1, 0) * max(x[3] - x[1] + 1, 0)
@@ -238,7 +238,7 @@ def _official_filter(boxes_scores: np.ndarray, confidence_threshold: float, max_
         return i / (area(a) + area(b) - i)
 
     bbox = boxes_scores.astype(np.float32)
-    ordering = np.argsort(bbox[:, 4], kind="stable")[::-1]
+    ordering = np.argsort(bbox[:, 4])[::-1]
     ordering = ordering[bbox[ordering, 4] > confidence_threshold]
     ordering = ordering[:max_objects].tolist()
     kept = []
@@ -267,6 +267,28 @@ def test_equal_scores_come_out_in_reverse_detector_order():
     colour = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]}
     assert not evaluate({"car": [red, blue]}, colour).correct
     assert evaluate({"car": [blue, red]}, colour).correct
+
+
+def test_tied_scores_are_ordered_by_the_official_default_argsort_not_a_stable_one():
+    """Where many detections of a class tie, numpy's default ``argsort`` (the official call) and a stable
+    sort disagree (numpy 1.x: from 17 ties on; numpy 2 on AVX-512: already with a few): the official
+    order decides which objects a colour clause looks at."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):  # tied float32 scores on which this numpy's two sorts disagree
+        scores = rng.choice(np.float32([0.5, 0.95, 1.0]), 24)
+        if not np.array_equal(np.argsort(scores), np.argsort(scores, kind="stable")):
+            break
+    else:
+        pytest.skip("this numpy's default argsort agreed with the stable one on every tied case tried")
+    ds = [det("car", (2 * i, 0, 2 * i + 1, 1), float(s), color="red" if i % 2 else "blue")
+          for i, s in enumerate(scores)]
+    official = np.argsort(scores)[::-1][:16].tolist()
+    stable = np.argsort(scores, kind="stable")[::-1][:16].tolist()
+    assert official != stable
+    kept = filter_detections({"car": ds}, "colors")["car"]
+    assert [id(d) for d in kept] == [id(ds[i]) for i in official]
+    assert [id(d) for d in kept] != [id(ds[i]) for i in stable]
+    assert _official_filter(np.array([[*d.box, d.score] for d in ds]), 0.3) == official
 
 
 def test_scores_are_compared_with_the_threshold_in_float32():

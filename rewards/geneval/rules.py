@@ -7,8 +7,9 @@ real-image GenEval (Mask2Former + CLIP colours) and by the shapes world (exact d
 
 Faithfulness notes (each checked against the official source):
 
-* per class, detections are ordered as the official ``np.argsort(scores)[::-1]`` (a stable
-  ascending sort reversed: best first, and equal scores in *reverse* detector order), kept when
+* per class, detections are ordered by the official call itself, ``np.argsort(scores)[::-1]``
+  (numpy's default sort, best first; the order of equal scores is numpy's: not stable in general,
+  and it depends on the numpy version and CPU exactly as the official script's does), kept when
   ``score > threshold`` compared in float32 (the official ``bbox[..., 4] > confidence_threshold``
   compares mmdet's float32 scores with the threshold cast to float32, so a score of exactly
   ``float32(0.3)`` is dropped), with the threshold 0.9 for the ``counting`` tag and 0.3 otherwise
@@ -149,15 +150,15 @@ def filter_detections(detections: Detections, tag: str | None, thresholds: Thres
     """Official per-class filtering: best first, score > threshold (in float32), at most ``max_objects``, NMS.
 
     The order is the official ``np.argsort(scores)[::-1]`` on the class's detections as the detector
-    listed them: equal scores come out in reverse detector order (the stable ascending sort the
-    official numpy uses for a class's handful of detections, reversed). Classes left without
-    detections are dropped (as the official ``del detected[classname]``).
+    listed them, the same call (numpy's default sort), so equal scores come out in the order the
+    official script gives them with the same numpy: a stable sort would differ where many scores tie.
+    Classes left without detections are dropped (as the official ``del detected[classname]``).
     """
     threshold = np.float32(thresholds.for_tag(tag))
     out: Detections = {}
     for classname, dets in detections.items():
         scores = np.asarray([d.score for d in dets], dtype=np.float32).reshape(-1)
-        order = np.argsort(scores, kind="stable")[::-1]
+        order = np.argsort(scores)[::-1]  # the official call: numpy's default sort, not kind="stable"
         order = order[scores[order] > threshold][: thresholds.max_objects]
         ordering = [dets[i] for i in order.tolist()]
         kept: list[Detection] = []
