@@ -868,12 +868,9 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
+    from rewards.textfile import read_text
+
+    text = read_text(p, "config file", ConfigError)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from rewards.textfile import JSONLineError, json_line, jsonl_lines, read_text
+
 from .config import ConfigError, PromptConfig
 
 TINY_PROMPTS = [
@@ -22,26 +24,16 @@ class PromptItem:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"prompt file {path} is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"prompt file {path} cannot be read: {e.strerror or e}") from None
+    return read_text(path, "prompt file", ConfigError)
 
 
 def _read_jsonl(path: Path) -> list[PromptItem]:
     items = []
-    # JSON Lines end at "\n" only: str.splitlines() would also cut at U+2028, \x1c... which JSON strings may hold.
-    for n, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
+    for n, line in jsonl_lines(_read_text(path)):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"prompt file {path}, line {n}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise ConfigError(f"prompt file {path}, line {n}: not valid JSON (nested too deeply)") from None
+            row = json_line(line)
+        except JSONLineError as e:
+            raise ConfigError(f"prompt file {path}, line {n}: not valid JSON ({e})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise ConfigError(f"prompt file {path}, line {n}: expected an object with a non-empty \"prompt\" string")
         items.append(PromptItem(row["prompt"], normalise_metadata(row, f"prompt file {path}, line {n}")))

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..textfile import JSONLineError, json_line, jsonl_lines, read_text
 from .rules import COLORS, POSITIONS
 
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -70,11 +71,9 @@ def validate_metadata(entry: Any, classnames: set[str] | None = None) -> str | N
 def parse_metadata_line(line: str, where: str, classnames: set[str] | None = None) -> dict:
     """Parse and validate one line; errors name ``where`` (``file:line``)."""
     try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise GenEvalInputError(f"{where}: invalid JSON ({e.msg})") from None
-    except RecursionError:
-        raise GenEvalInputError(f"{where}: invalid JSON (nested too deeply)") from None
+        entry = json_line(line)
+    except JSONLineError as e:
+        raise GenEvalInputError(f"{where}: invalid JSON ({e})") from None
     problem = validate_metadata(entry, classnames)
     if problem:
         raise GenEvalInputError(f"{where}: invalid GenEval metadata: {problem}")
@@ -84,17 +83,9 @@ def parse_metadata_line(line: str, where: str, classnames: set[str] | None = Non
 def load_metadata(path: str | Path, classnames: list[str] | None = None) -> list[dict]:
     """All prompts of a metadata JSONL file (blank lines ignored), validated."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GenEvalInputError(f"metadata file {path} is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise GenEvalInputError(f"cannot read metadata file {path}: {e.strerror or e}") from None
+    text = read_text(path, "metadata file", GenEvalInputError)
     names = set(classnames) if classnames is not None else None
-    # JSON Lines end at "\n" only (as the official evaluator reads them): str.splitlines() would
-    # also cut at U+2028, \x1c... which a JSON string may hold.
-    out = [parse_metadata_line(line, f"{path}:{n}", names)
-           for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    out = [parse_metadata_line(line, f"{path}:{n}", names) for n, line in jsonl_lines(text)]
     if not out:
         raise GenEvalInputError(f"{path}: no prompts")
     return out
@@ -105,14 +96,11 @@ def read_prompt_metadata(folder: str | Path) -> dict:
     path = Path(folder) / "metadata.jsonl"
     if not path.is_file():
         raise GenEvalInputError(f"missing {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError) as e:
-        raise GenEvalInputError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    lines = [l for l in text.split("\n") if l.strip()]
+    lines = jsonl_lines(read_text(path, "metadata file", GenEvalInputError))
     if len(lines) != 1:
         raise GenEvalInputError(f"{path}: expected one JSON line, found {len(lines)}")
-    return parse_metadata_line(lines[0], f"{path}:1")
+    n, line = lines[0]
+    return parse_metadata_line(line, f"{path}:{n}")
 
 
 def write_prompt_metadata(folder: str | Path, entry: dict) -> None:

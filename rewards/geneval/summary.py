@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..textfile import JSONLineError, json_line, jsonl_lines, read_text
 from .metadata import TASKS, GenEvalInputError
 
 
@@ -47,18 +47,12 @@ class Summary:
 def load_results(path: str | Path) -> list[dict]:
     """Rows of a results JSONL; a malformed line raises naming ``file:line``."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise GenEvalInputError(f"cannot read results file {path}: {e.strerror or e}") from None
     rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line in jsonl_lines(read_text(path, "results file", GenEvalInputError)):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GenEvalInputError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            row = json_line(line)
+        except JSONLineError as e:
+            raise GenEvalInputError(f"{path}:{n}: invalid JSON ({e})") from None
         missing = [k for k in ("tag", "correct", "metadata") if k not in row] if isinstance(row, dict) else ["all"]
         if missing or not isinstance(row["correct"], bool):
             raise GenEvalInputError(f"{path}:{n}: not a GenEval result row (needs tag, correct: bool, metadata)")
