@@ -124,7 +124,7 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
             eval_every: int = 1, extra_overrides: tuple[str, ...] = (), split: str = "test",
             tags: tuple[str, ...] = ()) -> dict:
     from fpo_diffusion.config import load_config
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
     algo, extra = VARIANTS[variant]
     if task == "shapes":
@@ -167,7 +167,7 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
         f"train.minibatch_size={minibatch or prompts_per_it * group}", f"train.lr={lr}", f"train.seed={seed}",
         "log.progress=false", "log.tensorboard=false", "log.image_every=0", "checkpoint.every=0", *extra,
         *extra_overrides])
-    tr = FPOTrainer(cfg)
+    tr = Trainer(cfg)
     counter = EvalCounter(tr.policy.denoiser)
     score_fn = eval_reward if eval_reward is not None else (lambda pil, p, m: tr.reward(pil, p, m)[0])
 

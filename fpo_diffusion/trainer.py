@@ -412,13 +412,9 @@ def where_line(out: Path, *, exported: bool, tensorboard: bool) -> str:
     return f"done: {lora}, checkpoints in {out / 'checkpoints'}{tb}"
 
 
-FPOTrainer = Trainer
-"""The former name of :class:`Trainer` (it runs every algorithm, not only FPO)."""
-
-
 def run(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> dict[str, float]:
     """Build a trainer for ``cfg`` and train it."""
     return Trainer(cfg, resume=resume).train(stop_after=stop_after)
 
 
-__all__ = ["FPOTrainer", "Trainer", "TrainingError", "CheckpointError", "run"]
+__all__ = ["Trainer", "TrainingError", "CheckpointError", "run"]

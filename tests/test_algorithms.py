@@ -90,10 +90,10 @@ def _overrides(out, family, algorithm, **extra):
     ("sd", "ddpo", {"sampling.guidance_scale": 1.0}),
 ])
 def test_baseline_trains_lora_with_finite_losses_and_unit_on_policy_ratio(tmp_path, family, algorithm, extra):
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
     cfg = load_config(None, _overrides(tmp_path / "run", family, algorithm, **extra))
-    tr = FPOTrainer(cfg)
+    tr = Trainer(cfg)
     before = [p.detach().clone() for p in tr.policy.trainable_parameters()]
     # on-policy: the first minibatch's ratio is 1 (up to batch-composition rounding)
     ro = tr.rollout(0)
@@ -114,12 +114,12 @@ def test_baseline_trains_lora_with_finite_losses_and_unit_on_policy_ratio(tmp_pa
 
 
 def test_baselines_refuse_the_wrong_family(tmp_path):
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
     with pytest.raises(ConfigError, match="flow_grpo"):
-        FPOTrainer(load_config(None, _overrides(tmp_path / "a", "sd", "flow_grpo")))
+        Trainer(load_config(None, _overrides(tmp_path / "a", "sd", "flow_grpo")))
     with pytest.raises(ConfigError, match="ddpo"):
-        FPOTrainer(load_config(None, _overrides(tmp_path / "b", "sd3", "ddpo")))
+        Trainer(load_config(None, _overrides(tmp_path / "b", "sd3", "ddpo")))
 
 
 def test_baseline_config_validation():

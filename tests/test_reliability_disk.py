@@ -82,10 +82,10 @@ def patch_writer(monkeypatch, which: str) -> None:
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, which):
     from fpo_diffusion.checkpoint import list_checkpoints, resolve_resume
     from fpo_diffusion.cli import run_cli
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
     out = tmp_path / "run"
-    FPOTrainer(load_config(None, overrides(out))).train(stop_after=1)
+    Trainer(load_config(None, overrides(out))).train(stop_after=1)
     ckpts = out / "checkpoints"
     first = ckpts / "checkpoint-000001"
     before = digest(first)
@@ -111,9 +111,9 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     if which != "lora":
         return
     # Space is back: the resume from checkpoint 1 finishes the run, identical to an uninterrupted run.
-    FPOTrainer(load_config(None, overrides(out)), resume="latest").train()
+    Trainer(load_config(None, overrides(out)), resume="latest").train()
     ref = tmp_path / "ref"
-    FPOTrainer(load_config(None, overrides(ref))).train()
+    Trainer(load_config(None, overrides(ref))).train()
     assert [p.name for p in list_checkpoints(ckpts)] == ["checkpoint-000002"]
     a = load_file(str(ref / "checkpoints" / "checkpoint-000002" / "lora.safetensors"))
     b = load_file(str(ckpts / "checkpoint-000002" / "lora.safetensors"))

@@ -91,10 +91,10 @@ def test_no_fault_without_the_variable(monkeypatch):
 @pytest.mark.slow
 def test_sigkill_in_rollout_update_and_checkpoint_writes_then_resume_is_bit_exact(tmp_path):
     # The uninterrupted reference, in-process (same seeds, one thread, CPU: bit-for-bit repeatable).
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
     ref = tmp_path / "ref"
-    FPOTrainer(load_config(None, overrides(ref))).train()
+    Trainer(load_config(None, overrides(ref))).train()
     out = tmp_path / "run"
 
     # 1. Killed in the middle of iteration 1's rollout (its 2nd chunk; chunk 1's reward was in flight).

@@ -64,9 +64,9 @@ def overrides(out, **extra):
 
 
 def trainer(out, **extra):
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
-    return FPOTrainer(load_config(None, overrides(out, **extra)))
+    return Trainer(load_config(None, overrides(out, **extra)))
 
 
 def faulty(bad_calls) -> dict:

@@ -68,10 +68,10 @@ def finite(tensors: dict) -> bool:
 
 @pytest.mark.parametrize("settings", [{"train.lr": 1e39}, {"train.lr": 1e20, "train.weight_decay": 1e20}])
 def test_an_overflowing_optimizer_step_is_undone_and_nothing_non_finite_is_saved(tmp_path, cli, settings):
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
     out = tmp_path / "run"
-    tr = FPOTrainer(load_config(None, overrides(out, **settings, **{"train.max_nonfinite_in_a_row": 100})))
+    tr = Trainer(load_config(None, overrides(out, **settings, **{"train.max_nonfinite_in_a_row": 100})))
     before = [p.detach().clone() for p in tr.policy.trainable_parameters()]
     tr.train()
     # every step overflowed: each was undone, so the weights are the initial ones (and finite)
@@ -97,9 +97,9 @@ def test_an_overflowing_optimizer_step_is_undone_and_nothing_non_finite_is_saved
 
 def test_export_refuses_non_finite_weights(tmp_path):
     from fpo_diffusion.checkpoint import NonfiniteStateError
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
-    tr = FPOTrainer(load_config(None, overrides(tmp_path / "run", **{"train.ema_decay": "null"})))
+    tr = Trainer(load_config(None, overrides(tmp_path / "run", **{"train.ema_decay": "null"})))
     with torch.no_grad():
         tr.policy.trainable_parameters()[0].view(-1)[0] = float("nan")
     with pytest.raises(NonfiniteStateError, match="refusing to export the LoRA to .* non-finite values"):
@@ -123,13 +123,13 @@ sys.stdin.read()
 
 
 def test_one_writer_damaged_checkpoint_fallback_copied_folder_and_world_size(tmp_path, cli):
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
     ref = tmp_path / "ref"
-    FPOTrainer(load_config(None, overrides(ref))).train()
+    Trainer(load_config(None, overrides(ref))).train()
     out = tmp_path / "run"
-    FPOTrainer(load_config(None, overrides(out))).train(stop_after=1)
-    FPOTrainer(load_config(None, overrides(out)), resume="latest").train()  # checkpoints 1 and 2, finished
+    Trainer(load_config(None, overrides(out))).train(stop_after=1)
+    Trainer(load_config(None, overrides(out)), resume="latest").train()  # checkpoints 1 and 2, finished
     metrics = (out / "metrics.jsonl").read_text()
 
     # item 3: another live process holds the folder -> one line, exit 2, nothing touched

@@ -120,7 +120,7 @@ def overrides(out, weights: str, options: str = "{}"):
 @pytest.mark.slow
 def test_server_killed_and_restarted_during_training_loses_no_reward(tmp_path):
     from fpo_diffusion.config import load_config
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -131,7 +131,7 @@ def test_server_killed_and_restarted_during_training_loses_no_reward(tmp_path):
         wait_healthy(url, procs[0])
         cfg = load_config(None, overrides(tmp_path / "remote", json.dumps({name: 1.0}),
                                           json.dumps({name: {"retries": 10, "backoff": 0.2, "timeout": 30}})))
-        tr = FPOTrainer(cfg)
+        tr = Trainer(cfg)
         comp = tr.reward.component(name)
         attempts: list[str] = []
         inner_http, inner_score = comp._http, comp.score
@@ -174,7 +174,7 @@ def test_server_killed_and_restarted_during_training_loses_no_reward(tmp_path):
                 p.wait(timeout=30)
 
     # The same run with the reward computed in-process: identical rewards, samples and weights.
-    FPOTrainer(load_config(None, overrides(tmp_path / "local", "{brightness: 1.0}"))).train()
+    Trainer(load_config(None, overrides(tmp_path / "local", "{brightness: 1.0}"))).train()
     read = lambda run, f: [json.loads(l) for l in (tmp_path / run / f).read_text().splitlines()]  # noqa: E731
     remote, local = read("remote", "samples.jsonl"), read("local", "samples.jsonl")
     assert len(remote) == 18 and [r["reward"] for r in remote] == [r["reward"] for r in local]

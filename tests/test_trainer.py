@@ -76,9 +76,9 @@ def test_two_ranks_equal_one_rank_and_groups_span_ranks(tmp_path):
 
 
 def _trainer(out, family="sd", resume=None, **extra):
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
-    return FPOTrainer(load_config(None, tiny_overrides(out, family, **extra)), resume=resume)
+    return Trainer(load_config(None, tiny_overrides(out, family, **extra)), resume=resume)
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -234,11 +234,11 @@ def test_bf16_autocast_gradient_checkpointing_kl_and_anchor_run(tmp_path):
 
 @pytest.mark.parametrize("group_noise", [False, True])
 def test_group_noise_shares_t_and_eps_within_a_group_only(tmp_path, group_noise):
-    from fpo_diffusion.trainer import FPOTrainer
+    from fpo_diffusion.trainer import Trainer
 
     cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"fpo.group_noise": str(group_noise).lower(),
                                                                  "train.group_size": 3, "fpo.kl_beta": 0}))
-    tr = FPOTrainer(cfg)
+    tr = Trainer(cfg)
     ro = tr.rollout(0)
     prep = tr.algorithm.prepare(ro, 0)
     t, eps, groups = prep["t"], prep["eps"], ro.global_idx // 3
