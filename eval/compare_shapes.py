@@ -40,14 +40,31 @@ def task_curves(samples: list[dict], window: int = 25) -> dict[str, tuple[list[f
             for tag, blocks in sums.items()}
 
 
-def curves(metrics: list[dict], path: Path, samples: list[dict] | None = None) -> None:
+def reward_title(run: Path) -> str:
+    """The training-reward panel's title, naming the run's reward as its ``config.yaml`` sets it: the shapes
+    reward with its ``mode`` (``strict``: 0/1 per image, the default; ``partial``: partial credit)."""
+    import yaml
+
+    try:
+        reward = (yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}).get("reward") or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        return "training reward"
+    names = list(reward.get("weights") or {})
+    if names == ["shapes"]:
+        mode = ((reward.get("options") or {}).get("shapes") or {}).get("mode", "strict")
+        return "training reward (shapes, " + ("partial credit)" if mode == "partial" else f"{mode}: 0/1)")
+    return f"training reward ({', '.join(names)})" if names else "training reward"
+
+
+def curves(metrics: list[dict], path: Path, samples: list[dict] | None = None,
+           reward_label: str = "training reward") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     it = [m["iteration"] for m in metrics]
-    panels = [("reward/mean", "training reward (partial credit)"),
+    panels = [("reward/mean", reward_label),
               ("policy/cfm_loss_ratio_to_start", "own-sample CFM loss / start"),
               ("policy/foreground_share", "foreground share")]
     per_task = task_curves(samples or [])
@@ -132,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tags = {m["prompt"]: m["tag"] for m in training_metadata()}
         samples = [{**x, "tag": tags.get(x["prompt"])} for x in samples]
-    curves(metrics, a.out / "curves.png", samples)
+    curves(metrics, a.out / "curves.png", samples, reward_title(a.run))
     grids(a.before, a.after, a.out, a.tasks)
     sb = json.loads((a.before / "report.json").read_text())["summary"]
     sa = json.loads((a.after / "report.json").read_text())["summary"]

@@ -61,3 +61,17 @@ def test_task_curves_are_block_means_per_tag():
     got = task_curves(rows, window=4)
     assert got["position"] == ([2.0, 6.0], [1.0, 4.0])  # iterations 0, 2 | 4
     assert got["colors"] == ([2.0, 6.0], [2.0, 5.0])  # iterations 1, 3 | 5
+
+
+def test_the_reward_panel_names_the_runs_reward_and_mode(tmp_path):
+    """A strict (0/1) shapes run is not labelled "partial credit"."""
+    sys.path.insert(0, str(ROOT / "eval"))
+    from compare_shapes import reward_title
+
+    assert reward_title(tmp_path) == "training reward"  # no config.yaml
+    (tmp_path / "config.yaml").write_text("reward: {weights: {shapes: 1.0}, options: {shapes: {mode: strict}}}\n")
+    assert reward_title(tmp_path) == "training reward (shapes, strict: 0/1)"
+    (tmp_path / "config.yaml").write_text("reward: {weights: {shapes: 1.0}, options: {shapes: {mode: partial}}}\n")
+    assert reward_title(tmp_path) == "training reward (shapes, partial credit)"
+    (tmp_path / "config.yaml").write_text("reward: {weights: {pickscore: 1.0, ocr: 0.5}, options: {}}\n")
+    assert reward_title(tmp_path) == "training reward (pickscore, ocr)"
