@@ -326,7 +326,7 @@ def _records(acc: dict[str, float], n: int = 100) -> list[dict]:
     for t, p in acc.items():
         k = round(p * n)
         out += [{"tag": t, "entry": hash((t, i // 4)) % 10_000, "prompt": f"{t} {i // 4}", "correct": i < k,
-                 "foreground_share": 0.1} for i in range(n)]
+                 "painted_share": 0.1} for i in range(n)]
     return out
 
 

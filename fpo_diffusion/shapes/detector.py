@@ -168,9 +168,12 @@ class ShapesDetector:
         return dets
 
 
-def foreground_share(image) -> float:
-    """Fraction of non-background pixels (the collapse watch of the design)."""
+def painted_share(image) -> float:
+    """Fraction of pixels off the shapes world's grey canvas (the detector's :func:`foreground` mask), as
+    ShapesEval reports it (``painted_share``, ``mean_painted_share``). Not the training loop's
+    ``policy/foreground_share`` (``fpo_diffusion.images.foreground_share``: pixels off each image's
+    corner colour, for any model)."""
     return float(foreground(image).mean())
 
 
-__all__ = ["ShapesDetector", "Component", "analyse", "foreground", "foreground_share"]
+__all__ = ["ShapesDetector", "Component", "analyse", "foreground", "painted_share"]

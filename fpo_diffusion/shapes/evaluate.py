@@ -33,7 +33,7 @@ from PIL import Image
 from fpo_diffusion.images import labelled_grid
 from fpo_diffusion.policies.sd3 import fast_zero_tokens
 
-from .detector import ShapesDetector, foreground_share
+from .detector import ShapesDetector, painted_share
 from .scenes import TASKS, heldout_metadata, scene_for, validation_metadata
 
 GRID_ENTRIES = 12
@@ -76,7 +76,7 @@ def _score(images, metas, detector):
     for img, m in zip(images, metas):
         r = evaluate(detector.detect(img), m, image=img)
         recs.append({"correct": bool(r.correct), "reason": r.reason, "partial": r.partial,
-                     "foreground_share": foreground_share(img)})
+                     "painted_share": painted_share(img)})
     return recs
 
 
@@ -107,7 +107,7 @@ def summarise(records: list[dict]) -> dict:
         "correct_prompts": float(np.mean(list(entries.values()))),
         "images": len(records),
         "entries": len(entries),
-        "mean_foreground_share": float(np.mean([r["foreground_share"] for r in records])),
+        "mean_painted_share": float(np.mean([r["painted_share"] for r in records])),
     }
 
 
@@ -172,7 +172,7 @@ def write_report(out_dir: Path, records: list[dict], images: list[Image.Image], 
                      f"{v['distinct_prompts']} |")
     lines += [f"| **overall** | **{summary['overall']:.3f}** ± {summary['overall_se']:.3f} | | | |", "",
               f"correct images: {summary['correct_images']:.3f}; correct prompts (any of {n_images}): "
-              f"{summary['correct_prompts']:.3f}; mean foreground share: {summary['mean_foreground_share']:.3f}", ""]
+              f"{summary['correct_prompts']:.3f}; mean painted share: {summary['mean_painted_share']:.3f}", ""]
     for t, g in grids.items():
         lines += [f"## {t}", "", f"![{t}]({g['file']})", ""]
         lines += [f"{i+1}. {p} — {''.join('✓' if c else '✗' for c in cs)}" for i, (p, cs) in enumerate(g["rows"])]
@@ -187,8 +187,8 @@ def write_report(out_dir: Path, records: list[dict], images: list[Image.Image], 
     for t, v in summary["per_task"].items():
         h.append(f"<tr><td>{t}<td>{v['accuracy']:.3f} ± {v['se']:.3f}<td>{v['images']}</tr>")
     h.append(f"<tr><td><b>overall</b><td><b>{summary['overall']:.3f}</b> ± {summary['overall_se']:.3f}<td></tr></table>")
-    h.append(f"<p>correct prompts: {summary['correct_prompts']:.3f}; mean foreground share: "
-             f"{summary['mean_foreground_share']:.3f}</p>")
+    h.append(f"<p>correct prompts: {summary['correct_prompts']:.3f}; mean painted share: "
+             f"{summary['mean_painted_share']:.3f}</p>")
     for t in grids:
         h.append(f"<h2>{t}</h2><table>")
         entries = []
@@ -292,8 +292,8 @@ def evaluate_reconstructions(vae_dir: str | Path, out_dir: str | Path, n_images:
 def format_summary(summary: dict) -> str:
     rows = [f"{t:14s} {v['accuracy']:.3f} ± {v['se']:.3f}  ({v['images']} images)" for t, v in summary["per_task"].items()]
     return "\n".join(rows + [f"{'overall':14s} {summary['overall']:.3f} ± {summary['overall_se']:.3f}",
-                             f"correct prompts {summary['correct_prompts']:.3f}, foreground share "
-                             f"{summary['mean_foreground_share']:.3f}"])
+                             f"correct prompts {summary['correct_prompts']:.3f}, painted share "
+                             f"{summary['mean_painted_share']:.3f}"])
 
 
 __all__ = ["evaluate_model", "evaluate_reconstructions", "load_pipeline", "sample", "fast_zero_tokens", "summarise",

@@ -30,7 +30,7 @@ from PIL import Image
 from rewards.base import Reward, RewardError
 from rewards.registry import register_reward
 
-from .detector import analyse, foreground_share
+from .detector import analyse, painted_share
 
 STRAY_SCALE = 144.0
 
@@ -69,7 +69,7 @@ def shapes_score(image: Image.Image, meta: dict, mode: str = "strict", paint_pen
     stray = float(fg - wanted)
     r -= paint_penalty * min(1.0, stray / STRAY_SCALE)
     return float(r), {"correct": res.correct, "reason": res.reason, "clauses": res.clauses, "stray_px": stray,
-                      "foreground_share": foreground_share(image)}
+                      "painted_share": painted_share(image)}
 
 
 @register_reward("shapes")
