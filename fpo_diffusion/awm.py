@@ -89,6 +89,26 @@ def awm_loss(l_new: torch.Tensor, advantages: torch.Tensor) -> tuple[torch.Tenso
     return loss, stats
 
 
+def awm_ratio_loss(l_new: torch.Tensor, l_old: torch.Tensor, advantages: torch.Tensor, clip_range: float = 1.0
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The official surrogate on minibatches after the first optimizer step of a rollout (lines 1224-1327,
+    ``loss_type = "exp_first"``, ``off_policy = False``): per pair ``rho = exp(l_old - l_new)`` with ``l_old``
+    the per-pair loss of the weights the rollout's update started from (detached), and
+    ``mean_{b, i} max(-A_b rho, -A_b clip(rho, 1 - c, 1 + c))``. ``l_new``, ``l_old`` ``[B, N]``, ``advantages [B]``
+    (already :func:`awm_advantages`). At ``rho == 1`` its gradient is :func:`awm_loss`'s."""
+    if l_new.shape != l_old.shape or l_new.dim() != 2 or advantages.shape != l_new.shape[:1]:
+        raise ValueError(f"l_new and l_old must be [B, N] and advantages [B]; got {tuple(l_new.shape)}, "
+                         f"{tuple(l_old.shape)} and {tuple(advantages.shape)}")
+    ratio = torch.exp(l_old.detach().to(l_new.dtype) - l_new)
+    a = advantages.to(l_new.dtype).reshape(-1, 1)
+    loss = torch.maximum(-a * ratio, -a * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)).mean()
+    with torch.no_grad():
+        stats = {"matching_loss": l_new.detach().mean(), "positive_share": (advantages > 0).float().mean(),
+                 "ratio_mean": ratio.mean(), "ratio_min": ratio.min(), "ratio_max": ratio.max(),
+                 "clip_frac": ((ratio - 1.0).abs() > clip_range).float().mean()}
+    return loss, stats
+
+
 def stratified_step_indices(steps: int, n_times: int, timestep_fraction: float, u: torch.Tensor) -> torch.Tensor:
     """AWM's ``discrete_wo_init`` draw of sampler-step indices (lines 1197-1203).
 
@@ -105,4 +125,5 @@ def stratified_step_indices(steps: int, n_times: int, timestep_fraction: float, 
     return lower + (u * (upper - lower)).long()
 
 
-__all__ = ["MSE_FLOOR", "WEIGHTINGS", "awm_advantages", "awm_loss", "awm_pair_loss", "stratified_step_indices"]
+__all__ = ["MSE_FLOOR", "WEIGHTINGS", "awm_advantages", "awm_loss", "awm_pair_loss", "awm_ratio_loss",
+           "stratified_step_indices"]

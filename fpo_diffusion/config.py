@@ -258,28 +258,42 @@ class FPOConfig:
 class FlowGRPOConfig:
     """The Flow-GRPO baseline (``algorithm: flow_grpo``; flow families ``sd3``/``flux``).
 
-    Rollouts use its own SDE sampler (``sampling.steps``, ``sampling.guidance_scale``;
-    ``sampling.scheduler`` is ignored), see ``fpo_diffusion/algorithms/flow_grpo.py``.
+    As yifan123/flow_grpo's code is today (``fpo_diffusion/algorithms/flow_grpo.py``). Rollouts use its
+    own SDE sampler (``sampling.steps``, ``sampling.guidance_scale``; ``sampling.scheduler`` is ignored);
+    with CFG the training forward is guided too (official ``train.cfg = True``). Defaults are the official
+    ones (``config/base.py``, ``config/grpo.py``); the GenEval recipe adds ``kl_beta: 0.04``
+    (``launch/configs/shapes_flow_grpo_official.yaml``).
     """
 
     noise_level: float = 0.7
-    """``a`` in the SDE's ``sigma_t = a * sqrt(t / (1 - t))`` (Flow-GRPO's ``noise_level``)."""
+    """``a`` in the SDE's ``std_dev_t = a * sqrt(t / (1 - t))`` (Flow-GRPO's ``noise_level``; finite, > 0)."""
     clip_range: float = 1e-4
-    """GRPO clip range of the per-step ratio (log-probs are means over latent dims, hence tiny)."""
+    """GRPO clip range of the per-step ratio (log-probs are means over latent dims, hence tiny; in (0, 1))."""
     timestep_fraction: float = 0.99
-    """Fraction of the denoising steps trained per sample and epoch (a random subset; at least one)."""
+    """Steps trained per sample and epoch: ``max(1, int(sampling.steps * timestep_fraction))`` (in ``(0, 1]``)."""
+    timestep_selection: str = "first"
+    """Which steps: ``first`` (the first ones, every sample and epoch, as the official ``train_timesteps =
+    range(num_train_timesteps)``) or ``random`` (a random subset per sample, iteration and epoch)."""
     kl_beta: float = 0.0
-    """Weight of the KL to the frozen base model, ``||mean - mean_ref||^2 / (2 std^2)`` per step (0: off)."""
+    """Weight of the KL to the frozen base model, ``mean_d (mean - mean_ref)^2 / (2 std_dev_t^2)`` per step, with
+    ``std_dev_t`` the SDE's noise scale (not the transition's std ``std_dev_t sqrt(-dt)``), as the official code
+    (finite, >= 0; 0: off; official GenEval 0.04)."""
+    detach_uncond: bool = True
+    """With CFG, detach the unconditional branch of the training forward (official since 2025-07-15): the
+    gradient flows through the conditional prediction only; ``false``: through both."""
+    filter_zero_advantage: bool = True
+    """Leave the samples whose advantage is exactly 0 out of the update (official): the rest (padded with
+    random zero-advantage samples to a multiple of the number of minibatches) is split into as many
+    minibatches as the whole rollout would be (``ceil(samples / train.minibatch_size)``), so the update takes
+    the same optimizer steps on fewer, smaller minibatches; ``false``: train on every sample."""
 
     def __post_init__(self):
-        if not 0 < self.noise_level < math.inf:
-            raise ValueError(f"flow_grpo.noise_level must be a finite number > 0, got {self.noise_level}")
-        if not 0 < self.clip_range < 1:
-            raise ValueError(f"flow_grpo.clip_range must be in (0, 1), got {self.clip_range}")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"flow_grpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        if not 0 <= self.kl_beta < math.inf:
-            raise ValueError(f"flow_grpo.kl_beta must be a finite number >= 0, got {self.kl_beta}")
+        _require("flow_grpo.noise_level", self.noise_level, 0, math.inf, lo_open=True, hi_open=True)
+        _require("flow_grpo.clip_range", self.clip_range, 0, 1, lo_open=True, hi_open=True)
+        _require("flow_grpo.timestep_fraction", self.timestep_fraction, 0, 1, lo_open=True)
+        _choice("flow_grpo.timestep_selection", self.timestep_selection, ("first", "random"))
+        _require("flow_grpo.kl_beta", self.kl_beta, 0, math.inf, hi_open=True,
+                 why="a negative weight pushes the policy away from the base model")
 
 
 @dataclass
@@ -388,6 +402,9 @@ class AWMConfig:
     ema_decay_rate, ema_decay_max)`` (>= 0; official ``kl_ema_decay_type: linear``)."""
     ema_decay_max: float = 0.3
     """Largest decay of the lagged copy (in ``[0, 1)``; official ``kl_ema_decay``)."""
+    clip_range: float = 1.0
+    """Clip range ``c`` of the per-pair ratio ``exp(l_old - l)`` on the minibatches after an update's first
+    optimizer step (official ``train.clip_range = 1``; finite, > 0; no effect with one step per iteration)."""
 
     def __post_init__(self):
         _choice("awm.weighting", self.weighting, AWM_WEIGHTINGS)
@@ -401,6 +418,7 @@ class AWMConfig:
                      why="a negative weight pushes the policy away from what it anchors to")
         _require("awm.ema_decay_rate", self.ema_decay_rate, 0, math.inf, hi_open=True)
         _require("awm.ema_decay_max", self.ema_decay_max, 0, 1, hi_open=True)
+        _require("awm.clip_range", self.clip_range, 0, math.inf, lo_open=True, hi_open=True)
 
 
 @dataclass
@@ -532,7 +550,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more compute)."""
     ema_decay: float | None = None
-    """EMA of the LoRA weights (used for export); ``None``: off."""
+    """EMA of the LoRA weights (used for export and the held-out evaluation), in ``(0, 1)``; ``None``: off."""
+    ema_warmup: bool = False
+    """The baselines' official EMA warm-up: after optimizer step ``n`` the decay is ``min((1 + n) / (10 + n),
+    ema_decay)`` (yifan123/flow_grpo ``flow_grpo/ema.py``), so the average follows the weights early on;
+    ``false``: ``ema_decay`` from the first step."""
+    ema_update_every: int = 1
+    """Move the EMA after optimizer step ``n`` only when ``(n + 1) % ema_update_every == 0`` (>= 1; the official
+    ``update_step_interval``: Flow-GRPO 8, DiffusionNFT and AWM 1)."""
     seed: int = 0
     """Seed of everything (prompts, rollouts, ``(t, eps)`` pairs); in ``[0, 2**32)``."""
     max_nonfinite_in_a_row: int = 3
@@ -568,6 +593,7 @@ class TrainConfig:
             raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        _require("train.ema_update_every", self.ema_update_every, 1)
         _require("train.seed", self.seed, 0, 2**32, hi_open=True)
         _require("train.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, 1)
         _require("train.collective_timeout_s", self.collective_timeout_s, 0, math.inf, lo_open=True, hi_open=True)

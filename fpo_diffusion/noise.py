@@ -99,6 +99,8 @@ STREAMS: dict[str, Stream] = {
     "reference_tau_eps": Stream(10_007, 1, "(iteration * 1000 + epoch, sample index + step * 7919): FM anchor pairs"),
     "own_cfm": Stream(20_011, 1, "global sample index: the collapse monitor's (t, eps) pair"),
     "step_subset": Stream(40_009, 2, "global sample index; the offset is multiplied by epoch + 1: stepwise steps"),
+    "zero_adv_pad": Stream(50_021, 3, "the rank's first global sample index: zero-advantage samples that pad a "
+                                      "filtered Flow-GRPO update"),
 }
 """Every random stream of a training run, by name: one place to see that no two uses share draws.
 

@@ -22,14 +22,45 @@ EMA_FILE = "ema.safetensors"
 
 
 class EMA(LaggedWeights):
-    """An exponential moving average of trainable parameters (``decay`` per optimizer step)."""
+    """An exponential moving average of trainable parameters (``decay`` per optimizer step).
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+    ``warmup`` and ``every`` follow the baselines' official ``EMAModuleWrapper`` (yifan123/flow_grpo
+    ``flow_grpo/ema.py`` lines 33-49): after optimizer step ``n`` (1-based) the average moves when
+    ``(n + 1) % every == 0``, with decay ``min((1 + n) / (10 + n), decay)`` under ``warmup``. The count ``n``
+    is checkpointed (only then: the plain EMA's state is its weights)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, *, warmup: bool = False, every: int = 1):
         super().__init__(params)
         self.decay = float(decay)
+        self.warmup, self.every = bool(warmup), int(every)
+        self.steps = 0
+
+    @property
+    def counted(self) -> bool:
+        return self.warmup or self.every > 1
+
+    def current_decay(self) -> float:
+        n = self.steps
+        return min((1 + n) / (10 + n), self.decay) if self.warmup else self.decay
 
     def step(self) -> None:
-        self.blend(self.decay)
+        if not self.counted:
+            self.blend(self.decay)
+            return
+        self.steps += 1
+        if (self.steps + 1) % self.every == 0:
+            self.blend(self.current_decay())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        if self.counted:
+            state["steps"] = torch.tensor(self.steps, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        if self.counted and "steps" in state:
+            self.steps = int(state["steps"])
 
 
 @dataclass

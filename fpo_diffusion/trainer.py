@@ -170,7 +170,7 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(self.policy.denoiser, self.optimizer)
         # Stepped once per optimizer step by us (a prepared scheduler steps once per process).
         acc.register_for_checkpointing(self.lr_scheduler)
-        self.ema = EMA(params, t.ema_decay) if t.ema_decay else None
+        self.ema = EMA(params, t.ema_decay, warmup=t.ema_warmup, every=t.ema_update_every) if t.ema_decay else None
         self.guard = NonfiniteGuard(t.max_nonfinite_in_a_row, verbose=acc.is_main_process)
         self.updater = Updater(t, acc, self.model, self.optimizer, self.lr_scheduler, n_local=self.n_local,
                                guard=self.guard, ema=self.ema)

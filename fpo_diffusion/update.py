@@ -138,10 +138,16 @@ class Updater:
         nonfinite = dict.fromkeys(CAUSES[1:], 0)
         grad_norms = []
         model.train()
+        n_mb = math.ceil(self.n_local / tr.minibatch_size)
+        subset = algorithm.update_subset(adv.cpu(), iteration, n_mb, int(ro.global_idx[0]))
         for epoch in range(tr.epochs):
             g = self.seeds.generator("shuffle", iteration, acc.process_index * 1009 + epoch)
-            perm = torch.randperm(self.n_local, generator=g)
-            mbs = [perm[s] for s in batch_slices(self.n_local, tr.minibatch_size)]
+            if subset is None:
+                perm = torch.randperm(self.n_local, generator=g)
+                mbs = [perm[s] for s in batch_slices(self.n_local, tr.minibatch_size)]
+            else:  # the same number of minibatches over fewer samples (Flow-GRPO's zero-advantage filter)
+                perm = subset[torch.randperm(len(subset), generator=g)]
+                mbs = [mb for mb in torch.tensor_split(perm, n_mb) if len(mb)]
             groups = [mbs[i:i + tr.grad_accum_steps] for i in range(0, len(mbs), tr.grad_accum_steps)]
             for step, group in enumerate(groups):
                 cause = 0  # index into CAUSES; the worst over the accumulated minibatches and the ranks wins
@@ -198,6 +204,8 @@ class Updater:
         out = {f"{name}/{k}": v / max(n_terms, 1) for k, v in sums.items()}
         out[f"{name}/skipped_updates"] = skipped
         out.update({f"nonfinite/{k}": v for k, v in nonfinite.items()})
+        if subset is not None:
+            out[f"{name}/trained_samples"] = len(subset)
         out["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         return out

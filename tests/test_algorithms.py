@@ -40,7 +40,7 @@ def test_flow_grpo_step_log_prob_is_the_gaussian_formula():
     for i in range(3):
         s, sn = float(sigma[i]), float(sigma_next[i])
         dt = sn - s
-        st = a * math.sqrt((smax if s >= 1 else s) / (1 - (smax if s >= 1 else s)))
+        st = a * math.sqrt(s / (1 - (smax if s >= 1 else s)))  # official: only the denominator at sigma = 1
         m = x[i] * (1 + st ** 2 / (2 * s) * dt) + v[i] * (1 + st ** 2 * (1 - s) / (2 * s)) * dt
         sd = st * math.sqrt(-dt)
         assert torch.allclose(mean[i], m) and math.isclose(float(std[i].flatten()[0]), sd, rel_tol=1e-12)

@@ -60,6 +60,14 @@ class Algorithm(ABC):
              iteration: int, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss of minibatch ``idx`` (indices into the rank's samples) with advantages ``adv``."""
 
+    def update_subset(self, adv: torch.Tensor, iteration: int, n_minibatches: int, rank_key: int
+                      ) -> torch.Tensor | None:
+        """Which of the rank's samples the update trains on (indices, CPU), split into the same
+        ``n_minibatches`` minibatches per epoch; ``None`` (default): all of them, in minibatches of
+        ``train.minibatch_size`` (Flow-GRPO's zero-advantage filter overrides it). ``rank_key``: a key unique
+        to the rank, for seeded draws."""
+        return None
+
     def end_iteration(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
         """Called once after ``iteration``'s update (not after a skipped one) with its metrics (this rank's
         means, keyed ``<name>/<stat>``); returns more metrics to log. Default: nothing."""

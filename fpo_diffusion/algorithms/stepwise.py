@@ -72,6 +72,14 @@ class StepwiseAlgorithm(Algorithm):
 
     init_noise_sigma: float = 1.0
 
+    detach_uncond: bool = False
+    """Detach the unconditional branch of CFG in training (Flow-GRPO's official code since 2025-07-15)."""
+
+    def kl_variance(self, j: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The variance the KL to the base model divides by, ``[n, 1, ...]``: the transition's ``std^2``
+        (DDPO); Flow-GRPO overrides it with its official ``std_dev_t^2``."""
+        return std ** 2
+
     # --- the guided prediction ---------------------------------------------------------------
     def negative_rows(self, n: int) -> Cond | None:
         if self.guidance <= 1:
@@ -82,8 +90,9 @@ class StepwiseAlgorithm(Algorithm):
         return {k: v[:1].expand(n, *v.shape[1:]) for k, v in neg.items()}
 
     def predict(self, model: torch.nn.Module, x: torch.Tensor, j: torch.Tensor, cond: Cond,
-                negative: Cond | None) -> torch.Tensor:
-        """The (CFG-combined) prediction at rows ``x`` and steps ``j`` in float32 (float64 models: float64)."""
+                negative: Cond | None, detach_uncond: bool = False) -> torch.Tensor:
+        """The (CFG-combined) prediction at rows ``x`` and steps ``j`` in float32 (float64 models: float64);
+        ``detach_uncond``: no gradient through the unconditional branch."""
         mt = self.model_time(j)
         cdt = torch.float64 if self.policy.dtype == torch.float64 else torch.float32
         if negative is None:
@@ -91,6 +100,8 @@ class StepwiseAlgorithm(Algorithm):
         both = cond_cat([cond_to(negative, x.device), cond_to(cond, x.device)])
         out = self.policy.predict(torch.cat([x, x]), torch.cat([mt, mt]), both, model=model).to(cdt)
         unc, con = out.chunk(2)
+        if detach_uncond:
+            unc = unc.detach()
         return unc + self.guidance * (con - unc)
 
     # --- rollout -----------------------------------------------------------------------------
@@ -156,7 +167,7 @@ class StepwiseAlgorithm(Algorithm):
         cond = {kk: v.repeat_interleave(k, dim=0) for kk, v in cond.items()}
         neg = self.negative_rows(b * k)
         with self.ctx.autocast():
-            pred = self.predict(self.ctx.model, x, jf, cond, neg)
+            pred = self.predict(self.ctx.model, x, jf, cond, neg, detach_uncond=self.detach_uncond)
         _, lp_new, mean, std = self.step(pred, jf, x, prev_sample=x_next)
         log_ratio = lp_new - lp_old.to(lp_new.dtype)
         ratio = log_ratio.exp()
@@ -175,7 +186,8 @@ class StepwiseAlgorithm(Algorithm):
             with torch.no_grad(), self.policy.reference(), self.ctx.autocast():
                 pred_ref = self.predict(model, x, jf, cond, neg)
                 _, _, mean_ref, _ = self.step(pred_ref, jf, x, prev_sample=x_next)
-            kl = ((mean - mean_ref) ** 2).reshape(b * k, -1).mean(1, keepdim=True) / (2 * std.reshape(b * k, -1) ** 2)
+            var = self.kl_variance(jf, std).reshape(b * k, -1)
+            kl = ((mean - mean_ref) ** 2).reshape(b * k, -1).mean(1, keepdim=True) / (2 * var)
             kl = kl.mean()
             loss = loss + a.kl_beta * kl
             stats["kl_ref"] = kl.detach()
