@@ -380,3 +380,6 @@ def test_official_preset_loads_and_builds(name, tmp_path):
                                 dropout=cfg.lora.dropout, gradient_checkpointing=False)
     alg = build_algorithm(cfg.algorithm, AlgorithmContext.for_policy(cfg, pol))
     assert alg.name == cfg.algorithm
+    alg.setup()
+    x0, _ = alg.sample(pol.encode_prompts(["two red circles"]), [torch.Generator().manual_seed(0)], None, 0)
+    assert x0.shape[0] == 1 and bool(torch.isfinite(x0).all())  # the recipe's sampler runs on the shapes model
