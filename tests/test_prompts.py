@@ -34,8 +34,8 @@ def test_tags_keep_only_those_tasks_and_an_absent_tag_is_one_line(tmp_path):
         load_prompts(PromptConfig(source=str(txt), tags=["counting"]))
     with pytest.raises(ConfigError, match="prompts.tags must be a non-empty list"):
         PromptConfig(source=str(txt), tags=[])
-    # the shapes world's training prompts by task (400 each)
-    assert len(load_prompts(PromptConfig(source="embedded:shapes", tags=["counting"]))) == 400
+    # the shapes world's training prompts by task (Flow-GRPO's GenEval mix: counting a quarter of 2000)
+    assert len(load_prompts(PromptConfig(source="embedded:shapes", tags=["counting"]))) == 500
 
 
 def test_datasets_folder(tmp_path):

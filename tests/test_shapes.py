@@ -224,6 +224,14 @@ def test_split_by_combination_invariants():
     assert share["single_object"] == 0 and len(set(share.values()) - {0}) == 1
     for m in train[::37]:
         assert validate_metadata(m, set(SHAPES)) is None
+    # embedded:shapes: the same prompts in Flow-GRPO's GenEval task mix, still no held-out prompt
+    from fpo_diffusion.shapes.plugin import training_prompts
+
+    mixed = training_prompts()
+    assert len(mixed) == len(train) and {m["prompt"] for m in mixed} <= {m["prompt"] for m in train}
+    mix = {t: sum(m["tag"] == t for m in mixed) for t in S.TRAINING_TASK_MIX}
+    assert mix == {t: round(w * len(train)) for t, w in S.TRAINING_TASK_MIX.items()}
+    assert mixed == training_prompts() and not ({m["prompt"] for m in mixed} & held)
     # the evaluation sets: every task, fixed
     test = S.heldout_metadata()
     assert {m["tag"] for m in test} == set(S.TASKS) and test == S.heldout_metadata()

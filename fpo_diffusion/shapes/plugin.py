@@ -32,17 +32,24 @@ def model() -> dict:
 
 
 def training_prompts() -> list[dict]:
-    """``embedded:shapes``: the fixed RL training prompt set (``scenes.training_metadata``)."""
-    from .scenes import training_metadata
+    """``embedded:shapes``: the RL training prompt set, 2000 GenEval-format entries of the five tasks with
+    training prompts in Flow-GRPO's GenEval task mix (``scenes.TRAINING_TASK_MIX``: position 700, counting 500,
+    color_attr 500, two_object 200, colors 100), never a test or validation prompt; fixed and seeded."""
+    from fpo_diffusion.prompts import PromptItem, weight_tasks
 
-    return training_metadata()
+    from .scenes import TRAINING_TASK_MIX, training_metadata
+
+    items = weight_tasks([PromptItem(m["prompt"], m) for m in training_metadata()], TRAINING_TASK_MIX, "embedded:shapes")
+    return [it.metadata for it in items]
 
 
 def counting_training_prompts() -> list[dict]:
     """``embedded:shapes-counting``: the training prompts of the counting task (400 entries of 12 prompts), what
-    the default job trains on: the task the base model is worst at. Same as ``embedded:shapes`` with
-    ``prompts.tags: [counting]``."""
-    return [m for m in training_prompts() if m["tag"] == "counting"]
+    the counting job trains on (``launch/configs/shapes_counting.yaml``): the task the base model is worst at.
+    The same prompts as ``embedded:shapes`` with ``prompts.tags: [counting]``, in equal shares (400, not 500)."""
+    from .scenes import training_metadata
+
+    return [m for m in training_metadata() if m["tag"] == "counting"]
 
 
 def validation_prompts() -> list[dict]:

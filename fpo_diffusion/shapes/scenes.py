@@ -201,6 +201,9 @@ def train_task_metadata() -> dict[str, list[dict]]:
 
 TRAINING_ENTRIES_PER_TASK = 400
 """Entries per task of :func:`training_metadata` (five tasks: single_object is all held out)."""
+TRAINING_TASK_MIX = {"position": 0.35, "counting": 0.25, "color_attr": 0.25, "two_object": 0.10, "colors": 0.05}
+"""The task mix of the RL prompt set ``embedded:shapes`` (``plugin.training_prompts``): the weights Flow-GRPO gives
+GenEval's tasks in its training prompts, the hard tasks (position, counting, colour binding) first."""
 
 
 @lru_cache(maxsize=1)
@@ -218,7 +221,8 @@ def _training_metadata() -> tuple[str, ...]:
 
 
 def training_metadata() -> list[dict]:
-    """The fixed RL training prompt set (``prompts.source: embedded:shapes``).
+    """The RL training prompts in equal shares per task (``embedded:shapes`` recomposes them to
+    :data:`TRAINING_TASK_MIX`; ``embedded:shapes-counting`` keeps the counting ones).
 
     :data:`TRAINING_ENTRIES_PER_TASK` entries for each task that has training prompts (two_object,
     counting, colors, position, color_attr: equal shares; small tasks repeat their prompts),
@@ -405,6 +409,6 @@ def pretraining_example(rng: np.random.Generator, style: CaptionStyle = CaptionS
 __all__ = [
     "TASKS", "RELATIONS", "COUNTS", "single_object", "two_object", "counting", "colors", "position", "color_attr",
     "combination_groups", "split", "vocabulary", "heldout_metadata", "validation_metadata", "heldout_prompts",
-    "train_task_metadata", "training_metadata", "random_scene", "scene_for", "CaptionStyle", "caption",
+    "train_task_metadata", "training_metadata", "TRAINING_TASK_MIX", "random_scene", "scene_for", "CaptionStyle", "caption",
     "pretraining_scene", "pretraining_example",
 ]
