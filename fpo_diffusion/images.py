@@ -23,24 +23,51 @@ def _font(size: int):
 
 def wrap_text(text: str, width: int, font, max_lines: int | None = None) -> list[str]:
     """``text`` broken at spaces into lines of at most ``width`` pixels (a word longer than a line is cut);
-    beyond ``max_lines`` the last line ends with an ellipsis."""
+    beyond ``max_lines`` the last line ends with an ellipsis.
+
+    Linear in the text's length (up to a log factor): a word is measured only as far as a line can hold,
+    by doubling then bisecting the prefix, and with ``max_lines`` the text is read no further than the lines
+    it fills (a 100 000-character URL, base64 string or CJK prompt is cut, never measured whole)."""
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     fits = lambda t: draw.textlength(t, font=font) <= width  # noqa: E731
-    lines: list[str] = []
-    for word in text.split():
-        while not fits(word):  # a word wider than the line: cut it
-            cut = max(1, max(i for i in range(1, len(word) + 1) if fits(word[:i]) or i == 1))
-            if lines and fits(lines[-1] + " " + word[:cut]):
-                lines[-1] += " " + word[:cut]
+
+    def longest_prefix(word: str, start: int) -> int:
+        """The largest ``n >= 1`` with ``word[start:start + n]`` fitting (1 if not even one character fits)."""
+        left = len(word) - start
+        lo, hi = 0, 1  # fits(lo chars) (0 chars always), hi: the next to try
+        while hi <= left and fits(word[start:start + hi]):
+            lo, hi = hi, hi * 2
+        hi = min(hi, left + 1)  # hi chars do not fit (or run past the word)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(word[start:start + mid]):
+                lo = mid
             else:
-                lines.append(word[:cut])
-            word = word[cut:]
-        if not word:
-            continue
-        if lines and fits(lines[-1] + " " + word):
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
+                hi = mid
+        return max(1, lo)
+
+    lines: list[str] = []
+    full = None if max_lines is None else max_lines + 1  # one line more than shown says "truncated"
+    for word in text.split():
+        if full is not None and len(lines) >= full:
+            break
+        start = 0
+        while start < len(word):
+            if full is not None and len(lines) >= full:
+                break
+            n = longest_prefix(word, start)
+            piece = word[start:start + n]
+            start += n
+            if start < len(word):  # a word wider than the line: cut it
+                if lines and fits(lines[-1] + " " + piece):
+                    lines[-1] += " " + piece
+                else:
+                    lines.append(piece)
+                continue
+            if lines and fits(lines[-1] + " " + piece):
+                lines[-1] += " " + piece
+            else:
+                lines.append(piece)
     if max_lines is not None and len(lines) > max_lines:
         last = lines[max_lines - 1]
         while last and not fits(last + "\u2026"):

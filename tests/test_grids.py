@@ -16,6 +16,37 @@ def test_wrap_text_keeps_every_word_and_breaks_between_words():
     assert len(short) == 2 and short[-1].endswith("\u2026")
 
 
+
+def test_a_word_of_100000_characters_is_measured_in_linear_work_and_truncated(monkeypatch):
+    """Issue 24: the caption wrapper was cubic in the length of a word without spaces (a URL, base64, CJK:
+    100 000 characters never finished). Every character measured is counted; the work must stay linear."""
+    from PIL import ImageDraw
+
+    measured = [0]
+    real = ImageDraw.ImageDraw.textlength
+
+    def counting(self, text, *a, **k):
+        measured[0] += len(text)
+        if measured[0] > budget:
+            raise AssertionError(f"measured {measured[0]} characters for a {n}-character caption")
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "textlength", counting)
+    font = _font(13)
+    for n, text in ((100_000, "x" * 100_000), (100_000, "\u732b" * 100_000),
+                    (100_003, "a " + "https://example.com/" + "Zm9v" * 24_995)):
+        budget = 40 * n
+        measured[0] = 0
+        lines = wrap_text(text, 212, font, max_lines=8)
+        assert len(lines) == 8 and lines[-1].endswith("\u2026")  # truncated to what fits
+        measured[0] = 0
+        whole = wrap_text(text, 212, font)  # no line limit: every character kept, still linear work
+        assert "".join(whole).replace(" ", "") == text.replace(" ", "")
+    measured[0], budget, n = 0, 40 * 300_000, 300_000
+    grid = labelled_grid([[Image.new("RGB", (64, 64))]], ["y" * 100_000], [["0.50"]], title="z" * 100_000,
+                         tile_captions=[["w" * 100_000]])
+    assert grid.size[0] > 0
+
 def test_grid_positions_show_every_group():
     keys = [g for g in range(8) for _ in range(8)]  # the default iteration: 8 prompts x 8 samples
     pos = grid_positions(keys, 16)
