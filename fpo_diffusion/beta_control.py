@@ -36,6 +36,10 @@ from dataclasses import dataclass
 
 STATISTICS = ("clip_frac", "log_ratio_std")
 """What ``beta: auto`` can aim at (keys of ``fpo_loss``'s stats)."""
+LOG_RATIO_STD_MAX = 1.0
+"""The largest ``log_ratio_std`` target: a spread of 1 already puts ratios at ``e^-1..e^1`` (0.37..2.7), far
+outside any PPO clip range, so every term is clipped and a larger target only drives ``beta`` (and the ratio)
+to overflow (issue 24: ``target=1e30`` took ``beta`` from 5 to 2.6e6 and the ratio to inf)."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class BetaController:
     statistic: str = "clip_frac"
     """The measured statistic, one of :data:`STATISTICS`."""
     target: float = 0.1
-    """Its target value (``clip_frac``: in ``(0, 1)``; ``log_ratio_std``: > 0)."""
+    """Its target value (``clip_frac``: in ``(0, 1)``; ``log_ratio_std``: in ``(0, 1]``, :data:`LOG_RATIO_STD_MAX`)."""
     rate: float = 2.0
     """Multiplicative step per iteration (> 1, at most ``tolerance ** 2``)."""
     tolerance: float = 1.5
@@ -62,6 +66,10 @@ class BetaController:
             raise ValueError(f"fpo.beta_auto.target must be in (0, 1) for clip_frac, got {self.target}")
         if not 0 < self.target < math.inf:
             raise ValueError(f"fpo.beta_auto.target must be a finite number > 0, got {self.target}")
+        if self.statistic == "log_ratio_std" and self.target > LOG_RATIO_STD_MAX:
+            raise ValueError(f"fpo.beta_auto.target must be in (0, {LOG_RATIO_STD_MAX:g}] for log_ratio_std, got "
+                             f"{self.target:g} (a log-ratio spread of 1 already puts the ratios at 0.37..2.7, outside "
+                             f"any clip range: a larger target only drives beta and the ratio to overflow)")
         if not 1 < self.tolerance < math.inf:
             raise ValueError(f"fpo.beta_auto.tolerance must be a finite number > 1, got {self.tolerance}")
         if not 1 < self.rate <= self.tolerance ** 2:

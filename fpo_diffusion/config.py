@@ -167,7 +167,8 @@ class BetaAutoConfig:
     """``clip_frac`` (share of ratio terms outside the clip range, ``fpo/clip_frac``) or ``log_ratio_std``
     (spread of ``log rho``, ``fpo/log_ratio_std``)."""
     target: float = 0.1
-    """Target of the statistic (``clip_frac``: in ``(0, 1)``; ``log_ratio_std``: finite, > 0)."""
+    """Target of the statistic (``clip_frac``: in ``(0, 1)``; ``log_ratio_std``: in ``(0, 1]``: a spread of 1 already
+    puts the ratios at 0.37..2.7, outside any clip range)."""
     init: float = 5.0
     """``beta`` of the first iteration (in ``[beta_min, beta_max]``)."""
     rate: float = 2.0
@@ -561,7 +562,9 @@ class TrainConfig:
     seed: int = 0
     """Seed of everything (prompts, rollouts, ``(t, eps)`` pairs); in ``[0, 2**32)``."""
     max_nonfinite_in_a_row: int = 3
-    """Stop after this many consecutive updates skipped for NaN/Inf (>= 1)."""
+    """Stop after this many consecutive updates skipped for NaN/Inf (>= 1), or after this many consecutive
+    iterations that each skipped at least one of their updates (a run whose every iteration skips its later
+    steps, e.g. a ratio that overflowed, is stopped even though each iteration's first step went through)."""
     collective_timeout_s: float = 600.0
     """Seconds a rank waits in a collective (gather, barrier, gradient all-reduce) for the others before the
     run stops with one line (``InitProcessGroupKwargs``; torch's default is 30 minutes): a rank that hangs

@@ -71,6 +71,8 @@ class Progress:
     nonfinite_in_a_row: int = 0
     cfm_start: float | None = None
     """The policy's CFM loss on its own samples at the first iteration (the collapse monitor's reference)."""
+    nonfinite_iterations_in_a_row: int = 0
+    """Iterations in a row that skipped at least one update (``update.NonfiniteGuard.end_iteration``)."""
 
 
 _UNFINISHED = re.compile(r"^unfinished-\d+$")
@@ -166,7 +168,8 @@ def check_resume(cfg: Config, out_dir: Path, resume: str | None, *, world_size: 
 def save_run(accelerator, root: Path, progress: Progress, cfg: Config, ema: EMA | None) -> Path:
     """Checkpoint the run after ``progress.iteration`` iterations (every rank calls this)."""
     state = {"iteration": progress.iteration, "nonfinite_in_a_row": progress.nonfinite_in_a_row,
-             "cfm_start": progress.cfm_start, "world_size": accelerator.num_processes, "version": __version__,
+             "cfm_start": progress.cfm_start,
+             "nonfinite_iterations_in_a_row": progress.nonfinite_iterations_in_a_row, "world_size": accelerator.num_processes, "version": __version__,
              "config": config_to_dict(cfg)}
     extra = {EMA_FILE: ema.state_dict()} if ema is not None else None
     return save_checkpoint(accelerator, root, progress.iteration, state, extra, keep_last=cfg.checkpoint.keep_last)
@@ -183,7 +186,8 @@ def load_run(accelerator, path: Path, ema: EMA | None) -> Progress:
     saved_ema = load_extra(path, EMA_FILE)
     if ema is not None and saved_ema is not None:
         ema.load_state_dict(saved_ema)
-    return Progress(int(state["iteration"]), int(state.get("nonfinite_in_a_row", 0)), state.get("cfm_start"))
+    return Progress(int(state["iteration"]), int(state.get("nonfinite_in_a_row", 0)), state.get("cfm_start"),
+                    int(state.get("nonfinite_iterations_in_a_row", 0)))
 
 
 __all__ = ["EMA", "EMA_FILE", "Progress", "check_resume", "load_run", "save_run"]

@@ -218,6 +218,7 @@ class Trainer:
         if self.resume_from is not None:
             self.progress = load_run(acc, self.resume_from, self.ema)
             self.guard.in_a_row = self.progress.nonfinite_in_a_row
+            self.guard.iterations_in_a_row = self.progress.nonfinite_iterations_in_a_row
             self.logger.truncate_after(self.progress.iteration)
             if acc.is_main_process:
                 print(f"resumed from {self.resume_from} at iteration {self.progress.iteration}", flush=True)
@@ -268,6 +269,7 @@ class Trainer:
             self._log_samples(it, all_groups, all_rewards, adv_all)
             self.guard.skip(it, "reward", f" from {', '.join(map(repr, names)) or 'the reward'} "
                                      f"({int(bad.sum())} of {len(bad)} samples)")
+            self.guard.end_iteration(it)
             return {"reward/mean": float("nan"), "reward/nonfinite_samples": int(bad.sum()),
                     f"{self.algorithm.name}/skipped_updates": self.steps_per_iteration,
                     **{f"nonfinite/{c}": int(c == "reward") for c in CAUSES[1:]},
@@ -280,6 +282,7 @@ class Trainer:
             cfm_start = self.progress.cfm_start = own_cfm
         stats = self.updater.update(self.algorithm, ro, adv, prep, it)
         stats.update(self.algorithm.end_iteration(it, stats))
+        self.guard.end_iteration(it)  # iterations that skip updates count too, not only steps in a row
         upd_s = time.perf_counter() - t_u
         comps = {k: float(self._gather(v).mean()) for k, v in sorted(ro.components.items())}
         n_global = len(all_rewards)
@@ -344,6 +347,7 @@ class Trainer:
     def _save(self, iteration: int) -> Path:
         self.progress.iteration = iteration
         self.progress.nonfinite_in_a_row = self.guard.in_a_row
+        self.progress.nonfinite_iterations_in_a_row = self.guard.iterations_in_a_row
         return save_run(self.accelerator, self.ckpt_root, self.progress, self.cfg, self.ema)
 
     def export(self, out_dir: str | Path | None = None) -> Path:

@@ -42,10 +42,17 @@ def adamw(params, **kw) -> torch.optim.Optimizer:
 
 
 class NonfiniteGuard:
-    """Counts updates skipped for non-finite numbers; too many in a row stop the run."""
+    """Counts updates skipped for non-finite numbers; too many in a row stop the run.
 
-    def __init__(self, limit: int, *, verbose: bool = True, in_a_row: int = 0):
+    Two counts, one limit (``train.max_nonfinite_in_a_row``): skipped optimizer steps in a row
+    (:meth:`skip` / :meth:`ok`), and iterations in a row that skipped at least one of their steps
+    (:meth:`end_iteration`): a run whose every iteration skips its later steps (its first step finite,
+    e.g. after ``beta: auto`` drove the ratio to overflow) never skips steps in a row, yet learns nothing."""
+
+    def __init__(self, limit: int, *, verbose: bool = True, in_a_row: int = 0, iterations_in_a_row: int = 0):
         self.limit, self.verbose, self.in_a_row = limit, verbose, in_a_row
+        self.iterations_in_a_row = iterations_in_a_row
+        self._skipped_this_iteration = False
 
     def ok(self) -> None:
         """An update went through."""
@@ -55,12 +62,23 @@ class NonfiniteGuard:
         """Count an update skipped for a non-finite ``cause`` (printed with the iteration); raise
         :class:`TrainingError` once ``limit`` updates in a row were skipped."""
         self.in_a_row += 1
+        self._skipped_this_iteration = True
         if self.verbose:
             print(f"iteration {iteration}: skipped an update with a non-finite {cause}{detail}", flush=True)
         if self.in_a_row >= self.limit:
             raise TrainingError(f"{self.in_a_row} updates in a row were skipped for non-finite numbers "
                                 f"(train.max_nonfinite_in_a_row={self.limit}; the last: a non-finite {cause} at "
                                 f"iteration {iteration}); stopping")
+
+    def end_iteration(self, iteration: int) -> None:
+        """An iteration ended: count it if it skipped any update, else reset; raise :class:`TrainingError`
+        once ``limit`` iterations in a row skipped updates."""
+        skipped, self._skipped_this_iteration = self._skipped_this_iteration, False
+        self.iterations_in_a_row = self.iterations_in_a_row + 1 if skipped else 0
+        if self.iterations_in_a_row >= self.limit:
+            raise TrainingError(f"{self.iterations_in_a_row} iterations in a row skipped updates for non-finite "
+                                f"numbers (train.max_nonfinite_in_a_row={self.limit}; the last: iteration {iteration}; "
+                                f"with fpo.beta: auto, look at fpo/beta and fpo/ratio_max); stopping")
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -41,7 +41,10 @@ def test_settings_are_range_checked():
                        (dict(statistic="log_ratio_std", target=0.0), "target"), (dict(tolerance=1.0), "tolerance"),
                        (dict(rate=1.0), "rate"), (dict(rate=3.0, tolerance=1.5), "rate"),
                        (dict(beta_min=0.0), "beta_min"), (dict(beta_min=2.0, beta_max=1.0), "beta_max"),
-                       (dict(beta_max=math.inf), "beta_max")]:
+                       (dict(beta_max=math.inf), "beta_max"),
+                       # issue 24: target=1e30 drove beta from 5 to 2.6e6 and the ratio to inf
+                       (dict(statistic="log_ratio_std", target=1e30), r"target must be in \(0, 1\]"),
+                       (dict(statistic="log_ratio_std", target=1.5), "target")]:
         with pytest.raises(ValueError, match=match):
             BetaController(**bad)
 
@@ -72,3 +75,12 @@ def test_log_ratio_std_is_the_spread_of_log_rho():
     _, st = fpo_loss(l_old, torch.zeros(3, 1, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
                      FPOObjective(beta=2.0))
     assert st["log_ratio_std"].item() == pytest.approx(torch.tensor([0.0, 0.4, 0.8]).std(unbiased=False).item())
+
+
+def test_an_unreachable_log_ratio_std_target_is_one_config_line():
+    from fpo_diffusion.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^fpo.beta_auto.target must be in \(0, 1\] for log_ratio_std, got 1e\+30"):
+        load_config(None, ["fpo.beta=auto", "fpo.beta_auto.statistic=log_ratio_std", "fpo.beta_auto.target=1e30"])
+    assert load_config(None, ["fpo.beta=auto", "fpo.beta_auto.statistic=log_ratio_std",
+                              "fpo.beta_auto.target=1"]).fpo.beta_auto.target == 1.0

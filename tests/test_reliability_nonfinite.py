@@ -213,3 +213,36 @@ def test_non_finite_losses_in_a_row_stop_before_anything_is_written(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(start, lora_snapshot(tr)))
     assert all(p.grad is None for p in tr.policy.trainable_parameters())
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "lora").exists()
+
+
+def test_iterations_that_each_skip_their_later_steps_stop_the_run(tmp_path, capsys):
+    """Issue 24: ``beta: auto`` drove the ratio to inf; every iteration's first step was finite and every later
+    one skipped, so no run of skipped *steps* reached the limit and the run went on learning nothing. Skipped
+    iterations count too."""
+    from fpo_diffusion.trainer import TrainingError
+
+    tr = trainer(tmp_path / "run", **{"train.iterations": 5, "train.minibatch_size": 3, "checkpoint.every": 0})
+    assert tr.steps_per_iteration == 2
+    inner, calls = tr.algorithm.loss, [0]
+
+    def loss(*a, **k):  # the second step of every iteration overflows
+        calls[0] += 1
+        out, stats = inner(*a, **k)
+        return (out * float("inf") if calls[0] % 2 == 0 else out), stats
+
+    tr.algorithm.loss = loss
+    with pytest.raises(TrainingError) as e:
+        tr.train()
+    assert str(e.value).startswith("3 iterations in a row skipped updates for non-finite numbers "
+                                   "(train.max_nonfinite_in_a_row=3; the last: iteration 2;")
+    assert calls[0] == 6 and tr.guard.in_a_row == 1  # never two steps in a row
+
+
+def test_a_run_of_skipping_iterations_is_broken_by_a_clean_one():
+    from fpo_diffusion.update import NonfiniteGuard
+
+    g = NonfiniteGuard(2, verbose=False)
+    g.skip(0, "loss"), g.ok(), g.end_iteration(0)
+    g.ok(), g.end_iteration(1)  # a clean iteration resets the count
+    g.skip(2, "loss"), g.ok(), g.end_iteration(2)
+    assert g.iterations_in_a_row == 1
