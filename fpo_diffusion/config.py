@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -996,5 +997,51 @@ def fpo_objective(f: FPOConfig):
         raise ConfigError(str(e)) from None
 
 
+SECRET_NAME = re.compile(r"token|passw(or)?d|passphrase|secret|api[_-]?key|apikey|credential|auth|private[_-]?key|"
+                         r"access[_-]?key|bearer|cookie|session[_-]?id", re.IGNORECASE)
+"""Names of options that hold secrets (``token``, ``password``, ``api_key``, ``hf_token``, ``auth``...): their
+values are never written (config.yaml, trainer_state.json, TensorBoard, W&B); see :func:`redacted`."""
+REDACTED = "<redacted>"
+"""What a secret's value is written as."""
+
+
+def redacted(node: Any) -> Any:
+    """A copy of ``node`` (a config dict) with the value of every key named like a secret (:data:`SECRET_NAME`)
+    replaced by :data:`REDACTED`, at any depth (e.g. ``reward.options."remote:URL".token``)."""
+    if isinstance(node, dict):
+        return {k: (REDACTED if isinstance(k, str) and SECRET_NAME.search(k) and v not in (None, "")
+                    else redacted(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redacted(v) for v in node]
+    return node
+
+
+def config_for_writing(cfg: Config) -> dict:
+    """The config as it is written anywhere (``config.yaml``, checkpoints, TensorBoard, W&B): secrets redacted.
+    A remote reward's token belongs in ``$REWARD_SERVER_TOKEN`` (``rewards/remote.py``), not in the config."""
+    return redacted(config_to_dict(cfg))
+
+
+def secrets_in(cfg: Config) -> list[str]:
+    """Dotted names of the config's options that hold a secret (they are redacted when written)."""
+    found: list[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                name = f"{where}.{k}" if where else str(k)
+                if isinstance(k, str) and SECRET_NAME.search(k) and v not in (None, ""):
+                    found.append(name)
+                else:
+                    walk(v, name)
+
+    walk(config_to_dict(cfg), "")
+    return found
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML (secrets redacted: :func:`config_for_writing`), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config_for_writing(cfg), sort_keys=False))
+    tmp.replace(path)

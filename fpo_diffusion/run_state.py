@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .checkpoint import (LOCK_FILE, CheckpointError, list_checkpoints, load_extra, read_state, resolve_resume,
                          save_checkpoint, say_once)
-from .config import Config, ConfigError, config_to_dict
+from .config import Config, ConfigError, config_for_writing, config_to_dict, redacted
 from .lagged import LaggedWeights
 
 EMA_FILE = "ema.safetensors"
@@ -137,7 +137,8 @@ def check_resume(cfg: Config, out_dir: Path, resume: str | None, *, world_size: 
     state = read_state(path)
     saved = state.get("config")
     if saved is not None:
-        now = config_to_dict(cfg)
+        now = config_for_writing(cfg)  # as the checkpoint wrote it: secrets redacted (a token may differ)
+        saved = redacted(saved)
         _fill_defaults(saved, config_to_dict(Config()))  # fields added since the checkpoint was written
         saved.pop("output_dir", None)  # the same run in another folder (copied or moved)
         now.pop("output_dir", None)
@@ -170,7 +171,7 @@ def save_run(accelerator, root: Path, progress: Progress, cfg: Config, ema: EMA 
     state = {"iteration": progress.iteration, "nonfinite_in_a_row": progress.nonfinite_in_a_row,
              "cfm_start": progress.cfm_start,
              "nonfinite_iterations_in_a_row": progress.nonfinite_iterations_in_a_row, "world_size": accelerator.num_processes, "version": __version__,
-             "config": config_to_dict(cfg)}
+             "config": config_for_writing(cfg)}
     extra = {EMA_FILE: ema.state_dict()} if ema is not None else None
     return save_checkpoint(accelerator, root, progress.iteration, state, extra, keep_last=cfg.checkpoint.keep_last)
 

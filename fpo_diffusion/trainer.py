@@ -25,7 +25,7 @@ from .advantages import group_advantages, zero_variance_share
 from .algorithms import AlgorithmContext, build_algorithm
 from .budget import check_image_size, check_iteration_memory
 from .checkpoint import CheckpointError, RunLock, install_lora_only_hooks
-from .config import Config, ConfigError, config_to_dict, save_config
+from .config import Config, ConfigError, config_for_writing, save_config
 from .export import export_trained_lora
 from .images import group_rows, labelled_grid
 from .noise import SeedStreams
@@ -213,7 +213,7 @@ class Trainer:
                       flush=True)
         acc.wait_for_everyone()
         self.logger = RunLogger(self.out, enabled=acc.is_main_process, tensorboard=cfg.log.tensorboard,
-                                wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, config=config_to_dict(cfg))
+                                wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, config=config_for_writing(cfg))
         self.progress = Progress()
         if self.resume_from is not None:
             self.progress = load_run(acc, self.resume_from, self.ema)

@@ -5,6 +5,11 @@ Protocol (see :mod:`rewards.server`): ``POST {url}/score`` with JSON
 ``{"scores": [...]}``; optional ``Authorization: Bearer <token>``. Images travel as PNG
 (lossless) by default, never as pickles.
 
+The token is read from the environment variable ``$REWARD_SERVER_TOKEN`` (the one the server reads too;
+another with the ``token_env`` option, e.g. one variable per server), so that it never sits in a config
+file: a ``token`` option still works, but the trainer writes every option named like a secret as
+``<redacted>`` (``fpo_diffusion.config.redacted``).
+
 Failure policy: connection errors, timeouts, 5xx answers and malformed answers (not JSON,
 wrong length, non-numbers, non-finite numbers) are retried ``retries`` times with
 exponential backoff (``backoff * 2**attempt`` seconds); 4xx answers (other than 408/429)
@@ -24,6 +29,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import os
 import sys
 import threading
 import time
@@ -62,6 +68,10 @@ def parse_scores(payload: Any, n: int) -> list[float]:
     return out
 
 
+TOKEN_ENV = "REWARD_SERVER_TOKEN"
+"""The environment variable the client reads its bearer token from (``launch/reward_server.py`` reads the same)."""
+
+
 @register_reward("remote")
 class RemoteReward(Reward):
     """HTTP client reward. Range: the served reward's."""
@@ -70,11 +80,13 @@ class RemoteReward(Reward):
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, retries: int = 3,
                  backoff: float = 0.5, image_format: str = "PNG", device: str | torch.device = "cpu",
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, token_env: str = TOKEN_ENV):
         super().__init__(device=device, batch_size=batch_size)
         if image_format not in ("PNG", "JPEG"):
             raise ValueError(f"remote reward: image_format must be PNG or JPEG, got {image_format!r}")
         self.url = url.rstrip("/")
+        if token is None and token_env:  # the documented way: the token stays out of every file the run writes
+            token = os.environ.get(token_env) or None
         self.token, self.timeout, self.retries, self.backoff = token, float(timeout), int(retries), float(backoff)
         self.image_format = image_format
         self._client = None
