@@ -917,9 +917,10 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file, then dotted overrides; validated."""
-    data = config_to_dict(Config())
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: dict | None = None) -> Config:
+    """Defaults (or ``base``, e.g. a run's saved config), then the YAML file, then dotted overrides; validated."""
+    data = config_to_dict(Config()) if base is None else _merge(config_to_dict(Config()), base)
     if path is not None:
         data = _merge(data, read_yaml(path))
     for text in overrides or []:
@@ -952,6 +953,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as e:
         raise _naming_the_file(e, path, overrides) from None
     return cfg
+
+
+def override_keys(text: str, data: dict) -> tuple[list[str], Any]:
+    """The key path and value of override ``text`` as :func:`load_config` applies it to ``data``."""
+    keys, value = parse_override(text)
+    return _reward_name_keys(keys, data.get("reward")), value
 
 
 def _naming_the_file(error: ConfigError, path: str | Path | None, overrides: list[str] | None) -> ConfigError:

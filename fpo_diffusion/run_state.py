@@ -102,6 +102,124 @@ RESUMABLE_TRAIN_FIELDS = ("iterations", "collective_timeout_s")
 """``train`` fields a resume may change (besides all of ``log`` and ``checkpoint``, and ``output_dir``)."""
 
 
+RESUMABLE_SECTIONS = ("log", "checkpoint", "eval")
+"""Sections a resume may change as a whole (with ``--allow-change``)."""
+
+
+def may_change_on_resume(keys: list[str]) -> bool:
+    """Whether the setting at ``keys`` may change when a run is resumed (it does not change the run itself)."""
+    return (keys[0] in RESUMABLE_SECTIONS or (keys[0] == "train" and len(keys) == 2 and keys[1] in RESUMABLE_TRAIN_FIELDS)
+            or keys == ["output_dir"])
+
+
+def _get(node, keys: list[str]):
+    for k in keys:
+        if not isinstance(node, dict) or k not in node:
+            return _MISSING
+        node = node[k]
+    return node
+
+
+_MISSING = object()
+
+
+def _explicit_settings(path: str | Path | None, overrides: list[str], data: dict) -> list[list[str]]:
+    """The key paths the user set: every leaf of the ``--config`` file (a reward's weights and options as one
+    setting each) and every override."""
+    from .config import override_keys, read_yaml
+
+    found: list[list[str]] = []
+
+    def walk(node, keys):
+        if isinstance(node, dict) and node and keys[:2] not in (["reward", "weights"], ["reward", "options"]):
+            for k, v in node.items():
+                walk(v, keys + [str(k)])
+        elif keys:
+            found.append(keys)
+
+    if path is not None:
+        walk(read_yaml(path), [])
+    for text in overrides:
+        found.append(override_keys(text, data)[0])
+    return found
+
+
+def _put_back_secrets(saved, given, keys: list[str] | None = None) -> None:
+    """Redacted values of the saved config take the value given now (else they are dropped: e.g. a remote
+    reward's token then comes from ``$REWARD_SERVER_TOKEN``)."""
+    from .config import REDACTED
+
+    keys = keys or []
+    if not isinstance(saved, dict):
+        return
+    for k in list(saved):
+        if saved[k] == REDACTED:
+            value = _get(given, keys + [k])
+            if value is _MISSING or value == REDACTED:
+                del saved[k]
+            else:
+                saved[k] = value
+        else:
+            _put_back_secrets(saved[k], given, keys + [k])
+
+
+def resume_config(path: str | Path | None, overrides: list[str], allow_change: list[str] | None = None, *,
+                  report=say_once) -> Config:
+    """The config of ``--resume``: the run's own saved config (``<output_dir>/config.yaml``), not the defaults.
+
+    The ``--config`` file and overrides given now must equal the saved values (one line naming each that
+    differs otherwise); ``allow_change`` (``--allow-change a.b=value``) changes a setting deliberately (only
+    those that do not change the run itself: ``train.iterations``, ``train.collective_timeout_s``, ``log.*``,
+    ``checkpoint.*``, ``eval.*``), and the trainer records the new config. A folder with no complete
+    checkpoint (nothing to resume: the run starts over) takes the config given now."""
+    from .config import REDACTED, load_config, read_yaml
+
+    given = load_config(path, overrides)
+    out = Path(given.output_dir)
+    saved_file = out / "config.yaml"
+    allow_change = list(allow_change or [])
+    if not saved_file.is_file() or not list_checkpoints(out / "checkpoints"):
+        if allow_change:
+            raise ConfigError(f"--allow-change: {out} holds no checkpoint to resume; give the settings as plain "
+                              f"overrides")
+        return given
+    saved = read_yaml(saved_file)
+    _fill_defaults(saved, config_to_dict(Config()))
+    saved["output_dir"] = given.output_dir  # the same run in another folder (copied or moved)
+    now = config_to_dict(given)
+    differ = []
+    for keys in _explicit_settings(path, overrides, now):
+        if keys == ["output_dir"]:
+            continue
+        want, had = _get(now, keys), _get(saved, keys)
+        if had == REDACTED or want == had:
+            continue
+        differ.append(f"{'.'.join(keys)}={want!r} (the run has {'nothing' if had is _MISSING else repr(had)})")
+    if differ:
+        raise ConfigError(f"--resume continues the run's own config ({saved_file}), and {'; '.join(differ)}: drop "
+                          f"{'it' if len(differ) == 1 else 'them'}, or change a setting deliberately with "
+                          f"--allow-change KEY=VALUE (train.iterations, train.collective_timeout_s, log.*, "
+                          f"checkpoint.*, eval.*; the config.yaml then records it)")
+    _put_back_secrets(saved, now)
+    base = dict(saved)
+    changes = []
+    for text in allow_change:
+        from .config import override_keys
+
+        keys, _ = override_keys(text, base)
+        if not may_change_on_resume(keys):
+            raise ConfigError(f"--allow-change {text}: {'.'.join(keys)} cannot change on resume (it would be another "
+                              f"run); only train.iterations, train.collective_timeout_s, log.*, checkpoint.* and "
+                              f"eval.* can: start a new run in another output_dir")
+        changes.append(keys)
+    cfg = load_config(None, allow_change, base=base)
+    if changes and report is not None:
+        new = config_to_dict(cfg)
+        said = ", ".join(f"{'.'.join(k)} {_get(saved, k)!r} -> {_get(new, k)!r}" for k in changes)
+        report(f"note: resuming {out} with {said} (--allow-change); {saved_file} records the new config")
+    return cfg
+
+
 def _fill_defaults(saved: dict, defaults: dict) -> None:
     """Give a saved config the default of every field it lacks (it was written before the field existed)."""
     for k, v in defaults.items():
@@ -191,4 +309,4 @@ def load_run(accelerator, path: Path, ema: EMA | None) -> Progress:
                     int(state.get("nonfinite_iterations_in_a_row", 0)))
 
 
-__all__ = ["EMA", "EMA_FILE", "Progress", "check_resume", "load_run", "save_run"]
+__all__ = ["EMA", "EMA_FILE", "Progress", "check_resume", "load_run", "resume_config", "save_run"]

@@ -222,6 +222,7 @@ class Trainer:
             self.logger.truncate_after(self.progress.iteration)
             if acc.is_main_process:
                 print(f"resumed from {self.resume_from} at iteration {self.progress.iteration}", flush=True)
+                record_config(cfg, self.out / "config.yaml")  # e.g. more iterations (--allow-change)
         elif acc.is_main_process:  # only now that everything loaded: a failed start leaves no run behind
             save_config(cfg, self.out / "config.yaml")
         self.start_iteration = self.progress.iteration
@@ -386,6 +387,20 @@ class Trainer:
             self.logger.close()
             self.close()
         return last
+
+
+def record_config(cfg: Config, path: Path) -> None:
+    """Rewrite ``path`` with ``cfg`` if it says something else (a resume that changed a setting records it)."""
+    import yaml
+
+    from .config import config_for_writing
+
+    try:
+        same = yaml.safe_load(path.read_text()) == config_for_writing(cfg)
+    except (OSError, yaml.YAMLError):
+        same = False
+    if not same:
+        save_config(cfg, path)
 
 
 def progress_line(m: dict[str, float], algorithm: str, recent: list[float]) -> str:

@@ -172,10 +172,12 @@ def test_one_writer_damaged_checkpoint_fallback_copied_folder_and_world_size(tmp
     state = json.loads(state_file.read_text())
     state["world_size"] = 2  # as if written by 2 ranks
     state_file.write_text(json.dumps(state))
-    rc, err, stdout = cli(["--resume", "latest", *overrides(copy, **{"train.iterations": 3})])
+    rc, err, stdout = cli(["--resume", "latest", *overrides(copy), "--allow-change", "train.iterations=3"])
     assert rc == 0, err
     assert "resumed from" in stdout and [r["iteration"] for r in read_jsonl(copy / "metrics.jsonl")] == [0, 1, 2]
-    assert err == ["warning: checkpoint checkpoint-000002 was written by 2 process(es), this run has 1: the samples, "
+    assert err[0] == (f"note: resuming {copy} with train.iterations 2 -> 3 (--allow-change); {copy / 'config.yaml'} "
+                      f"records the new config")
+    assert err[1:] == ["warning: checkpoint checkpoint-000002 was written by 2 process(es), this run has 1: the samples, "
                    "rewards and noise of every iteration stay the same, but an optimizer step now averages 1 x "
                    "train.minibatch_size samples (was 2 x), 2 steps per iteration (was 1), so the run will not be "
                    "bit-identical to one continued on 2"]
