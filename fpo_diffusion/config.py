@@ -980,6 +980,32 @@ def validate(cfg: Config) -> None:
     ``__post_init__``), so a dataclass built in code is held to the same ranges as a YAML file."""
     # A NaN is never a setting (also inside lists and the fields without a range of their own).
     _no_nan(config_to_dict(cfg), "")
+    if cfg.algorithm == "awm":  # AWM trains on distinct sampler steps [1, K): more times than steps repeat them
+        k = int(cfg.sampling.steps * cfg.awm.timestep_fraction)
+        if k < 2:
+            raise ConfigError(f"algorithm awm needs int(sampling.steps x awm.timestep_fraction) >= 2 sampler steps to "
+                              f"draw from, got int({cfg.sampling.steps} x {cfg.awm.timestep_fraction:g}) = {k}; raise "
+                              f"sampling.steps")
+        if cfg.awm.train_timesteps > k - 1:
+            raise ConfigError(f"awm.train_timesteps={cfg.awm.train_timesteps} is more than the {k - 1} sampler steps it "
+                              f"draws from (steps 1..{k - 1} of sampling.steps={cfg.sampling.steps} x "
+                              f"awm.timestep_fraction={cfg.awm.timestep_fraction:g}): the same steps would repeat; "
+                              f"lower it to <= {k - 1} or raise sampling.steps")
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """One line for each setting that is accepted but does not do what it seems to (the trainer prints them before
+    anything loads)."""
+    out = []
+    e = cfg.eval
+    if e.prompts is not None and not e.every:
+        out.append(f"warning: eval.prompts={e.prompts} is set but eval.every=0: no held-out evaluation runs; set "
+                   f"eval.every=N (e.g. eval.every={max(1, cfg.train.iterations // 4)}) or drop eval.prompts")
+    if e.prompts is not None and e.every and e.prompts == cfg.prompts.source and e.column == cfg.prompts.column \
+            and (e.tags is None or cfg.prompts.tags is None or set(e.tags) & set(cfg.prompts.tags)):
+        out.append(f"warning: eval.prompts is the training prompt source ({e.prompts}): its eval/* scores are not "
+                   f"held-out; use prompts the run does not train on (e.g. a validation split)")
+    return out
 
 
 def _no_nan(node: Any, where: str) -> None:

@@ -57,6 +57,44 @@ def _resolve(family: str, path: str) -> tuple[str, str, int | None]:
     return family, path, None
 
 
+def check_model(family: str, path: str) -> str:
+    """The family of ``model.path`` after cheap checks made before anything loads (``model_index.json`` only):
+    :class:`ConfigError` when ``model.family`` contradicts the model (``sd`` for an SD3 folder or for
+    ``embedded:shapes``), and one line for a hub id that is not in the local cache while offline."""
+    from .policies import PIPELINE_FAMILIES
+    from .policies.common import read_pipeline_class_name, resolve_path
+
+    real, where, _ = _resolve(family, path)
+    if path.startswith("embedded:"):
+        if family not in ("auto", real):
+            raise ConfigError(f"model.family={family} contradicts model.path={path}, a {real} model; set "
+                              f"model.family={real} (or auto)")
+        return real
+    local = resolve_path(where)
+    if not os.path.isdir(local):  # a hub id: offline, only a cached one can load
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(local, "model_index.json")
+        if not isinstance(cached, str) and (constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE") not in
+                                            (None, "", "0", "false", "False")):
+            raise ConfigError(f"model.path={path} is a hub id that is not in the local Hugging Face cache, and the hub "
+                              f"is offline (HF_HUB_OFFLINE): download it first (huggingface-cli download {path}) or "
+                              f"give a local pipeline folder")
+        if not isinstance(cached, str):
+            return family
+        import json
+
+        with open(cached) as f:
+            name = json.load(f).get("_class_name")
+    else:
+        name = read_pipeline_class_name(local)
+    found = PIPELINE_FAMILIES.get(name)
+    if family != "auto" and found is not None and found != family:
+        raise ConfigError(f"model.family={family} contradicts model.path={path}, a {name} ({found}); set "
+                          f"model.family={found} (or auto)")
+    return found or family
+
+
 def resolve_model(family: str, path: str) -> tuple[str, str]:
     """``(family, path)`` with the ``embedded:`` names (tiny models, plug-ins) replaced by real folders."""
     return _resolve(family, path)[:2]
@@ -68,6 +106,7 @@ def load_model(family: str, path: str, *, dtype: str = "float32", device: str | 
     policy's embedded guidance (``sampling.distilled_guidance``; ``None``: the policy's default)."""
     from .policies import FluxPolicy, load_policy
 
+    check_model(family, path)
     family, path, zero_tokens = _resolve(family, path)
     if not zero_tokens:
         policy = load_policy(family, path, dtype=torch_dtype(dtype), device=device)

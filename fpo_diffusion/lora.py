@@ -59,9 +59,25 @@ def add_lora(denoiser: nn.Module, *, rank: int = 8, alpha: float | None = None,
     return config
 
 
+def check_rank(policy: Any, rank: int, target_modules: list[str] | None = None) -> None:
+    """:class:`~fpo_diffusion.config.ConfigError` when ``lora.rank`` exceeds the width of the layers it adapts
+    (a rank-r update of an n x m layer has rank at most min(n, m): the extra rank trains nothing but costs)."""
+    from .config import ConfigError
+
+    targets = tuple(target_modules or getattr(policy, "lora_targets", None) or ())
+    widths = [min(m.in_features, m.out_features) for n, m in unwrap_model(policy.denoiser).named_modules()
+              if isinstance(m, nn.Linear) and targets and any(n == t or n.endswith("." + t) for t in targets)]
+    if widths and rank > min(widths):
+        raise ConfigError(f"lora.rank={rank} is above the width of the layers it adapts ({min(widths)}: a LoRA of an "
+                          f"n x m layer has rank at most min(n, m)); use lora.rank <= {min(widths)}")
+
+
 def prepare_for_training(policy: Any, *, gradient_checkpointing: bool = False, **lora_kwargs: Any) -> list[nn.Parameter]:
     """Attach LoRA (``policy.add_lora(**lora_kwargs)``), keep its weights in float32 whatever the base
     dtype, optionally turn on gradient checkpointing; returns the trainable parameters."""
+    rank = lora_kwargs.get("rank")
+    if rank is not None:
+        check_rank(policy, int(rank), lora_kwargs.get("target_modules"))
     policy.add_lora(**lora_kwargs)
     params = policy.trainable_parameters()
     for p in params:

@@ -127,6 +127,14 @@ class Trainer:
         from accelerate.utils import set_seed
 
         cfg, acc = self.cfg, self.accelerator
+        # Settings accepted but meaningless: refused (a contradiction) or one line each, before anything loads.
+        from .config import config_warnings
+        from .embedded import check_model
+
+        check_model(cfg.model.family, cfg.model.path)
+        if acc.is_main_process:
+            for line in config_warnings(cfg):
+                print(line, flush=True)
         # A folder whose run stopped before its first checkpoint is started over (its files set aside).
         unfinished = resume in (None, "latest") and unfinished_start(self.out)
         acc.wait_for_everyone()
