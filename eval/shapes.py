@@ -27,6 +27,26 @@ def _at_least_one(text: str) -> int:
     return v
 
 
+def _unreadable_lora(folder: Path) -> str | None:
+    """Why the LoRA folder cannot be loaded (checked before the pipeline loads), or ``None``."""
+    if not folder.is_dir():
+        return "not a folder (give the folder that holds pytorch_lora_weights.safetensors)"
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return "holds no .safetensors file (a diffusers LoRA folder holds pytorch_lora_weights.safetensors)"
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                keys = list(h.keys())
+        except Exception as e:  # safetensors raises its own error types for damaged headers
+            return f"{f.name} cannot be read ({' '.join(str(e).split())[:160]}): is it damaged or truncated?"
+        if not keys:
+            return f"{f.name} holds no tensors"
+    return None
+
+
 def _compare(argv: list[str]) -> int:
     from fpo_diffusion.shapes import evaluate as E
 
@@ -87,18 +107,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora and not Path(args.lora).exists():
         print(f"error: LoRA folder {args.lora} does not exist", file=sys.stderr)
         return 2
+    if args.lora and (why := _unreadable_lora(Path(args.lora))):
+        print(f"error: --lora {args.lora}: {why}", file=sys.stderr)
+        return 2
     name = model.name + ("_recon" if args.reconstructions else "") + (f"_{Path(args.lora).name}" if args.lora else "")
     out = Path(args.out or f"outputs/shapes_eval/{name}" + ("" if args.split == "test" else f"_{args.split}"))
     if (out / "report.json").exists() and not args.overwrite:
         print(f"error: {out}/report.json exists; pass --overwrite or another --out", file=sys.stderr)
         return 2
-    if args.reconstructions:
-        E.evaluate_reconstructions(model / "vae", out, n_images=args.images, max_per_task=args.max_per_task,
-                                   seed=args.seed, split=args.split)
-    else:
-        E.evaluate_model(model, out, lora_dir=args.lora, n_images=args.images, max_per_task=args.max_per_task,
-                         steps=args.steps, guidance_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
-                         split=args.split)
+    from fpo_diffusion.checkpoint import WRITE_ERRORS, write_failure
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.reconstructions:
+            E.evaluate_reconstructions(model / "vae", out, n_images=args.images, max_per_task=args.max_per_task,
+                                       seed=args.seed, split=args.split)
+        else:
+            E.evaluate_model(model, out, lora_dir=args.lora, n_images=args.images, max_per_task=args.max_per_task,
+                             steps=args.steps, guidance_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
+                             split=args.split)
+    except WRITE_ERRORS as e:
+        if not isinstance(e, OSError) and "write" not in str(e).lower() and "os error" not in str(e).lower():
+            raise
+        print(f"error: could not write the report to --out {out}: {write_failure(e)}", file=sys.stderr)
+        return 2
     print(f"report: {out / 'report.md'}")
     return 0
 

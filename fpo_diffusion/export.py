@@ -3,13 +3,15 @@ merged full pipeline)."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import (CheckpointError, NonfiniteStateError, load_trainable, named_trainable, read_state,
-                         resolve_resume, writing)
+from .checkpoint import (CheckpointError, NonfiniteStateError, WriteError, load_trainable, named_trainable,
+                         read_state, resolve_resume, writing)
 from .config import ConfigError, load_config
 from .errors import OutputExistsError
 
@@ -92,8 +94,22 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         raise OutputExistsError(f"--out {out_dir} is a file, not a folder; choose a new or empty folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise OutputExistsError(f"output folder {out_dir} is not empty; choose another --out")
+    if format == "kohya":  # the cheap check first: the run's family, from its config, before loading the pipeline
+        run_cfg = Path(run_dir) / "config.yaml"
+        if run_cfg.is_file():
+            from .embedded import check_model
+
+            cfg = load_config(run_cfg)
+            family = check_model(cfg.model.family, cfg.model.path)
+            if family not in ("sd", "sdxl"):
+                raise ConfigError(f"--format kohya is for SD 1.x/2.x and SDXL LoRAs; {run_dir} trained a {family} "
+                                  f"model: export it in the diffusers format (drop --format kohya)")
+    parent = out_dir.resolve().parent
+    if not os.access(parent if parent.exists() else parent.parent, os.W_OK) or \
+            (out_dir.exists() and not os.access(out_dir, os.W_OK)):
+        raise WriteError(f"cannot write to --out {out_dir}: permission denied; choose a writable folder")
     policy, _, _ = load_trained_policy(run_dir, checkpoint, ema=ema)
-    if merge:
+    if merge:  # a whole pipeline: written to a temporary folder, renamed when complete (a failure leaves nothing)
         from .lora import merge_lora
 
         merge_lora(policy)
@@ -101,11 +117,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
             from .policies.sd3 import complete_t5_less
 
             complete_t5_less(policy.pipeline)
-        policy.pipeline.save_pretrained(str(out_dir))
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".tmp-{out_dir.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with writing(f"the merged pipeline to {out_dir}", partial=tmp):
+            policy.pipeline.save_pretrained(str(tmp))
+            if out_dir.exists():
+                out_dir.rmdir()  # empty (checked above)
+            tmp.rename(out_dir)
     elif format == "kohya":
         from .lora import export_lora_kohya
 
-        return Path(export_lora_kohya(policy, out_dir / f"{Path(run_dir).resolve().name}.safetensors"))
+        with writing(f"the LoRA to {out_dir}", partial=None if out_dir.exists() else out_dir):
+            return Path(export_lora_kohya(policy, out_dir / f"{Path(run_dir).resolve().name}.safetensors"))
     else:
-        policy.export_lora(str(out_dir))
+        with writing(f"the LoRA to {out_dir}", partial=None if out_dir.exists() else out_dir):
+            policy.export_lora(str(out_dir))
     return out_dir
