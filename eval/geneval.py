@@ -33,6 +33,16 @@ def _dtype(name: str | None, device: str):
 def load_detector(spec: str, device: str = "cpu"):
     """A detector from a Mask2Former folder or a ``module:attr`` spec."""
     if Path(spec).is_dir():
+        import json
+
+        try:  # a folder of another model (CLIP, a pipeline...) is refused here, not after a long load
+            arch = json.loads((Path(spec) / "config.json").read_text()).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            arch = None  # no readable config: the detector says what is missing when it loads
+        if arch is not None and not any("Mask2Former" in str(a) for a in arch):
+            raise GenEvalInputError(f"--detector {spec} is not a Mask2Former folder (its config.json names "
+                                    f"{', '.join(map(str, arch)) or 'no Mask2Former architecture'}); download "
+                                    f"{DETECTOR_HUB_ID} or pass module:attr")
         from rewards.geneval.mask2former import Mask2FormerDetector
 
         return Mask2FormerDetector(spec, device=device)
@@ -42,7 +52,11 @@ def load_detector(spec: str, device: str = "cpu"):
             obj = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError) as e:
             raise GenEvalInputError(f"cannot import detector {spec!r}: {e}") from None
-        return obj() if isinstance(obj, type) else obj
+        det = obj() if isinstance(obj, type) else obj
+        if not callable(det):
+            raise GenEvalInputError(f"--detector {spec} is a {type(det).__name__}, not a detector (a callable taking a "
+                                    f"list of images and returning their detections)")
+        return det
     raise GenEvalInputError(f"detector {spec!r} is neither a Mask2Former folder nor module:attr")
 
 

@@ -116,3 +116,18 @@ def test_shapes_eval_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     rc = shapes_eval.main(["--out", str(tmp_path / "out"), "--max-per-task", "1", "--images", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == [f"error: could not write the report to --out {tmp_path / 'out'}: No space left on device"]
+
+
+def test_geneval_detector_of_the_wrong_type_is_one_line(tmp_path):
+    sys.path.insert(0, str(ROOT / "eval"))
+    import geneval as cli
+    from rewards.geneval.metadata import GenEvalInputError
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_text('{"architectures": ["CLIPModel"]}')
+    for spec, says in ((str(clip), "is not a Mask2Former folder (its config.json names CLIPModel)"),
+                       ("math:pi", "is a float, not a detector")):
+        with pytest.raises(GenEvalInputError) as e:
+            cli.load_detector(spec)
+        assert says in str(e.value) and "\n" not in str(e.value)
