@@ -476,7 +476,7 @@ def _check_tags(name: str, tags) -> None:
 class PromptConfig:
     """Where training prompts come from (``fpo_diffusion/prompts.py``)."""
 
-    source: str = "embedded:shapes-counting"
+    source: str = "embedded:shapes"
     """A ``.txt`` file (one prompt a line), a ``.jsonl`` file (``{"prompt": ..., ...metadata}``,
     GenEval style), ``hf:<dataset>[:<split>]`` or a folder saved by ``datasets``, or an embedded
     source: ``embedded:tiny``, or one a plug-in installs (``fpo_diffusion.prompts`` entry points):
@@ -517,9 +517,9 @@ class PromptConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    iterations: int = 20
+    iterations: int = 30
     """Number of FPO iterations (rollout + update; >= 1)."""
-    prompts_per_iteration: int = 4
+    prompts_per_iteration: int = 8
     """Distinct prompts per iteration (P, >= 1), across all ranks."""
     group_size: int = 16
     """Images per prompt (K, >= 2): the group advantages are computed over. ``P * K`` must divide by the
@@ -527,11 +527,11 @@ class TrainConfig:
     cannot fit."""
     epochs: int = 1
     """Passes (E, >= 1) over the iteration's samples."""
-    minibatch_size: int = 32
+    minibatch_size: int = 64
     """Samples per forward/backward on each rank (>= 1)."""
     grad_accum_steps: int = 1
     """Minibatches accumulated per optimizer step (>= 1)."""
-    lr: float = 2e-3
+    lr: float = 1e-3
     """AdamW learning rate (finite, > 0). A step that makes any weight non-finite is undone and
     counted as skipped (``train.max_nonfinite_in_a_row``)."""
     weight_decay: float = 0.0
