@@ -8,7 +8,8 @@ Reads run folders written by ``launch/train.py`` with a held-out evaluation on G
 
 Writes a plot (a panel per task, one colour per run; dashed: training reward, solid with error bars:
 held-out) and a Markdown table per run: each task's training reward over the first and last
-``--window`` iterations and its held-out score at the start and the end, the change in SE units.
+``--window`` iterations and its held-out score at the start and the end, the change in SE units;
+and the curves themselves as JSON beside the plot.
 
     python bench/task_curves.py RUN [RUN ...] --out docs/task_curves.png [--labels a b] [--window 5]
 """
@@ -160,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     plot(runs, args.out, args.window)
     table = "\n".join(summary(n, d, args.window) for n, d in runs)
     args.out.with_suffix(".md").write_text(table, encoding="utf-8")
+    curves = {n: {"train": {t: {str(i): v for i, v in d.items()} for t, d in data["train"].items()},
+                  "heldout": data["heldout"]} for n, data in runs}
+    args.out.with_suffix(".json").write_text(json.dumps(curves, indent=1) + "\n", encoding="utf-8")
     print(table)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')} (the curves)")
     return 0
 
 
