@@ -53,6 +53,25 @@ def check_iteration_memory(cfg: Config, latent_numel: int, cond_bytes: int, imag
     return need
 
 
+ROLLOUT_WARN_IMAGES = 10_000
+"""Images one rank samples per iteration above which the run says so before loading (:func:`rollout_size_warning`)."""
+
+
+def rollout_size_warning(cfg: Config, world: int) -> str | None:
+    """One line when an iteration samples more than :data:`ROLLOUT_WARN_IMAGES` images per rank, else ``None``.
+
+    The memory estimate counts what the samples hold, not how long drawing them takes: ``train.group_size=100000``
+    fits in a few GiB and then samples for hours before the first line of output."""
+    t = cfg.train
+    n_global = t.prompts_per_iteration * t.group_size
+    n_local = -(-n_global // max(world, 1))
+    if n_local <= ROLLOUT_WARN_IMAGES:
+        return None
+    calls = n_local * cfg.sampling.steps
+    return (f"warning: an iteration samples train.prompts_per_iteration x train.group_size = {t.prompts_per_iteration} "
+            f"x {t.group_size} = {n_global:,} images ({n_local:,} on each of {world} rank(s), {calls:,} denoiser "
+            f"steps at sampling.steps={cfg.sampling.steps}): the first rollout alone may take hours before anything "
+            f"is logged; group sizes are usually 4-24 (train.group_size) with 8-64 prompts per iteration")
 
 
 def latent_cell(policy) -> int:
@@ -76,4 +95,5 @@ def check_image_size(height: int | None, width: int | None, policy) -> None:
                               f"use {lo} or {hi}")
 
 
-__all__ = ["check_image_size", "check_iteration_memory", "iteration_bytes", "latent_cell", "physical_memory"]
+__all__ = ["ROLLOUT_WARN_IMAGES", "check_image_size", "check_iteration_memory", "iteration_bytes", "latent_cell",
+           "physical_memory", "rollout_size_warning"]

@@ -19,14 +19,20 @@ from .images import group_rows, labelled_grid
 from .prompts import load_prompts
 
 
+def eval_items(cfg: EvalConfig) -> list:
+    """The evaluation prompts of ``eval.*`` (``eval.prompts`` in any prompt-source form, ``eval.tags``,
+    the first ``eval.max_prompts``)."""
+    items = load_prompts(PromptConfig(source=cfg.prompts, column=cfg.column, tags=cfg.tags))
+    return items[: cfg.max_prompts] if cfg.max_prompts else items
+
+
 class HeldOutEval:
     """The evaluation prompt set of a run and how to score the current policy on it."""
 
-    def __init__(self, cfg: EvalConfig, iterations: int, *, sampler, reward, accelerator):
+    def __init__(self, cfg: EvalConfig, iterations: int, *, sampler, reward, accelerator, items: list | None = None):
         self.cfg, self.iterations = cfg, iterations
         self.sampler, self.reward, self.accelerator = sampler, reward, accelerator
-        items = load_prompts(PromptConfig(source=cfg.prompts, column=cfg.column, tags=cfg.tags))
-        self.items = items[: cfg.max_prompts] if cfg.max_prompts else items
+        self.items = eval_items(cfg) if items is None else items
         k = cfg.images_per_prompt
         self.n = len(self.items) * k
         world, rank = accelerator.num_processes, accelerator.process_index

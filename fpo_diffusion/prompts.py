@@ -21,6 +21,8 @@ TINY_PROMPTS = [
 class PromptItem:
     prompt: str
     metadata: dict = field(default_factory=dict)
+    where: str = field(default="", compare=False, repr=False)
+    """Where the prompt came from, for error messages (``prompt file X, line 3``, ``embedded:shapes, entry 5``)."""
 
 
 def _read_text(path: Path) -> str:
@@ -36,7 +38,8 @@ def _read_jsonl(path: Path) -> list[PromptItem]:
             raise ConfigError(f"prompt file {path}, line {n}: not valid JSON ({e})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise ConfigError(f"prompt file {path}, line {n}: expected an object with a non-empty \"prompt\" string")
-        items.append(PromptItem(row["prompt"], normalise_metadata(row, f"prompt file {path}, line {n}")))
+        where = f"prompt file {path}, line {n}"
+        items.append(PromptItem(row["prompt"], normalise_metadata(row, where), where))
     return items
 
 
@@ -95,7 +98,7 @@ def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
             why = getattr(e, "strerror", None) or e
             raise ConfigError(f"prompt source {src[:200]!r} is not a usable path: {why}") from None
     if src == "embedded:tiny":
-        items = [PromptItem(p) for p in TINY_PROMPTS]
+        items = [PromptItem(p, {}, f"embedded:tiny, entry {i}") for i, p in enumerate(TINY_PROMPTS)]
     elif src.startswith("embedded:"):
         from . import plugins
 
@@ -103,7 +106,7 @@ def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
         if fn is None:
             known = ", ".join(["embedded:tiny"] + [f"embedded:{n}" for n in plugins.names(plugins.PROMPTS)])
             raise ConfigError(f"unknown embedded prompt source {src!r}; available: {known}")
-        items = [PromptItem(m["prompt"], m) for m in fn()]
+        items = [PromptItem(m["prompt"], m, f"{src}, entry {i}") for i, m in enumerate(fn())]
     elif src.startswith("hf:") or (Path(src).is_dir() and (Path(src) / "dataset_info.json").exists()
                                    or (Path(src) / "dataset_dict.json").exists()):
         items = _load_dataset(src, cfg.column)
@@ -114,7 +117,8 @@ def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
         if path.suffix == ".jsonl":
             items = _read_jsonl(path)
         else:
-            items = [PromptItem(line.strip()) for line in _read_text(path).splitlines() if line.strip()]
+            items = [PromptItem(line.strip(), {}, f"prompt file {path}, line {n}")
+                     for n, line in enumerate(_read_text(path).splitlines(), 1) if line.strip()]
     if not items:
         raise ConfigError(f"prompt source {src} holds no prompts")
     if cfg.tags:
@@ -128,6 +132,18 @@ def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
     if cfg.task_weights:
         items = weight_tasks(items, cfg.task_weights, src)
     return items
+
+
+def check_metadata(items: list[PromptItem], check, setting: str = "prompts.source") -> None:
+    """:class:`ConfigError` naming the first prompt whose metadata ``check`` (``MultiReward.check_metadata``:
+    metadata -> problem or ``None``) refuses, with where it came from: run before anything loads, so a prompt
+    the reward cannot score (an unknown class or tag, ``"count": "three"``) is one line, not a reward of 0 or an
+    error after a rollout."""
+    for i, it in enumerate(items):
+        problem = check(it.metadata or {})
+        if problem:
+            where = it.where or f"entry {i} ({it.prompt[:80]!r})"
+            raise ConfigError(f"{setting}: {where}: {problem}")
 
 
 TASK_MIX_SEED = 20_261_206
@@ -185,7 +201,8 @@ def _load_dataset(src: str, column: str) -> list[PromptItem]:
         prompt = row[column]
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(f"dataset {src}, row {n}: column {column!r} is not a non-empty string")
-        items.append(PromptItem(prompt, normalise_metadata(dict(row), f"dataset {src}, row {n}")))
+        where = f"dataset {src}, row {n}"
+        items.append(PromptItem(prompt, normalise_metadata(dict(row), where), where))
     return items
 
 

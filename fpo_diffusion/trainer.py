@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from .advantages import group_advantages, zero_variance_share
 from .algorithms import AlgorithmContext, build_algorithm
-from .budget import check_image_size, check_iteration_memory
+from .budget import check_image_size, check_iteration_memory, rollout_size_warning
 from .checkpoint import CheckpointError, RunLock, install_lora_only_hooks
 from .config import Config, ConfigError, config_for_writing, save_config
 from .export import export_trained_lora
 from .images import group_rows, labelled_grid
 from .noise import SeedStreams
-from .prompts import PromptItem, load_prompts, rank_slice
+from .prompts import PromptItem, check_metadata, load_prompts, rank_slice
 from .rollout import Rollout, Sampler
 from .run_state import EMA, Progress, check_resume, load_run, save_run, set_aside_unfinished, unfinished_start
 from .tracking import RunLogger
@@ -135,6 +135,21 @@ class Trainer:
         if acc.is_main_process:
             for line in config_warnings(cfg):
                 print(line, flush=True)
+            if (line := rollout_size_warning(cfg, acc.num_processes)):
+                print(line, flush=True)
+        # Prompts against the rewards, before the model loads: a prompt a reward cannot score (an unknown class
+        # or tag, "count": "three") is one line naming its file and line, not a reward of 0 after a rollout.
+        from rewards.multi import MultiReward
+
+        from .heldout import eval_items
+
+        self.reward = MultiReward(cfg.reward.weights, cfg.reward.options, device=acc.device,
+                                  nonfinite="keep")  # NaN/Inf rewards skip the update (train_iteration)
+        self.prompts: list[PromptItem] = load_prompts(cfg.prompts)
+        check_metadata(self.prompts, self.reward.check_metadata, "prompts.source")
+        eval_prompts = eval_items(cfg.eval) if cfg.eval.every else None
+        if eval_prompts is not None:
+            check_metadata(eval_prompts, self.reward.check_metadata, "eval.prompts")
         # A folder whose run stopped before its first checkpoint is started over (its files set aside).
         unfinished = resume in (None, "latest") and unfinished_start(self.out)
         acc.wait_for_everyone()
@@ -183,19 +198,14 @@ class Trainer:
         self.updater = Updater(t, acc, self.model, self.optimizer, self.lr_scheduler, n_local=self.n_local,
                                guard=self.guard, ema=self.ema)
 
-        # Rewards, prompts, sampling
-        from rewards.multi import MultiReward
-
-        self.reward = MultiReward(cfg.reward.weights, cfg.reward.options, device=acc.device,
-                                  nonfinite="keep")  # NaN/Inf rewards skip the update (train_iteration)
-        self.prompts: list[PromptItem] = load_prompts(cfg.prompts)
+        # Sampling (the rewards and prompts are built above)
         self.sampler = Sampler(cfg, self.policy, self.prompts, rank=acc.process_index, world=self.world,
                                device=acc.device, autocast=acc.autocast,
                                progress=False)  # one bar, the iterations' (no nested per-rollout bar)
         from .heldout import HeldOutEval
 
         self.heldout = HeldOutEval(cfg.eval, cfg.train.iterations, sampler=self.sampler, reward=self.reward,
-                                   accelerator=acc) if cfg.eval.every else None
+                                   accelerator=acc, items=eval_prompts) if cfg.eval.every else None
         check_image_size(cfg.sampling.height, cfg.sampling.width, self.policy)
         self.latent_shape = tuple(self.policy.latent_shape(cfg.sampling.height, cfg.sampling.width))
         one_cond = self.sampler.conditions([self.prompts[0].prompt])

@@ -47,6 +47,15 @@ class Reward:
         self._loaded = False
         self._load_lock = threading.Lock()
 
+    @classmethod
+    def check_metadata(cls, entry: dict, options: dict) -> str | None:
+        """What is wrong with one prompt's metadata for this reward built with ``options``, or ``None``.
+
+        Called for every training and evaluation prompt before anything loads (no instance is built), so a
+        reward that reads metadata (GenEval classes, counts, tags) refuses a prompt it cannot score in one line
+        instead of scoring it 0, or failing, after a rollout. The default: any metadata will do."""
+        return None
+
     def load(self) -> None:
         """Load heavy models onto ``self.device``; runs once, lazily (see :meth:`ensure_loaded`)."""
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from .base import Reward, RewardConfigError, RewardError, UnknownRewardError
-from .registry import available_rewards, build_reward
+from .registry import available_rewards, build_reward, reward_class
 
 REMOTE_PREFIX = "remote:"
 
@@ -55,6 +55,7 @@ class MultiReward:
         self.options = options
         self.device = device
         self._components: dict[str, Reward] = {}
+        self._classes: dict[str, type[Reward]] | None = None
         self._lock = threading.Lock()
         self._max_workers = int(max_workers)
         self._pool: ThreadPoolExecutor | None = None
@@ -71,6 +72,18 @@ class MultiReward:
                 else:
                     self._components[name] = build_reward(name, **opts)
             return self._components[name]
+
+    def check_metadata(self, entry: dict) -> str | None:
+        """What is wrong with one prompt's metadata for any component (``Reward.check_metadata``), or ``None``;
+        builds nothing (a remote reward's server is not asked)."""
+        if self._classes is None:
+            self._classes = {name: reward_class(name) for name in self.weights
+                             if not (name.startswith(REMOTE_PREFIX) or name == "remote")}
+        for name, cls in self._classes.items():
+            problem = cls.check_metadata(entry or {}, dict(self.options.get(name, {})))
+            if problem:
+                return f"reward {name!r}: {problem}"
+        return None
 
     def __call__(self, images: list[Image.Image], prompts: list[str],
                  metadata: list[dict] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

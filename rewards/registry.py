@@ -44,6 +44,14 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def reward_class(name: str) -> type[Reward]:
+    """The registered class of ``name`` (nothing is built)."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise UnknownRewardError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY)) or '(none)'}")
+    return _REGISTRY[name]
+
+
 def build_reward(name: str, **options) -> Reward:
     _load_builtins()
     if name not in _REGISTRY:

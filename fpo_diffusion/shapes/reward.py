@@ -93,6 +93,19 @@ class ShapesReward(Reward):
         self.thresholds = thresholds or Thresholds()
         self.range = (-self.paint_penalty, 1.0)
 
+    @classmethod
+    def check_metadata(cls, entry: dict, options: dict) -> str | None:
+        """GenEval metadata of the shapes world: a task tag, positive integer counts, classes among its shapes."""
+        from rewards.geneval.metadata import TASKS, validate_metadata
+
+        from .world import SHAPES
+
+        if not entry or "include" not in entry:
+            return ("needs GenEval metadata per prompt (tag, include, exclude), e.g. a .jsonl prompt file of "
+                    "scenes.training_metadata() lines or prompts.source=embedded:shapes")
+        problem = validate_metadata(entry, set(SHAPES), TASKS)
+        return f"invalid GenEval metadata: {problem}" if problem else None
+
     def score(self, images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         out = []
         for img, p, m in zip(images, prompts, metadata):

@@ -28,7 +28,9 @@ def _check_clause(clause: Any, i: int, kind: str, classnames: set[str] | None) -
     if not isinstance(cls, str) or not cls:
         return f"{kind}[{i}] has no 'class'"
     if classnames is not None and cls not in classnames:
-        return f"{kind}[{i}] class {cls!r} is not a known object name"
+        known = (f"known: {', '.join(sorted(classnames))}" if len(classnames) <= 20
+                 else f"not one of the detector's {len(classnames)} class names")
+        return f"{kind}[{i}] class {cls!r} is not a known object name ({known})"
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         return f"{kind}[{i}] 'count' must be a positive integer, got {count!r}"
     allowed = {"class", "count", "color", "position"} if kind == "include" else {"class", "count"}
@@ -47,12 +49,15 @@ def _check_clause(clause: Any, i: int, kind: str, classnames: set[str] | None) -
     return None
 
 
-def validate_metadata(entry: Any, classnames: set[str] | None = None) -> str | None:
-    """Problem with one metadata entry, or ``None`` when it is valid."""
+def validate_metadata(entry: Any, classnames: set[str] | None = None, tags: Any = None) -> str | None:
+    """Problem with one metadata entry, or ``None`` when it is valid (a ``class`` outside ``classnames``
+    and a ``tag`` outside ``tags`` are problems when those are given)."""
     if not isinstance(entry, dict):
         return "not a JSON object"
     if not isinstance(entry.get("tag"), str) or not entry["tag"]:
         return "missing 'tag'"
+    if tags is not None and entry["tag"] not in tags:
+        return f"tag {entry['tag']!r} is not a GenEval task (one of {', '.join(tags)})"
     if not isinstance(entry.get("prompt"), str) or not entry["prompt"]:
         return "missing 'prompt'"
     for kind in ("include", "exclude"):

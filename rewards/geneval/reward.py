@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..base import Reward, RewardError
 from ..registry import register_reward
-from .metadata import validate_metadata
+from .metadata import TASKS, validate_metadata
 from .rules import Thresholds, evaluate
 
 
@@ -45,6 +45,19 @@ class GenEvalReward(Reward):
         self.thresholds = Thresholds(**thresholds) if isinstance(thresholds, dict) else (thresholds or Thresholds())
         self._color_fn = color_fn
         self._clip = (clip_model, clip_pretrained)
+
+    @classmethod
+    def check_metadata(cls, entry: dict, options: dict) -> str | None:
+        """GenEval metadata with one of the six task tags, positive integer counts and, for the Mask2Former
+        detector (``detector`` a folder), classes among GenEval's 80 COCO names (a callable detector's classes
+        are its own)."""
+        names = None
+        if isinstance(options.get("detector"), str):
+            from .mask2former import COCO_CLASSES
+
+            names = set(COCO_CLASSES)
+        problem = validate_metadata(entry, names, TASKS)
+        return f"needs GenEval metadata: {problem}" if problem else None
 
     @property
     def color_fn(self) -> Callable:
