@@ -65,7 +65,8 @@ def _nonempty(name: str, value: str, why: str = "") -> None:
 
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux", "auto")
-"""``model.family`` values (the keys of ``fpo_diffusion.policies.POLICIES`` plus ``auto``)."""
+"""``model.family`` values: the keys of ``fpo_diffusion.policies.POLICIES`` plus ``auto`` (the config sits below that
+registry and cannot read it; the registry checks this list when it is imported)."""
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 """``train.lr_schedule`` values: the ``diffusers.optimization.get_scheduler`` names that need nothing but
 the warm-up and the number of steps."""
@@ -723,7 +724,8 @@ class Config:
 
 
 ALGORITHMS = ("fpo", "flow_grpo", "ddpo", "diffusion_nft", "awm")
-"""``algorithm`` values (the keys of ``fpo_diffusion.algorithms.ALGORITHMS``)."""
+"""``algorithm`` values: the keys of ``fpo_diffusion.algorithms.ALGORITHMS`` (the config sits below that registry and
+cannot read it; the registry checks this list when it is imported)."""
 
 
 # --------------------------------------------------------------------------------------------
