@@ -128,7 +128,7 @@ def test_every_registered_algorithm_and_family_runs_an_iteration(tmp_path, famil
     from fpo_diffusion.trainer import Trainer
 
     tr = Trainer(load_config(None, _overrides(tmp_path / "run", family, algorithm, **{
-        "train.iterations": 1, "train.prompts_per_iteration": 2, "train.minibatch_size": 4, "fpo.n_mc": 2})))
+        "train.iterations": 1, "train.prompts_per_iteration": 2, "train.minibatch_size": 4, "fpo.n_mc": 2, "awm.train_timesteps": 1})))
     before = [p.detach().clone() for p in tr.policy.trainable_parameters()]
     m = tr.train()
     assert math.isfinite(m["reward/mean"]) and m[f"{algorithm}/skipped_updates"] == 0
