@@ -42,18 +42,21 @@ outside any PPO clip range, so every term is clipped and a larger target only dr
 to overflow (issue 24: ``target=1e30`` took ``beta`` from 5 to 2.6e6 and the ratio to inf)."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class BetaController:
-    """Settings of the adaptive temperature (``fpo.beta_auto`` in the config)."""
+    """Settings of the adaptive temperature, defined here once: ``config.BetaAutoConfig`` (``fpo.beta_auto``)
+    extends this class, so these fields, defaults and ranges are the config's ``fpo.beta_auto.*``."""
 
     statistic: str = "clip_frac"
-    """The measured statistic, one of :data:`STATISTICS`."""
+    """The measured statistic, one of :data:`STATISTICS`: ``clip_frac`` (share of ratio terms outside the clip
+    range, ``fpo/clip_frac``) or ``log_ratio_std`` (spread of ``log rho``, ``fpo/log_ratio_std``)."""
     target: float = 0.1
-    """Its target value (``clip_frac``: in ``(0, 1)``; ``log_ratio_std``: in ``(0, 1]``, :data:`LOG_RATIO_STD_MAX`)."""
+    """Its target value (``clip_frac``: in ``(0, 1)``; ``log_ratio_std``: in ``(0, 1]``, :data:`LOG_RATIO_STD_MAX`:
+    a spread of 1 already puts the ratios at 0.37..2.7, outside any clip range)."""
     rate: float = 2.0
-    """Multiplicative step per iteration (> 1, at most ``tolerance ** 2``)."""
+    """Multiplicative step per iteration (> 1 and <= ``tolerance ** 2``; PPO's 2)."""
     tolerance: float = 1.5
-    """Half-width of the no-change band, as a factor around the target (> 1)."""
+    """No-change band ``[target / tolerance, target * tolerance]`` (finite, > 1; PPO's 1.5)."""
     beta_min: float = 1e-3
     """Lower clamp on ``beta`` (> 0)."""
     beta_max: float = 1e7

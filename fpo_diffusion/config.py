@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+from .beta_control import BetaController
 from .errors import UserError
+from .fpo import RATIO_REDUCTIONS, FPOObjective, FPOSurrogate
 from .noise import TimeSampling
 
 
@@ -63,7 +65,8 @@ def _nonempty(name: str, value: str, why: str = "") -> None:
 
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux", "auto")
-"""``model.family`` values (the keys of ``fpo_diffusion.policies.POLICIES`` plus ``auto``)."""
+"""``model.family`` values: the keys of ``fpo_diffusion.policies.POLICIES`` plus ``auto`` (the config sits below that
+registry and cannot read it; the registry checks this list when it is imported)."""
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 """``train.lr_schedule`` values: the ``diffusers.optimization.get_scheduler`` names that need nothing but
 the warm-up and the number of steps."""
@@ -155,31 +158,19 @@ class SamplingConfig:
 
 
 @dataclass
-class BetaAutoConfig:
+class BetaAutoConfig(BetaController):
     """``fpo.beta: auto``: the ratio's temperature adapted once per iteration (``fpo_diffusion/beta_control.py``).
 
     After each iteration's update the measured ``statistic`` (mean over the update's minibatches and
     the ranks) moves ``beta``: below ``target / tolerance`` it is multiplied by ``rate``, above
     ``target * tolerance`` divided by it, then clamped to ``[beta_min, beta_max]`` (PPO's adaptive-KL
     rule, with ``beta`` as a temperature). The current value is logged as ``fpo/beta`` and checkpointed.
+    The controller's settings (``statistic``, ``target``, ``rate``, ``tolerance``, ``beta_min``, ``beta_max``)
+    are the fields of ``beta_control.BetaController``, inherited with their defaults.
     """
 
-    statistic: str = "clip_frac"
-    """``clip_frac`` (share of ratio terms outside the clip range, ``fpo/clip_frac``) or ``log_ratio_std``
-    (spread of ``log rho``, ``fpo/log_ratio_std``)."""
-    target: float = 0.1
-    """Target of the statistic (``clip_frac``: in ``(0, 1)``; ``log_ratio_std``: in ``(0, 1]``: a spread of 1 already
-    puts the ratios at 0.37..2.7, outside any clip range)."""
     init: float = 5.0
     """``beta`` of the first iteration (in ``[beta_min, beta_max]``)."""
-    rate: float = 2.0
-    """Multiplicative step per iteration (> 1 and <= ``tolerance ** 2``; PPO's 2)."""
-    tolerance: float = 1.5
-    """No-change band ``[target / tolerance, target * tolerance]`` (finite, > 1; PPO's 1.5)."""
-    beta_min: float = 1e-3
-    """Lower clamp (> 0)."""
-    beta_max: float = 1e7
-    """Upper clamp (finite, >= ``beta_min``)."""
     keep_gradient_scale: bool = True
     """Divide the surrogate by ``beta / init``, so that its gradient at ``rho == 1`` (and so its balance with
     ``kl_beta``, ``fm_anchor_beta`` and ``train.max_grad_norm``) stays that of ``beta = init`` while ``beta``
@@ -187,44 +178,29 @@ class BetaAutoConfig:
 
     def __post_init__(self):
         try:
-            self.controller()
+            super().__post_init__()
         except ValueError as e:
             raise ConfigError(str(e)) from None
         _require("fpo.beta_auto.init", self.init, self.beta_min, self.beta_max, why="inside [beta_min, beta_max]")
 
-    def controller(self):
-        """The pure controller's settings (``beta_control.BetaController``)."""
-        from .beta_control import BetaController
-
-        return BetaController(statistic=self.statistic, target=self.target, rate=self.rate, tolerance=self.tolerance,
-                              beta_min=self.beta_min, beta_max=self.beta_max)
+    def controller(self) -> BetaController:
+        """The pure controller's settings (these fields without ``init`` and ``keep_gradient_scale``)."""
+        return BetaController(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BetaController)})
 
 
 @dataclass
-class FPOConfig:
-    """The FPO objective (``fpo_diffusion/fpo.py``)."""
+class FPOConfig(FPOSurrogate):
+    """The FPO objective (``fpo_diffusion/fpo.py``). The surrogate's own settings (``ratio_mode``, ``beta``,
+    ``ratio_reduction``, ``delta``, ``eps_clip``, ``eps_clip_high``, ``negative_adv``) are the fields of
+    ``fpo.FPOSurrogate``, inherited with their defaults; :meth:`objective` builds the objective from them."""
 
-    n_mc: int = 8
-    """Number of ``(t, eps)`` pairs per sample (N_mc, >= 1)."""
-    ratio_mode: str = "mean"
-    """``mean`` (FPO paper) or ``per_sample`` (FPO++)."""
-    beta: float | str = 5.0
+    beta: float | str = FPOSurrogate.beta
     """Scale on the loss difference inside the exp (finite, > 0); sets how far the ratio moves per step.
     ``auto``: adapted during training toward a target clip fraction or log-ratio spread (``beta_auto``)."""
+    n_mc: int = 8
+    """Number of ``(t, eps)`` pairs per sample (N_mc, >= 1)."""
     beta_auto: BetaAutoConfig = field(default_factory=BetaAutoConfig)
     """The controller of ``beta: auto`` (ignored for a numeric ``beta``)."""
-    ratio_reduction: str = "mean"
-    """How the CFM loss is reduced over latent dims inside the ratio: ``mean`` (per-dimension mean) or ``sum``
-    (the FPO paper's squared norm: the log-ratio grows by the number of latent dims, 16k-65k for SD-size
-    latents, so ``beta`` must shrink by as much; ``beta: auto`` finds it)."""
-    delta: float | None = None
-    """Clamp on the loss difference before the exp (> 0); ``None``: no clamp."""
-    eps_clip: float = 0.2
-    """PPO clip range, in ``(0, 1)``."""
-    eps_clip_high: float | None = None
-    """Separate upper clip range (finite, > 0); ``None``: same as ``eps_clip``."""
-    negative_adv: str = "clip"
-    """``clip`` (PPO for every sample) or ``spo`` (SPO penalty for negative advantages, FPO++)."""
     time_sampling: TimeSampling = field(default_factory=TimeSampling)
     """How ``t`` is drawn for the CFM loss."""
     group_noise: bool = False
@@ -252,34 +228,65 @@ class FPOConfig:
                 raise ConfigError(f"fpo.beta must be a finite number > 0 or auto, got {self.beta!r}")
         else:
             _require("fpo.beta", self.beta, 0, math.inf, lo_open=True, hi_open=True)
-        _choice("fpo.ratio_reduction", self.ratio_reduction, ("mean", "sum"))
-        fpo_objective(self)  # ratio_mode, negative_adv, beta, delta, eps_clip (the objective checks its own)
+        _choice("fpo.ratio_reduction", self.ratio_reduction, RATIO_REDUCTIONS)
+        self.objective()  # ratio_mode, negative_adv, beta, delta, eps_clip (the objective checks its own)
+
+    def objective(self, latent_dims: int = 1, beta: float | None = None) -> FPOObjective:
+        """The objective of these settings (``beta``: the temperature in use, by default ``beta`` or, for
+        ``auto``, ``beta_auto.init``)."""
+        if beta is None:
+            beta = self.beta_auto.init if self.beta == "auto" else self.beta
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(FPOSurrogate)}
+        try:
+            return FPOObjective(**{**settings, "beta": beta, "latent_dims": latent_dims})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
-class FlowGRPOConfig:
+class StepwiseConfig:
+    """What the per-step log-probability baselines share (``fpo_diffusion/algorithms/stepwise.py``): a clipped
+    ratio per denoising step over a share of the steps, with an optional KL to the frozen base model. The
+    ``flow_grpo`` and ``ddpo`` sections extend it; ``section`` names the one whose messages these are."""
+
+    section: typing.ClassVar[str] = ""
+    """The section's name in messages (not a setting)."""
+    clip_range: float = 1e-4
+    """Clip range of the per-step ratio (log-probs are means over latent dims, hence tiny; in (0, 1))."""
+    timestep_fraction: float = 1.0
+    """Share of the denoising steps trained per sample and epoch (in ``(0, 1]``; at least one step)."""
+    kl_beta: float = 0.0
+    """Weight of the KL to the frozen base model per step (finite, >= 0; 0: off)."""
+
+    def __post_init__(self):
+        _require(f"{self.section}.clip_range", self.clip_range, 0, 1, lo_open=True, hi_open=True)
+        _require(f"{self.section}.timestep_fraction", self.timestep_fraction, 0, 1, lo_open=True)
+        _require(f"{self.section}.kl_beta", self.kl_beta, 0, math.inf, hi_open=True,
+                 why="a negative weight pushes the policy away from the base model")
+
+
+@dataclass
+class FlowGRPOConfig(StepwiseConfig):
     """The Flow-GRPO baseline (``algorithm: flow_grpo``; flow families ``sd3``/``flux``).
 
     As yifan123/flow_grpo's code is today (``fpo_diffusion/algorithms/flow_grpo.py``). Rollouts use its
     own SDE sampler (``sampling.steps``, ``sampling.guidance_scale``; ``sampling.scheduler`` is ignored);
     with CFG the training forward is guided too (official ``train.cfg = True``). Defaults are the official
     ones (``config/base.py``, ``config/grpo.py``); the GenEval recipe adds ``kl_beta: 0.04``
-    (``launch/configs/shapes_flow_grpo_official.yaml``).
+    (``launch/configs/shapes_flow_grpo_official.yaml``). ``clip_range`` (GRPO's, default 1e-4) and ``kl_beta``
+    (``mean_d (mean - mean_ref)^2 / (2 std_dev_t^2)`` per step, with ``std_dev_t`` the SDE's noise scale, not the
+    transition's std ``std_dev_t sqrt(-dt)``, as the official code; official GenEval 0.04) are ``StepwiseConfig``'s.
     """
 
-    noise_level: float = 0.7
-    """``a`` in the SDE's ``std_dev_t = a * sqrt(t / (1 - t))`` (Flow-GRPO's ``noise_level``; finite, > 0)."""
-    clip_range: float = 1e-4
-    """GRPO clip range of the per-step ratio (log-probs are means over latent dims, hence tiny; in (0, 1))."""
+    section: typing.ClassVar[str] = "flow_grpo"
+    """The section's name in messages (not a setting)."""
     timestep_fraction: float = 0.99
     """Steps trained per sample and epoch: ``max(1, int(sampling.steps * timestep_fraction))`` (in ``(0, 1]``)."""
+    noise_level: float = 0.7
+    """``a`` in the SDE's ``std_dev_t = a * sqrt(t / (1 - t))`` (Flow-GRPO's ``noise_level``; finite, > 0)."""
     timestep_selection: str = "first"
     """Which steps: ``first`` (the first ones, every sample and epoch, as the official ``train_timesteps =
     range(num_train_timesteps)``) or ``random`` (a random subset per sample, iteration and epoch)."""
-    kl_beta: float = 0.0
-    """Weight of the KL to the frozen base model, ``mean_d (mean - mean_ref)^2 / (2 std_dev_t^2)`` per step, with
-    ``std_dev_t`` the SDE's noise scale (not the transition's std ``std_dev_t sqrt(-dt)``), as the official code
-    (finite, >= 0; 0: off; official GenEval 0.04)."""
     detach_uncond: bool = True
     """With CFG, detach the unconditional branch of the training forward (official since 2025-07-15): the
     gradient flows through the conditional prediction only; ``false``: through both."""
@@ -291,39 +298,28 @@ class FlowGRPOConfig:
 
     def __post_init__(self):
         _require("flow_grpo.noise_level", self.noise_level, 0, math.inf, lo_open=True, hi_open=True)
-        _require("flow_grpo.clip_range", self.clip_range, 0, 1, lo_open=True, hi_open=True)
-        _require("flow_grpo.timestep_fraction", self.timestep_fraction, 0, 1, lo_open=True)
+        super().__post_init__()
         _choice("flow_grpo.timestep_selection", self.timestep_selection, ("first", "random"))
-        _require("flow_grpo.kl_beta", self.kl_beta, 0, math.inf, hi_open=True,
-                 why="a negative weight pushes the policy away from the base model")
 
 
 @dataclass
-class DDPOConfig:
+class DDPOConfig(StepwiseConfig):
     """The DDPO baseline (``algorithm: ddpo``; VP families ``sd``/``sdxl``).
 
     Rollouts use DDIM with ``eta`` (``sampling.steps``, ``sampling.guidance_scale``;
-    ``sampling.scheduler`` is ignored), see ``fpo_diffusion/algorithms/ddpo.py``.
+    ``sampling.scheduler`` is ignored), see ``fpo_diffusion/algorithms/ddpo.py``. ``clip_range`` (PPO's, default
+    1e-4), ``timestep_fraction`` (a random subset of the steps, default all) and ``kl_beta`` (``||mean -
+    mean_ref||^2 / (2 std^2)`` per step) are ``StepwiseConfig``'s.
     """
 
+    section: typing.ClassVar[str] = "ddpo"
+    """The section's name in messages (not a setting)."""
     eta: float = 1.0
     """DDIM eta of the sampler (> 0; 1 is DDPO's default)."""
-    clip_range: float = 1e-4
-    """PPO clip range of the per-step ratio (log-probs are means over latent dims, hence tiny)."""
-    timestep_fraction: float = 1.0
-    """Fraction of the denoising steps trained per sample and epoch (a random subset; at least one)."""
-    kl_beta: float = 0.0
-    """Weight of the KL to the frozen base model, ``||mean - mean_ref||^2 / (2 std^2)`` per step (0: off)."""
 
     def __post_init__(self):
-        if not 0 < self.eta < math.inf:
-            raise ValueError(f"ddpo.eta must be a finite number > 0, got {self.eta}")
-        if not 0 < self.clip_range < 1:
-            raise ValueError(f"ddpo.clip_range must be in (0, 1), got {self.clip_range}")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"ddpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        if not 0 <= self.kl_beta < math.inf:
-            raise ValueError(f"ddpo.kl_beta must be a finite number >= 0, got {self.kl_beta}")
+        _require("ddpo.eta", self.eta, 0, math.inf, lo_open=True, hi_open=True)
+        super().__post_init__()
 
 
 @dataclass
@@ -728,7 +724,8 @@ class Config:
 
 
 ALGORITHMS = ("fpo", "flow_grpo", "ddpo", "diffusion_nft", "awm")
-"""``algorithm`` values (the keys of ``fpo_diffusion.algorithms.ALGORITHMS``)."""
+"""``algorithm`` values: the keys of ``fpo_diffusion.algorithms.ALGORITHMS`` (the config sits below that registry and
+cannot read it; the registry checks this list when it is imported)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1017,17 +1014,6 @@ def _no_nan(node: Any, where: str) -> None:
     elif isinstance(node, list):
         for i, v in enumerate(node):
             _no_nan(v, f"{where}[{i}]")
-
-
-def fpo_objective(f: FPOConfig):
-    from .fpo import FPOObjective
-
-    try:
-        return FPOObjective(ratio_mode=f.ratio_mode, beta=f.beta_auto.init if f.beta == "auto" else f.beta,
-                            ratio_reduction=f.ratio_reduction, delta=math.inf if f.delta is None else f.delta,
-                            eps_clip=f.eps_clip, eps_clip_high=f.eps_clip_high, negative_adv=f.negative_adv)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 SECRET_NAME = re.compile(r"token|passw(or)?d|passphrase|secret|api[_-]?key|apikey|credential|auth|private[_-]?key|"

@@ -36,25 +36,46 @@ RATIO_REDUCTIONS = ("mean", "sum")
 NEGATIVE_ADV_MODES = ("clip", "spo")
 
 
-@dataclass(frozen=True)
-class FPOObjective:
-    """Hyper-parameters of the FPO surrogate (see the module docstring)."""
+@dataclass
+class FPOSurrogate:
+    """The surrogate's settings, defined here once: ``config.FPOConfig`` (the ``fpo`` section) extends this
+    class, so these fields, defaults and ranges are the config's ``fpo.*`` of the same names."""
 
     ratio_mode: str = "mean"
-    """``"mean"`` (FPO paper: average the N_mc losses, then exp) or ``"per_sample"`` (FPO++)."""
-    beta: float = 1.0
-    """Scale on the loss difference before the exp: makes the clip range meaningful."""
-    delta: float = math.inf
-    """Clamp on ``beta``-free loss difference before the exp (``inf``: no clamp)."""
-    eps_clip: float = 0.2
-    """PPO clip range below 1 (and above 1 unless ``eps_clip_high`` is set)."""
-    eps_clip_high: float | None = None
-    """Optional separate upper clip range (``1 + eps_clip_high``); ``None``: same as ``eps_clip``."""
-    negative_adv: str = "clip"
-    """``"clip"``: PPO clip for every sample; ``"spo"``: SPO penalty for ``A < 0``."""
+    """``mean`` (FPO paper: average the N_mc losses, then exp) or ``per_sample`` (FPO++)."""
+    beta: float = 5.0
+    """Scale on the loss difference inside the exp (finite, > 0); sets how far the ratio moves per step."""
     ratio_reduction: str = "mean"
-    """``"mean"``: the per-dimension mean CFM loss inside the ratio; ``"sum"``: the sum over the
-    ``latent_dims`` dimensions (the FPO paper's form)."""
+    """How the CFM loss is reduced over latent dims inside the ratio: ``mean`` (per-dimension mean) or ``sum``
+    (the FPO paper's squared norm: the log-ratio grows by the number of latent dims, 16k-65k for SD-size
+    latents, so ``beta`` must shrink by as much; ``beta: auto`` finds it)."""
+    delta: float | None = None
+    """Clamp on the (``beta``-free) loss difference before the exp (> 0); ``None`` (or ``inf``): no clamp."""
+    eps_clip: float = 0.2
+    """PPO clip range below 1 (and above 1 unless ``eps_clip_high`` is set), in ``(0, 1)``."""
+    eps_clip_high: float | None = None
+    """Separate upper clip range (``1 + eps_clip_high``; finite, > 0); ``None``: same as ``eps_clip``."""
+    negative_adv: str = "clip"
+    """``clip`` (PPO clip for every sample) or ``spo`` (SPO penalty for ``A < 0``, FPO++)."""
+
+    def check_surrogate(self, beta: float) -> None:
+        """ValueError unless the settings (with the numeric temperature ``beta``) are in range."""
+        if self.ratio_mode not in RATIO_MODES:
+            raise ValueError(f"fpo.ratio_mode must be one of {RATIO_MODES}, got {self.ratio_mode!r}")
+        if self.negative_adv not in NEGATIVE_ADV_MODES:
+            raise ValueError(f"fpo.negative_adv must be one of {NEGATIVE_ADV_MODES}, got {self.negative_adv!r}")
+        if not beta > 0:
+            raise ValueError(f"fpo.beta must be > 0, got {beta}")
+        if self.delta is not None and not self.delta > 0:
+            raise ValueError(f"fpo.delta must be > 0, got {self.delta}")
+        if not 0 < self.eps_clip < 1:
+            raise ValueError(f"fpo.eps_clip must be in (0, 1), got {self.eps_clip}")
+
+
+@dataclass
+class FPOObjective(FPOSurrogate):
+    """Hyper-parameters of the FPO surrogate (see the module docstring): the settings plus the latent size."""
+
     latent_dims: int = 1
     """``D``, the number of latent dimensions of one sample (used by ``ratio_reduction="sum"``)."""
 
@@ -63,25 +84,16 @@ class FPOObjective:
             raise ValueError(f"fpo.ratio_reduction must be one of {RATIO_REDUCTIONS}, got {self.ratio_reduction!r}")
         if not (isinstance(self.latent_dims, int) and self.latent_dims >= 1):
             raise ValueError(f"latent_dims must be an integer >= 1, got {self.latent_dims!r}")
-        if self.ratio_mode not in RATIO_MODES:
-            raise ValueError(f"fpo.ratio_mode must be one of {RATIO_MODES}, got {self.ratio_mode!r}")
-        if self.negative_adv not in NEGATIVE_ADV_MODES:
-            raise ValueError(f"fpo.negative_adv must be one of {NEGATIVE_ADV_MODES}, got {self.negative_adv!r}")
-        if not self.beta > 0:
-            raise ValueError(f"fpo.beta must be > 0, got {self.beta}")
-        if not self.delta > 0:
-            raise ValueError(f"fpo.delta must be > 0, got {self.delta}")
-        if not 0 < self.eps_clip < 1:
-            raise ValueError(f"fpo.eps_clip must be in (0, 1), got {self.eps_clip}")
+        self.check_surrogate(self.beta)
 
 
 def fpo_log_ratio(l_old: torch.Tensor, l_new: torch.Tensor, *, ratio_mode: str = "mean",
-                  beta: float = 1.0, delta: float = math.inf, scale: float = 1.0) -> torch.Tensor:
+                  beta: float = 1.0, delta: float | None = None, scale: float = 1.0) -> torch.Tensor:
     """Log of the FPO ratio: ``beta * clamp(scale * (l_old - l_new), -delta, delta)``.
 
     ``l_old``/``l_new`` are ``[B, N]``. Returns ``[B, 1]`` for ``"mean"`` and ``[B, N]`` for
     ``"per_sample"``. ``l_old`` is treated as a constant. ``scale``: the number of latent dims for
-    ``ratio_reduction="sum"`` (the losses are per-dimension means), else 1.
+    ``ratio_reduction="sum"`` (the losses are per-dimension means), else 1. ``delta``: ``None`` or ``inf``, no clamp.
     """
     if l_old.shape != l_new.shape or l_old.dim() != 2:
         raise ValueError(f"l_old and l_new must both be [B, N]; got {tuple(l_old.shape)} and {tuple(l_new.shape)}")
@@ -92,20 +104,20 @@ def fpo_log_ratio(l_old: torch.Tensor, l_new: torch.Tensor, *, ratio_mode: str =
         diff = diff.mean(dim=1, keepdim=True)
     elif ratio_mode != "per_sample":
         raise ValueError(f"unknown ratio_mode {ratio_mode!r}; expected one of {RATIO_MODES}")
-    if math.isfinite(delta):
+    if delta is not None and math.isfinite(delta):
         diff = diff.clamp(-delta, delta)
     return beta * diff
 
 
 def fpo_loss(l_old: torch.Tensor, l_new: torch.Tensor, advantages: torch.Tensor,
-             objective: FPOObjective = FPOObjective()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             objective: FPOObjective | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The FPO clipped surrogate (a scalar to minimise) and its diagnostics.
 
     Args:
         l_old: ``[B, N]`` CFM losses at rollout time (no grad needed).
         l_new: ``[B, N]`` CFM losses under the current parameters, same ``(t, eps)``.
         advantages: ``[B]`` advantages.
-        objective: hyper-parameters.
+        objective: hyper-parameters (``None``: the defaults).
 
     Returns:
         ``(loss, stats)`` where ``stats`` holds detached scalars: ``ratio_mean``,
@@ -114,9 +126,10 @@ def fpo_loss(l_old: torch.Tensor, l_new: torch.Tensor, advantages: torch.Tensor,
         ``loss_diff_mean``, ``loss_diff_std``, ``loss_diff_absmax`` (of the per-dimension
         ``l_old - l_new``, before ``beta`` and the ``sum`` reduction) and ``delta_clamp_frac``.
     """
-    o = objective
+    o = FPOObjective() if objective is None else objective
+    delta = math.inf if o.delta is None else o.delta
     scale = float(o.latent_dims) if o.ratio_reduction == "sum" else 1.0
-    log_ratio = fpo_log_ratio(l_old, l_new, ratio_mode=o.ratio_mode, beta=o.beta, delta=o.delta, scale=scale)
+    log_ratio = fpo_log_ratio(l_old, l_new, ratio_mode=o.ratio_mode, beta=o.beta, delta=delta, scale=scale)
     ratio = log_ratio.exp()
     adv = advantages.to(ratio.dtype).reshape(-1, 1).expand_as(ratio)
     lo, hi = 1.0 - o.eps_clip, 1.0 + (o.eps_clip if o.eps_clip_high is None else o.eps_clip_high)
@@ -145,7 +158,7 @@ def fpo_loss(l_old: torch.Tensor, l_new: torch.Tensor, advantages: torch.Tensor,
             "loss_diff_mean": diff.mean(),
             "loss_diff_std": diff.std(unbiased=False),
             "loss_diff_absmax": diff.abs().max(),
-            "delta_clamp_frac": (diff_r.abs() > o.delta).float().mean(),
+            "delta_clamp_frac": (diff_r.abs() > delta).float().mean(),
         }
     return loss, stats
 

@@ -58,3 +58,5 @@ def test_the_lists_kept_in_step_agree():
     assert set(config.FAMILIES) - {"auto"} == set(POLICIES) == set(TINY_FAMILIES)
     assert all(cls.name == name for name, cls in ALGORITHMS.items())
     assert all(not cls.section or hasattr(config.Config(), cls.section) for cls in ALGORITHMS.values())
+    assert all(set(cls.families) <= set(POLICIES) for cls in ALGORITHMS.values())
+    assert all(cls.family == name for name, cls in POLICIES.items())

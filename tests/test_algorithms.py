@@ -113,6 +113,29 @@ def test_baseline_trains_lora_with_finite_losses_and_unit_on_policy_ratio(tmp_pa
     assert moved > 0
 
 
+def _every_algorithm_and_family():
+    """(family, algorithm) pairs in which every registered algorithm and every registered family appear once."""
+    from fpo_diffusion.policies import POLICIES
+
+    fits = lambda fam, cls: not cls.families or fam in cls.families  # noqa: E731
+    cases = [(next(f for f in POLICIES if fits(f, cls)), name) for name, cls in ALGORITHMS.items()]
+    cases += [(f, next(n for n, c in ALGORITHMS.items() if fits(f, c))) for f in POLICIES if f not in dict(cases)]
+    return cases
+
+
+@pytest.mark.parametrize("family,algorithm", _every_algorithm_and_family())
+def test_every_registered_algorithm_and_family_runs_an_iteration(tmp_path, family, algorithm):
+    from fpo_diffusion.trainer import Trainer
+
+    tr = Trainer(load_config(None, _overrides(tmp_path / "run", family, algorithm, **{
+        "train.iterations": 1, "train.prompts_per_iteration": 2, "train.minibatch_size": 4, "fpo.n_mc": 2, "awm.train_timesteps": 1})))
+    before = [p.detach().clone() for p in tr.policy.trainable_parameters()]
+    m = tr.train()
+    assert math.isfinite(m["reward/mean"]) and m[f"{algorithm}/skipped_updates"] == 0
+    assert max(float((p.detach() - b).abs().max()) for p, b in zip(tr.policy.trainable_parameters(), before)) > 0
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_baselines_refuse_the_wrong_family(tmp_path):
     from fpo_diffusion.trainer import Trainer
 

@@ -145,3 +145,21 @@ def test_negative_scale_shrinks_only_the_negative_advantages():
     assert torch.equal(group_advantages(r, g, negative_scale=1.0), full)
     with pytest.raises(ConfigError, match=r"advantage.negative_scale must be in \[0, 1\]"):
         load_config(None, ["advantage.negative_scale=1.5"])
+
+
+def test_each_setting_has_one_definition():
+    """The config's sections extend the pure settings they configure: one field, one default, one range."""
+    import dataclasses
+
+    from fpo_diffusion.beta_control import BetaController
+    from fpo_diffusion.config import BetaAutoConfig, DDPOConfig, FlowGRPOConfig, FPOConfig, StepwiseConfig
+    from fpo_diffusion.fpo import FPOObjective, FPOSurrogate
+
+    assert issubclass(FPOConfig, FPOSurrogate) and issubclass(FPOObjective, FPOSurrogate)
+    assert FPOConfig().objective() == FPOObjective()  # the default run's objective is the objective's defaults
+    assert issubclass(BetaAutoConfig, BetaController) and BetaAutoConfig().controller() == BetaController()
+    assert issubclass(FlowGRPOConfig, StepwiseConfig) and issubclass(DDPOConfig, StepwiseConfig)
+    shared = {f.name for f in dataclasses.fields(StepwiseConfig)}
+    assert shared == {"clip_range", "timestep_fraction", "kl_beta"}
+    for cls in (FlowGRPOConfig, DDPOConfig):  # what is left of each is its own
+        assert not shared & {n for n in vars(cls).get("__annotations__", {}) if n not in ("section", "timestep_fraction")}

@@ -120,7 +120,7 @@ def test_clipping_removes_gradient_in_the_direction_of_the_advantage():
     l_new = torch.zeros(4, 1, dtype=torch.float64, requires_grad=True)
     l_old = torch.tensor([[math.log(1.5)], [math.log(0.5)], [math.log(0.5)], [math.log(1.5)]], dtype=torch.float64)
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
-    loss, st = fpo_loss(l_old, l_new, adv, FPOObjective(eps_clip=eps))
+    loss, st = fpo_loss(l_old, l_new, adv, FPOObjective(beta=1.0, eps_clip=eps))
     (g,) = torch.autograd.grad(loss, l_new)
     assert g[0].item() == 0 and g[1].item() == 0
     # d/dl_new of -(rho A)/4 with rho = exp(l_old - l_new): +rho A / 4
@@ -134,13 +134,13 @@ def test_asymmetric_upper_clip_and_spo_for_negative_advantages():
     l_old = torch.tensor([[math.log(1.25)], [math.log(0.5)]], dtype=torch.float64)
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
     # eps_clip_high = 0.3: rho 1.25 is inside the upper range, so it keeps its gradient.
-    _, st = fpo_loss(l_old, l_new, adv, FPOObjective(eps_clip=0.2, eps_clip_high=0.3))
-    loss, _ = fpo_loss(l_old, l_new, adv, FPOObjective(eps_clip=0.2, eps_clip_high=0.3))
+    _, st = fpo_loss(l_old, l_new, adv, FPOObjective(beta=1.0, eps_clip=0.2, eps_clip_high=0.3))
+    loss, _ = fpo_loss(l_old, l_new, adv, FPOObjective(beta=1.0, eps_clip=0.2, eps_clip_high=0.3))
     (g,) = torch.autograd.grad(loss, l_new)
     assert g[0].item() == pytest.approx(1.25 / 2)  # d(-rho A / 2)/d l_new = rho A / 2
     assert g[1].item() == 0  # A<0 clipped at 0.8
     # SPO: A<0 sample beyond the clip still gets a gradient pulling rho back up to 1 - eps.
-    loss, _ = fpo_loss(l_old, l_new, adv, FPOObjective(eps_clip=0.2, negative_adv="spo"))
+    loss, _ = fpo_loss(l_old, l_new, adv, FPOObjective(beta=1.0, eps_clip=0.2, negative_adv="spo"))
     (g,) = torch.autograd.grad(loss, l_new)
     rho, A, e = 0.5, -1.0, 0.2
     # objective = rho A - |A|/(2e) (rho-1)^2; d rho / d l_new = -rho; loss = -objective / 2

@@ -16,7 +16,6 @@ import math
 import torch
 
 from ..beta_control import BetaState, update_beta
-from ..config import fpo_objective
 from ..fpo import fpo_loss, kl_penalty
 from ..policies.base import batch_slices, cond_index
 from .base import Algorithm
@@ -28,7 +27,7 @@ class FPO(Algorithm):
     def __init__(self, ctx):
         super().__init__(ctx)
         f = self.cfg.fpo
-        self.objective = dataclasses.replace(fpo_objective(f), latent_dims=math.prod(ctx.latent_shape))
+        self.objective = f.objective(latent_dims=math.prod(ctx.latent_shape))
         self.anchor = None
         self.auto = f.beta == "auto"
         self.controller = f.beta_auto.controller() if self.auto else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ConfigError
+from ..config import FAMILIES, ConfigError
 from .base import Cond, Policy, cond_cat, cond_index, cond_repeat, cond_to
 from .common import PipelinePolicy, check_prompts, read_pipeline_class_name, resolve_path, unwrap_model
 from .flux import FluxPolicy
@@ -15,8 +15,12 @@ from .sd import SDPolicy
 from .sd3 import SD3Policy
 from .sdxl import SDXLPolicy
 
-POLICIES: dict[str, type[PipelinePolicy]] = {"sd": SDPolicy, "sdxl": SDXLPolicy, "sd3": SD3Policy, "flux": FluxPolicy}
-"""Family name -> policy class."""
+POLICIES: dict[str, type[PipelinePolicy]] = {cls.family: cls for cls in (SDPolicy, SDXLPolicy, SD3Policy, FluxPolicy)}
+"""Family name (each class's ``family``) -> policy class: the registry of model families."""
+
+if (*POLICIES, "auto") != FAMILIES:  # the config sits below this registry and cannot import it
+    raise ImportError(f"the model-family registry ({', '.join(POLICIES)}) and config.FAMILIES ({', '.join(FAMILIES)}) "
+                      f"differ: a new family is added to both, in the same order, before auto")
 
 PIPELINE_FAMILIES: dict[str, str] = {
     "StableDiffusionPipeline": "sd",
