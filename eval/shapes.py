@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fpo_diffusion.shapes import evaluate as E
     from fpo_diffusion.shapes.pretrain import DEFAULT_ASSET
+    from fpo_diffusion.trainer import quiet_libraries
+
+    quiet_libraries()  # not a warning per batch about the pipeline's one zero T5 token (the shipped model's trick)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=str(DEFAULT_ASSET), help="StableDiffusion3Pipeline folder")

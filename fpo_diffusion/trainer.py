@@ -44,7 +44,7 @@ NOISY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
 noise a user cannot act on. Every other warning (a real deprecation in our own calls included) shows."""
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Silence the libraries' own progress bars and info logging (our tqdm shows progress) and the
     specific warnings in :data:`NOISY_WARNINGS`; nothing else."""
     import warnings
@@ -98,7 +98,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None):
         from accelerate import Accelerator
 
-        _quiet_libraries()
+        quiet_libraries()
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"

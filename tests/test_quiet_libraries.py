@@ -1,13 +1,13 @@
 """A training run hides the libraries' known noise only, never every FutureWarning/DeprecationWarning."""
 import warnings
 
-from fpo_diffusion.trainer import NOISY_WARNINGS, _quiet_libraries
+from fpo_diffusion.trainer import NOISY_WARNINGS, quiet_libraries
 
 
 def test_quiet_libraries_hides_known_noise_and_nothing_else():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _quiet_libraries()
+        quiet_libraries()
         warnings.warn_explicit("__array__ implementation doesn't accept a copy keyword, so passing copy=False "
                                "failed.", DeprecationWarning, "scheduling_euler_discrete.py", 1,
                                module="diffusers.schedulers.scheduling_euler_discrete")
