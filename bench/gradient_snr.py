@@ -53,6 +53,8 @@ def measure(variant: str, *, prompts: int, group: int, pairs: int, rollouts: int
     from fpo_diffusion.trainer import Trainer
 
     algo, extra = VARIANTS[variant]
+    if algo == "awm":  # AWM's 6 training times need the sampler steps they are drawn from (the smoke run has 3)
+        extra = [*extra, f"awm.train_timesteps={min(6, max(1, int(steps * 0.9) - 1))}"]
     out = tempfile.mkdtemp(prefix="grad-snr-")
     cfg = load_config(None, [
         f"output_dir={out}/run", f"algorithm={algo}", f"sampling.steps={steps}", f"train.seed={seed}",
