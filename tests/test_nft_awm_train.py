@@ -21,6 +21,8 @@ def _trainer(out, family="sd3", resume=None, **extra):
     from fpo_diffusion.trainer import Trainer
 
     extra = {"sampling.guidance_scale": 1.0, **extra}  # both baselines' official recipes are CFG-free
+    if extra.get("algorithm") == "awm":  # AWM's training times come from the tiny run's 3 sampler steps
+        extra = {"awm.train_timesteps": 1, **extra}
     return Trainer(load_config(None, tiny_overrides(out, family, **extra)), resume=resume)
 
 
