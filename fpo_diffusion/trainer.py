@@ -141,7 +141,7 @@ class Trainer:
         # or tag, "count": "three") is one line naming its file and line, not a reward of 0 after a rollout.
         from rewards.multi import MultiReward
 
-        from .heldout import eval_items
+        from .periodic_eval import eval_items
 
         self.reward = MultiReward(cfg.reward.weights, cfg.reward.options, device=acc.device,
                                   nonfinite="keep")  # NaN/Inf rewards skip the update (train_iteration)
@@ -202,10 +202,10 @@ class Trainer:
         self.sampler = Sampler(cfg, self.policy, self.prompts, rank=acc.process_index, world=self.world,
                                device=acc.device, autocast=acc.autocast,
                                progress=False)  # one bar, the iterations' (no nested per-rollout bar)
-        from .heldout import HeldOutEval
+        from .periodic_eval import PeriodicEval
 
-        self.heldout = HeldOutEval(cfg.eval, cfg.train.iterations, sampler=self.sampler, reward=self.reward,
-                                   accelerator=acc, items=eval_prompts) if cfg.eval.every else None
+        self.periodic_eval = PeriodicEval(cfg.eval, cfg.train.iterations, sampler=self.sampler, reward=self.reward,
+                                          accelerator=acc, items=eval_prompts) if cfg.eval.every else None
         check_image_size(cfg.sampling.height, cfg.sampling.width, self.policy)
         self.latent_shape = tuple(self.policy.latent_shape(cfg.sampling.height, cfg.sampling.width))
         one_cond = self.sampler.conditions([self.prompts[0].prompt])
@@ -344,9 +344,9 @@ class Trainer:
                                    f"{t.group_size} samples (rank {self.accelerator.process_index}), reward on each")
 
     def _evaluate(self, it: int) -> dict[str, float]:
-        """The held-out evaluation after iteration ``it`` (``eval.*``), its grid logged; ``eval/*`` metrics."""
+        """The periodic evaluation after iteration ``it`` (``eval.*``), its grid logged; ``eval/*`` metrics."""
         with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
-            metrics, grid = self.heldout.run(self.model, it)
+            metrics, grid = self.periodic_eval.run(self.model, it)
         if grid is not None:
             self.logger.log_image("eval", grid, it)
         return metrics
@@ -383,11 +383,11 @@ class Trainer:
                    disable=not (cfg.log.progress and acc.is_local_main_process))
         recent: list[float] = []
         try:
-            if self.heldout is not None and cfg.eval.at_start and self.start_iteration == 0 and end > 0:
+            if self.periodic_eval is not None and cfg.eval.at_start and self.start_iteration == 0 and end > 0:
                 self.logger.log(self._evaluate(-1), -1)
             for it in bar:
                 last = self.train_iteration(it)
-                if self.heldout is not None and self.heldout.due(it):
+                if self.periodic_eval is not None and self.periodic_eval.due(it):
                     last.update(self._evaluate(it))
                 self.logger.log(last, it)
                 recent = (recent + [last["reward/mean"]])[-10:]
@@ -437,7 +437,7 @@ def progress_line(m: dict[str, float], algorithm: str, recent: list[float]) -> s
     if f"{algorithm}/clip_frac" in m:
         parts.append(f"clip {m[f'{algorithm}/clip_frac']:.3f}")
     if "eval/reward/mean" in m:
-        parts.append(f"held-out {m['eval/reward/mean']:.3f}")
+        parts.append(f"eval {m['eval/reward/mean']:.3f}")
     parts.append(f"rollout {m.get('perf/rollout_s', float('nan')):.1f}s update {m.get('perf/update_s', float('nan')):.1f}s")
     return " | ".join(parts)
 

@@ -130,7 +130,7 @@ LAYERS = [
     {"policies", "lora", "tiny", "embedded", "prompts"},
     {"algorithms"},
     # what the loop calls
-    {"rollout", "update", "run_state", "export", "heldout"},
+    {"rollout", "update", "run_state", "export", "periodic_eval"},
     {"trainer", "cli", "launcher"},
 ]
 

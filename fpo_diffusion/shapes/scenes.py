@@ -165,7 +165,7 @@ def split() -> dict[str, dict[str, list[dict]]]:
     return json.loads(_split_json())
 
 
-def heldout_prompts() -> set[str]:
+def test_and_validation_prompts() -> set[str]:
     """Every test and validation prompt string (never a training prompt)."""
     s = split()
     return {m["prompt"] for part in ("test", "validation") for ms in s[part].values() for m in ms}
@@ -180,7 +180,7 @@ def _entries(part: str, per_task: int) -> list[dict]:
     return out
 
 
-def heldout_metadata(min_per_task: int = TEST_ENTRIES_PER_TASK) -> list[dict]:
+def test_metadata(min_per_task: int = TEST_ENTRIES_PER_TASK) -> list[dict]:
     """The fixed ShapesEval test set: each task's test prompts cycled to ``min_per_task`` entries, task order.
 
     Default: 480 entries over 330 distinct prompts. Entries of a task with few distinct prompts
@@ -408,7 +408,7 @@ def pretraining_example(rng: np.random.Generator, style: CaptionStyle = CaptionS
 
 __all__ = [
     "TASKS", "RELATIONS", "COUNTS", "single_object", "two_object", "counting", "colors", "position", "color_attr",
-    "combination_groups", "split", "vocabulary", "heldout_metadata", "validation_metadata", "heldout_prompts",
+    "combination_groups", "split", "vocabulary", "test_metadata", "validation_metadata", "test_and_validation_prompts",
     "train_task_metadata", "training_metadata", "TRAINING_TASK_MIX", "random_scene", "scene_for", "CaptionStyle", "caption",
     "pretraining_scene", "pretraining_example",
 ]

@@ -1,4 +1,4 @@
-"""Held-out evaluation during training (Flow-GRPO's ``eval_freq``; config section ``eval``).
+"""Periodic evaluation during training (Flow-GRPO's ``eval_freq``; config section ``eval``).
 
 Every ``eval.every`` iterations (and after the last) the current policy samples a fixed prompt set
 (``eval.prompts``, never the training prompts) with fixed seeds: image ``j`` of prompt ``i`` is
@@ -26,7 +26,7 @@ def eval_items(cfg: EvalConfig) -> list:
     return items[: cfg.max_prompts] if cfg.max_prompts else items
 
 
-class HeldOutEval:
+class PeriodicEval:
     """The evaluation prompt set of a run and how to score the current policy on it."""
 
     def __init__(self, cfg: EvalConfig, iterations: int, *, sampler, reward, accelerator, items: list | None = None):
@@ -82,9 +82,9 @@ class HeldOutEval:
             rows = group_rows(keys, max_rows=self.cfg.grid_prompts)
             grid = labelled_grid([[images[j] for j in r] for r in rows], [self.items[keys[r[0]]].prompt for r in rows],
                                  [[f"{float(total[j]):.2f}" for j in r] for r in rows],
-                                 title=f"held-out evaluation after iteration {iteration}: mean reward "
+                                 title=f"evaluation after iteration {iteration}: mean reward "
                                        f"{out['eval/reward/mean']:.3f} over {self.n} images")
         return out, grid
 
 
-__all__ = ["HeldOutEval"]
+__all__ = ["PeriodicEval"]
