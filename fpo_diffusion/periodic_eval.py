@@ -29,9 +29,9 @@ def eval_items(cfg: EvalConfig) -> list:
 class PeriodicEval:
     """The evaluation prompt set of a run and how to score the current policy on it."""
 
-    def __init__(self, cfg: EvalConfig, iterations: int, *, sampler, reward, accelerator, items: list | None = None):
+    def __init__(self, cfg: EvalConfig, iterations: int, *, driver, reward, accelerator, items: list | None = None):
         self.cfg, self.iterations = cfg, iterations
-        self.sampler, self.reward, self.accelerator = sampler, reward, accelerator
+        self.driver, self.reward, self.accelerator = driver, reward, accelerator
         self.items = eval_items(cfg) if items is None else items
         k = cfg.images_per_prompt
         self.n = len(self.items) * k
@@ -64,7 +64,7 @@ class PeriodicEval:
         process; ``None`` elsewhere or with ``eval.grid_prompts: 0``)."""
         mine = [self.items[self.prompt_of[g]] for g in self.mine]
         prompts, metadata = [it.prompt for it in mine], [it.metadata for it in mine]
-        images = self.sampler.images(prompts, self.cfg.seed, model=model, first=self.mine.start)
+        images = self.driver.images(prompts, self.cfg.seed, model=model, first=self.mine.start)
         total, parts = self.reward(images, prompts, metadata)
         rewards = self._gather(total)
         comps = {name: self._gather(v) for name, v in sorted(parts.items())}

@@ -30,7 +30,7 @@ from .export import export_trained_lora
 from .images import group_rows, labelled_grid
 from .noise import SeedStreams
 from .prompts import PromptItem, check_metadata, load_prompts, rank_slice
-from .rollout import Rollout, Sampler
+from .rollout import Rollout, RolloutDriver
 from .run_state import EMA, Progress, check_resume, load_run, save_run, set_aside_unfinished, unfinished_start
 from .tracking import RunLogger
 from .update import CAUSES, NonfiniteGuard, TrainingError, Updater, adamw
@@ -199,25 +199,25 @@ class Trainer:
                                guard=self.guard, ema=self.ema)
 
         # Sampling (the rewards and prompts are built above)
-        self.sampler = Sampler(cfg, self.policy, self.prompts, rank=acc.process_index, world=self.world,
-                               device=acc.device, autocast=acc.autocast,
-                               progress=False)  # one bar, the iterations' (no nested per-rollout bar)
+        self.rollout_driver = RolloutDriver(cfg, self.policy, self.prompts, rank=acc.process_index, world=self.world,
+                                            device=acc.device, autocast=acc.autocast,
+                                            progress=False)  # one bar, the iterations' (no nested per-rollout bar)
         from .periodic_eval import PeriodicEval
 
-        self.periodic_eval = PeriodicEval(cfg.eval, cfg.train.iterations, sampler=self.sampler, reward=self.reward,
-                                          accelerator=acc, items=eval_prompts) if cfg.eval.every else None
+        self.periodic_eval = PeriodicEval(cfg.eval, cfg.train.iterations, driver=self.rollout_driver,
+                                          reward=self.reward, accelerator=acc, items=eval_prompts) if cfg.eval.every else None
         check_image_size(cfg.sampling.height, cfg.sampling.width, self.policy)
         self.latent_shape = tuple(self.policy.latent_shape(cfg.sampling.height, cfg.sampling.width))
-        one_cond = self.sampler.conditions([self.prompts[0].prompt])
+        one_cond = self.rollout_driver.conditions([self.prompts[0].prompt])
         check_iteration_memory(cfg, math.prod(self.latent_shape),
                                sum(v.numel() * v.element_size() for v in one_cond.values()),
                                (cfg.sampling.height or self.policy.height) * (cfg.sampling.width or self.policy.width),
                                self.world)
         self.algorithm = build_algorithm(cfg.algorithm, AlgorithmContext(
             cfg=cfg, policy=self.policy, model=self.model, device=acc.device, autocast=acc.autocast,
-            latent_shape=self.latent_shape, negative_cond=self.sampler.negative_cond,
-            seeds=SeedStreams(t.seed), stock_sample=self.sampler.stock_sample,
-            reference_samples=functools.partial(self.sampler.reference_samples, model=self.model),
+            latent_shape=self.latent_shape, negative_cond=self.rollout_driver.negative_cond,
+            seeds=SeedStreams(t.seed), stock_sample=self.rollout_driver.stock_sample,
+            reference_samples=functools.partial(self.rollout_driver.reference_samples, model=self.model),
             rank_mean=lambda x: acc.reduce(x, reduction="mean")))
         if self.algorithm.state_dict():  # e.g. fpo.beta: auto, DiffusionNFT's old policy: in every checkpoint
             acc.register_for_checkpointing(self.algorithm)
@@ -255,12 +255,12 @@ class Trainer:
     # ------------------------------------------------------------------ sampling
     def rollout(self, iteration: int) -> Rollout:
         """This rank's share of ``iteration`` from the algorithm's sampler, decoded and scored."""
-        return self.sampler.rollout(iteration, self.algorithm.sample, self.reward)
+        return self.rollout_driver.rollout(iteration, self.algorithm.sample, self.reward)
 
     def sample_images(self, prompts: list[str], seed: int) -> list:
         """PIL images of the current policy for ``prompts`` (fixed noise per ``seed`` and position; see
-        :meth:`Sampler.images <fpo_diffusion.rollout.Sampler.images>`)."""
-        return self.sampler.images(prompts, seed, model=self.model)
+        :meth:`RolloutDriver.images <fpo_diffusion.rollout.RolloutDriver.images>`)."""
+        return self.rollout_driver.images(prompts, seed, model=self.model)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(t.to(self.accelerator.device).contiguous()).cpu()

@@ -97,7 +97,7 @@ def test_training_prints_where_things_are_and_no_nested_bar(tmp_path, capsys):
 
     cfg = _cfg(tmp_path, **{"eval.every": 0, "train.iterations": 1, "log.progress": "true"})
     tr = Trainer(cfg)
-    assert tr.sampler.progress is False  # one bar: the iterations'
+    assert tr.rollout_driver.progress is False  # one bar: the iterations'
     tr.train()
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1] == where_line(tmp_path / "run", exported=True, tensorboard=True)
