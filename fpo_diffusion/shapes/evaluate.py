@@ -75,7 +75,7 @@ def _score(images, metas, detector):
     recs = []
     for img, m in zip(images, metas):
         r = evaluate(detector.detect(img), m, image=img)
-        recs.append({"correct": bool(r.correct), "reason": r.reason, "partial": r.partial,
+        recs.append({"correct": bool(r.correct), "reason": r.reason, "clause_fraction": r.clause_fraction,
                      "painted_share": painted_share(img)})
     return recs
 
