@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import (LOCK_FILE, CheckpointError, list_checkpoints, load_extra, read_state, resolve_resume,
-                         save_checkpoint, say_once)
+from .checkpoint import (CheckpointError, list_checkpoints, load_extra, read_state, resolve_resume, save_checkpoint,
+                         say_once)
 from .config import Config, ConfigError, config_for_writing, config_to_dict, redacted
 from .lagged import LaggedWeights
+from .run_lock import LOCK_FILE
 
 EMA_FILE = "ema.safetensors"
 

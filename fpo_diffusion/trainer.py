@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 from .advantages import group_advantages, zero_variance_share
 from .algorithms import AlgorithmContext, build_algorithm
 from .budget import check_image_size, check_iteration_memory, rollout_size_warning
-from .checkpoint import CheckpointError, RunLock, install_lora_only_hooks
+from .checkpoint import CheckpointError, install_lora_only_hooks
 from .config import Config, ConfigError, config_for_writing, save_config
 from .export import export_trained_lora
 from .images import group_rows, labelled_grid
 from .noise import SeedStreams
 from .prompts import PromptItem, check_metadata, load_prompts, rank_slice
 from .rollout import Rollout, RolloutDriver
+from .run_lock import RunLock
 from .run_state import EMA, Progress, check_resume, load_run, save_run, set_aside_unfinished, unfinished_start
 from .tracking import RunLogger
 from .update import CAUSES, NonfiniteGuard, TrainingError, Updater, adamw

@@ -115,7 +115,7 @@ def test_export_refuses_non_finite_weights(tmp_path):
 
 HOLD = """
 import sys
-from fpo_diffusion.checkpoint import RunLock
+from fpo_diffusion.run_lock import RunLock
 RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 sys.stdin.read()
