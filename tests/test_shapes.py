@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fpo_diffusion.shapes import captions as C
 from fpo_diffusion.shapes import scenes as S
 from fpo_diffusion.shapes.detector import ShapesDetector, analyse
 from fpo_diffusion.shapes.render import Obj, render, render_array
@@ -57,7 +58,7 @@ def test_detector_exact_for_every_class_colour_and_cell(shape):
 
 def test_render_deterministic():
     rng = np.random.default_rng(0)
-    sc = S.random_scene(rng, 4)
+    sc = C.random_scene(rng, 4)
     assert np.array_equal(render_array(sc), render_array(list(sc)))
     assert render(sc).size == (CANVAS, CANVAS)
 
@@ -74,7 +75,7 @@ def test_detector_scores_renders_perfectly(task):
 def test_detections_exact_on_renders():
     rng = np.random.default_rng(7)
     for _ in range(100):
-        sc = S.random_scene(rng)
+        sc = C.random_scene(rng)
         dets = DET.detect(render(sc))
         got = sorted((d.label, d.color, d.box, d.score) for v in dets.values() for d in v)
         want = sorted((o.shape, o.color, tuple(float(x) for x in o.box()), 1.0) for o in sc)
@@ -267,10 +268,10 @@ def _caption_facts(text):
 
 def test_pretraining_captions_are_incomplete_but_never_wrong():
     rng = np.random.default_rng(5)
-    style = S.CaptionStyle()
+    style = C.CaptionStyle()
     stated = {"count": 0, "multi": 0, "position": 0, "pairs": 0, "empty": 0, "all_classes": 0, "several": 0}
     for _ in range(3000):
-        scene, text = S.pretraining_example(rng, style)
+        scene, text = C.pretraining_example(rng, style)
         if not text:
             stated["empty"] += 1
             continue
@@ -299,7 +300,7 @@ def test_pretraining_captions_are_incomplete_but_never_wrong():
     assert 0.68 < stated["all_classes"] / stated["several"] < 0.82  # p_all_classes = 0.75
     assert 0.07 < stated["empty"] / 3000 < 0.13
     with pytest.raises(ValueError):
-        S.CaptionStyle(p_count=1.5)
+        C.CaptionStyle(p_count=1.5)
 
 
 def test_shapes_reward():
