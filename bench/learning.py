@@ -131,14 +131,14 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
         # The shipped shapes model; train on the partial-credit shapes reward (training prompts), score the
         # strict ShapesEval rule on a fixed subset of the validation or test split (disjoint from training).
         # ``tags``: only those tasks, in training (their training prompts) and in the evaluation.
-        from fpo_diffusion.shapes.scenes import TASKS, heldout_metadata, validation_metadata
+        from fpo_diffusion.shapes.scenes import TASKS, test_metadata, validation_metadata
         from rewards.registry import build_reward
 
         model, reward, train_prompts, cfg_scale = "embedded:shapes", "shapes", "embedded:shapes", guidance
         tasks = [t for t in TASKS if t in tags] if tags else list(TASKS)
         if tags:
             extra = [*extra, f"prompts.tags=[{', '.join(tasks)}]"]
-        held = {"test": heldout_metadata, "validation": validation_metadata}[split]()
+        held = {"test": test_metadata, "validation": validation_metadata}[split]()
         pick = []  # the same number of entries from every task, evenly spaced within the task
         for tag in tasks:
             ms = [m for m in held if m["tag"] == tag]

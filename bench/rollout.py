@@ -37,7 +37,7 @@ def measure(model_path: str, family: str, *, steps: int, guidance: float, batch:
     tr = Trainer(cfg)
     pol, s = tr.policy, cfg.sampling
     ro = tr.rollout(0)  # warm-up: caches the text embeddings, as in training
-    cond = tr.sampler.conditions([tr.prompts[i].prompt for i in ro.prompt_idx.tolist()])
+    cond = tr.rollout_driver.conditions([tr.prompts[i].prompt for i in ro.prompt_idx.tolist()])
     n = len(ro.x0)
 
     def ours():
@@ -49,7 +49,7 @@ def measure(model_path: str, family: str, *, steps: int, guidance: float, batch:
             sl = slice(st, min(n, st + batch))
             gens = [sample_generator(cfg.train.seed, 0, int(g), stream=0) for g in ro.global_idx[sl]]
             c = {k: v[sl] for k, v in cond.items()}
-            neg = tr.sampler.negative_batch(len(gens))
+            neg = tr.rollout_driver.negative_batch(len(gens))
             with torch.no_grad():
                 images += pol.pipeline(**pol._pipe_kwargs(c, neg, float(s.guidance_scale)),
                                        num_inference_steps=s.steps, generator=gens, height=pol.height,

@@ -1,6 +1,6 @@
 """Training reward and held-out score per task, side by side: what a run learns and what generalises.
 
-Reads run folders written by ``launch/train.py`` with a held-out evaluation on GenEval-tagged prompts
+Reads run folders written by ``launch/train.py`` with a periodic evaluation (``eval.*``) on GenEval-tagged prompts
 (``eval.every=N eval.prompts=embedded:shapes-validation``; ``eval.at_start`` gives the starting point):
 
 * training reward per task and iteration, from ``samples.jsonl`` (every sample's ``tag`` and reward);
@@ -32,7 +32,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def read_run(run: Path) -> dict:
-    """``{"train": {task: {iteration: mean reward}}, "heldout": {task: [(iteration, score, se)]}}`` of a run folder."""
+    """``{"train": {task: {iteration: mean reward}}, "eval": {task: [(iteration, score, se)]}}`` of a run folder."""
     sums: dict[str, dict[int, list[float]]] = {}
     for r in _rows(run / "samples.jsonl"):
         if r.get("tag"):
@@ -57,7 +57,7 @@ def read_run(run: Path) -> dict:
                             math.sqrt(sum(s * s for s in ses)) / len(tasks)))
     if overall:
         held["overall"] = overall
-    return {"train": train, "heldout": held}
+    return {"train": train, "eval": held}
 
 
 def _eval_counts(run: Path) -> dict[str, int]:
@@ -93,7 +93,7 @@ def summary(name: str, data: dict, window: int) -> str:
         tr = data["train"].get(t, {})
         its = sorted(tr)
         train = (f"{_mean(tr, its[:window]):.3f} -> {_mean(tr, its[-window:]):.3f}" if its else "(not trained)")
-        h = data["heldout"].get(t, [])
+        h = data["eval"].get(t, [])
         if h:
             (_, a, sa), (_, b, sb) = h[0], h[-1]
             se = math.sqrt(sa * sa + sb * sb)
@@ -120,7 +120,7 @@ def plot(runs: list[tuple[str, dict]], out: Path, window: int) -> None:
                 its = sorted(tr)
                 smooth = [_mean(tr, [j for j in its if i - window < j <= i]) for i in its]
                 ax.plot(its, smooth, "--", color=color, alpha=0.7, label=f"{name}: training (mean of {window})")
-            h = data["heldout"].get(task)
+            h = data["eval"].get(task)
             if h:
                 ax.errorbar([x[0] for x in h], [x[1] for x in h], yerr=[x[2] for x in h], color=color, marker="o",
                             capsize=3, label=f"{name}: held-out ± SE")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(summary(n, d, args.window) for n, d in runs)
     args.out.with_suffix(".md").write_text(table, encoding="utf-8")
     curves = {n: {"train": {t: {str(i): v for i, v in d.items()} for t, d in data["train"].items()},
-                  "heldout": data["heldout"]} for n, data in runs}
+                  "eval": data["eval"]} for n, data in runs}
     args.out.with_suffix(".json").write_text(json.dumps(curves, indent=1) + "\n", encoding="utf-8")
     print(table)
     print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')} (the curves)")

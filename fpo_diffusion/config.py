@@ -548,7 +548,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more compute)."""
     ema_decay: float | None = None
-    """EMA of the LoRA weights (used for export and the held-out evaluation), in ``(0, 1)``; ``None``: off."""
+    """EMA of the LoRA weights (used for export and the periodic evaluation), in ``(0, 1)``; ``None``: off."""
     ema_warmup: bool = False
     """The baselines' official EMA warm-up: after optimizer step ``n`` the decay is ``min((1 + n) / (10 + n),
     ema_decay)`` (yifan123/flow_grpo ``flow_grpo/ema.py``), so the average follows the weights early on;
@@ -629,7 +629,7 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation during training (Flow-GRPO's ``eval_freq``; ``fpo_diffusion/heldout.py``).
+    """Periodic evaluation during training (Flow-GRPO's ``eval_freq``; ``fpo_diffusion/periodic_eval.py``).
 
     After every ``every`` iterations' updates (and after the last) the current policy (its EMA with
     ``train.ema_decay``, what the export writes) samples ``images_per_prompt`` images for each evaluation
@@ -996,7 +996,7 @@ def config_warnings(cfg: Config) -> list[str]:
     out = []
     e = cfg.eval
     if e.prompts is not None and not e.every:
-        out.append(f"warning: eval.prompts={e.prompts} is set but eval.every=0: no held-out evaluation runs; set "
+        out.append(f"warning: eval.prompts={e.prompts} is set but eval.every=0: no periodic evaluation runs; set "
                    f"eval.every=N (e.g. eval.every={max(1, cfg.train.iterations // 4)}) or drop eval.prompts")
     if e.prompts is not None and e.every and e.prompts == cfg.prompts.source and e.column == cfg.prompts.column \
             and (e.tags is None or cfg.prompts.tags is None or set(e.tags) & set(cfg.prompts.tags)):

@@ -69,7 +69,7 @@ SampleFn = Callable[[Cond, list[torch.Generator], "Cond | None", int], tuple[tor
 """``(cond, generators, negative_cond, iteration) -> (x0, extras)``: an algorithm's ``sample``."""
 
 
-class Sampler:
+class RolloutDriver:
     """A rank's rollouts of a run: which samples it draws, their conditions, the sampling itself."""
 
     def __init__(self, cfg: Config, policy: Policy, prompts: list[PromptItem], *, rank: int, world: int,
@@ -177,4 +177,4 @@ class Sampler:
         return images
 
 
-__all__ = ["PromptConditions", "ReferenceSamples", "Rollout", "SampleFn", "Sampler"]
+__all__ = ["PromptConditions", "ReferenceSamples", "Rollout", "RolloutDriver", "SampleFn"]

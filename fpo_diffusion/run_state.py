@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import (LOCK_FILE, CheckpointError, list_checkpoints, load_extra, read_state, resolve_resume,
-                         save_checkpoint, say_once)
+from .checkpoint import (CheckpointError, list_checkpoints, load_extra, read_state, resolve_resume, save_checkpoint,
+                         say_once)
 from .config import Config, ConfigError, config_for_writing, config_to_dict, redacted
 from .lagged import LaggedWeights
+from .run_lock import LOCK_FILE
 
 EMA_FILE = "ema.safetensors"
 
@@ -239,7 +240,7 @@ def check_resume(cfg: Config, out_dir: Path, resume: str | None, *, world_size: 
                  distributed_type: str = "") -> Path | None:
     """The checkpoint to resume from (``None``: a fresh run), after checking that ``out_dir`` holds no
     other run and that ``cfg`` is the checkpoint's own (only ``train.iterations``, ``log``, ``checkpoint``
-    and ``eval`` may change, and ``output_dir``: a copied run folder resumes; the held-out evaluation draws
+    and ``eval`` may change, and ``output_dir``: a copied run folder resumes; the periodic evaluation draws
     its own fixed noise and never touches the training's, so adding or changing it keeps the run exact).
 
     A checkpoint written by another number of processes (``world_size``) resumes with a line saying

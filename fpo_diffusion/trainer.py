@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 from .advantages import group_advantages, zero_variance_share
 from .algorithms import AlgorithmContext, build_algorithm
 from .budget import check_image_size, check_iteration_memory, rollout_size_warning
-from .checkpoint import CheckpointError, RunLock, install_lora_only_hooks
+from .checkpoint import CheckpointError, install_lora_only_hooks
 from .config import Config, ConfigError, config_for_writing, save_config
 from .export import export_trained_lora
 from .images import group_rows, labelled_grid
 from .noise import SeedStreams
 from .prompts import PromptItem, check_metadata, load_prompts, rank_slice
-from .rollout import Rollout, Sampler
+from .rollout import Rollout, RolloutDriver
+from .run_lock import RunLock
 from .run_state import EMA, Progress, check_resume, load_run, save_run, set_aside_unfinished, unfinished_start
 from .tracking import RunLogger
 from .update import CAUSES, NonfiniteGuard, TrainingError, Updater, adamw
@@ -141,7 +142,7 @@ class Trainer:
         # or tag, "count": "three") is one line naming its file and line, not a reward of 0 after a rollout.
         from rewards.multi import MultiReward
 
-        from .heldout import eval_items
+        from .periodic_eval import eval_items
 
         self.reward = MultiReward(cfg.reward.weights, cfg.reward.options, device=acc.device,
                                   nonfinite="keep")  # NaN/Inf rewards skip the update (train_iteration)
@@ -199,25 +200,25 @@ class Trainer:
                                guard=self.guard, ema=self.ema)
 
         # Sampling (the rewards and prompts are built above)
-        self.sampler = Sampler(cfg, self.policy, self.prompts, rank=acc.process_index, world=self.world,
-                               device=acc.device, autocast=acc.autocast,
-                               progress=False)  # one bar, the iterations' (no nested per-rollout bar)
-        from .heldout import HeldOutEval
+        self.rollout_driver = RolloutDriver(cfg, self.policy, self.prompts, rank=acc.process_index, world=self.world,
+                                            device=acc.device, autocast=acc.autocast,
+                                            progress=False)  # one bar, the iterations' (no nested per-rollout bar)
+        from .periodic_eval import PeriodicEval
 
-        self.heldout = HeldOutEval(cfg.eval, cfg.train.iterations, sampler=self.sampler, reward=self.reward,
-                                   accelerator=acc, items=eval_prompts) if cfg.eval.every else None
+        self.periodic_eval = PeriodicEval(cfg.eval, cfg.train.iterations, driver=self.rollout_driver,
+                                          reward=self.reward, accelerator=acc, items=eval_prompts) if cfg.eval.every else None
         check_image_size(cfg.sampling.height, cfg.sampling.width, self.policy)
         self.latent_shape = tuple(self.policy.latent_shape(cfg.sampling.height, cfg.sampling.width))
-        one_cond = self.sampler.conditions([self.prompts[0].prompt])
+        one_cond = self.rollout_driver.conditions([self.prompts[0].prompt])
         check_iteration_memory(cfg, math.prod(self.latent_shape),
                                sum(v.numel() * v.element_size() for v in one_cond.values()),
                                (cfg.sampling.height or self.policy.height) * (cfg.sampling.width or self.policy.width),
                                self.world)
         self.algorithm = build_algorithm(cfg.algorithm, AlgorithmContext(
             cfg=cfg, policy=self.policy, model=self.model, device=acc.device, autocast=acc.autocast,
-            latent_shape=self.latent_shape, negative_cond=self.sampler.negative_cond,
-            seeds=SeedStreams(t.seed), stock_sample=self.sampler.stock_sample,
-            reference_samples=functools.partial(self.sampler.reference_samples, model=self.model),
+            latent_shape=self.latent_shape, negative_cond=self.rollout_driver.negative_cond,
+            seeds=SeedStreams(t.seed), stock_sample=self.rollout_driver.stock_sample,
+            reference_samples=functools.partial(self.rollout_driver.reference_samples, model=self.model),
             rank_mean=lambda x: acc.reduce(x, reduction="mean")))
         if self.algorithm.state_dict():  # e.g. fpo.beta: auto, DiffusionNFT's old policy: in every checkpoint
             acc.register_for_checkpointing(self.algorithm)
@@ -255,12 +256,12 @@ class Trainer:
     # ------------------------------------------------------------------ sampling
     def rollout(self, iteration: int) -> Rollout:
         """This rank's share of ``iteration`` from the algorithm's sampler, decoded and scored."""
-        return self.sampler.rollout(iteration, self.algorithm.sample, self.reward)
+        return self.rollout_driver.rollout(iteration, self.algorithm.sample, self.reward)
 
     def sample_images(self, prompts: list[str], seed: int) -> list:
         """PIL images of the current policy for ``prompts`` (fixed noise per ``seed`` and position; see
-        :meth:`Sampler.images <fpo_diffusion.rollout.Sampler.images>`)."""
-        return self.sampler.images(prompts, seed, model=self.model)
+        :meth:`RolloutDriver.images <fpo_diffusion.rollout.RolloutDriver.images>`)."""
+        return self.rollout_driver.images(prompts, seed, model=self.model)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(t.to(self.accelerator.device).contiguous()).cpu()
@@ -344,9 +345,9 @@ class Trainer:
                                    f"{t.group_size} samples (rank {self.accelerator.process_index}), reward on each")
 
     def _evaluate(self, it: int) -> dict[str, float]:
-        """The held-out evaluation after iteration ``it`` (``eval.*``), its grid logged; ``eval/*`` metrics."""
+        """The periodic evaluation after iteration ``it`` (``eval.*``), its grid logged; ``eval/*`` metrics."""
         with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
-            metrics, grid = self.heldout.run(self.model, it)
+            metrics, grid = self.periodic_eval.run(self.model, it)
         if grid is not None:
             self.logger.log_image("eval", grid, it)
         return metrics
@@ -383,11 +384,11 @@ class Trainer:
                    disable=not (cfg.log.progress and acc.is_local_main_process))
         recent: list[float] = []
         try:
-            if self.heldout is not None and cfg.eval.at_start and self.start_iteration == 0 and end > 0:
+            if self.periodic_eval is not None and cfg.eval.at_start and self.start_iteration == 0 and end > 0:
                 self.logger.log(self._evaluate(-1), -1)
             for it in bar:
                 last = self.train_iteration(it)
-                if self.heldout is not None and self.heldout.due(it):
+                if self.periodic_eval is not None and self.periodic_eval.due(it):
                     last.update(self._evaluate(it))
                 self.logger.log(last, it)
                 recent = (recent + [last["reward/mean"]])[-10:]
@@ -437,7 +438,7 @@ def progress_line(m: dict[str, float], algorithm: str, recent: list[float]) -> s
     if f"{algorithm}/clip_frac" in m:
         parts.append(f"clip {m[f'{algorithm}/clip_frac']:.3f}")
     if "eval/reward/mean" in m:
-        parts.append(f"held-out {m['eval/reward/mean']:.3f}")
+        parts.append(f"eval {m['eval/reward/mean']:.3f}")
     parts.append(f"rollout {m.get('perf/rollout_s', float('nan')):.1f}s update {m.get('perf/update_s', float('nan')):.1f}s")
     return " | ".join(parts)
 

@@ -125,12 +125,12 @@ def test_rewards_never_import_the_core():
 LAYERS = [
     # foundations: settings, pure math, bookkeeping (config names the objective's and noise's dataclasses)
     {"errors", "config", "fpo", "noise", "advantages", "faults", "images", "tokenizers", "tracking", "checkpoint",
-     "nft", "awm", "beta_control", "lagged", "plugins", "budget", "distributed"},
+     "run_lock", "nft", "awm", "beta_control", "lagged", "plugins", "budget", "distributed"},
     # model families and what feeds them
     {"policies", "lora", "tiny", "embedded", "prompts"},
     {"algorithms"},
     # what the loop calls
-    {"rollout", "update", "run_state", "export", "heldout"},
+    {"rollout", "update", "run_state", "export", "periodic_eval"},
     {"trainer", "cli", "launcher"},
 ]
 

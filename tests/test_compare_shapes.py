@@ -18,7 +18,7 @@ def _report(folder: Path, correct: list[bool]) -> None:
         f = f"images/{i // 2:04d}_{i % 2}.png"
         Image.new("RGB", (48, 48), (128, 128, 128)).save(folder / f)
         recs.append({"correct": ok, "entry": i // 2, "index": i % 2, "tag": tag, "prompt": f"p{i // 2}", "file": f,
-                     "reason": "", "partial": float(ok)})
+                     "reason": "", "clause_fraction": float(ok)})
     per = {t: {"accuracy": sum(r["correct"] for r in recs if r["tag"] == t) / 2} for t in ("single_object", "colors")}
     summary = {"overall": sum(v["accuracy"] for v in per.values()) / 2, "per_task": per}
     (folder / "report.json").write_text(json.dumps({"summary": summary, "records": recs}))

@@ -40,10 +40,10 @@ ATTR = {"tag": "color_attr", "include": [{"class": "bus", "count": 1, "color": "
 
 def test_single_object_pass_and_fail():
     r = evaluate(dets(det("cow", score=0.5)), SINGLE)
-    assert r.correct and r.reason == "" and r.clauses == [True] and r.partial == 1.0
+    assert r.correct and r.reason == "" and r.clauses == [True] and r.clause_fraction == 1.0
     assert r.details == {"cow": [[0.0, 0.0, 10.0, 10.0, 0.5]]}
     r = evaluate(dets(det("dog")), SINGLE)
-    assert not r.correct and r.reason == "expected cow>=1, found 0" and r.partial == 0.0
+    assert not r.correct and r.reason == "expected cow>=1, found 0" and r.clause_fraction == 0.0
 
 
 def test_detection_threshold_is_strict_0_3():
@@ -51,9 +51,9 @@ def test_detection_threshold_is_strict_0_3():
     assert evaluate(dets(det("cow", score=0.3001)), SINGLE).correct
 
 
-def test_two_object_partial_credit():
+def test_two_object_clause_fraction():
     r = evaluate(dets(det("bench")), TWO)
-    assert not r.correct and r.clauses == [True, False] and r.partial == 0.5
+    assert not r.correct and r.clauses == [True, False] and r.clause_fraction == 0.5
     assert r.reason == "expected sports ball>=1, found 0"
     assert evaluate(dets(det("bench"), det("sports ball")), TWO).correct
 
@@ -217,9 +217,9 @@ def test_relative_position_diagonal_threshold_boundary():
     assert relative_position((1, 10, 5, 14), (0, 0, 4, 4)) == {"below"}
 
 
-def test_rule_result_partial_without_clauses():
-    assert RuleResult(True, "").partial == 1.0
-    assert RuleResult(False, "x").partial == 0.0
+def test_rule_result_clause_fraction_without_clauses():
+    assert RuleResult(True, "").clause_fraction == 1.0
+    assert RuleResult(False, "x").clause_fraction == 0.0
 
 
 # --- tie order and threshold dtype, as the official evaluator -------------------------------

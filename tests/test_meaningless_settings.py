@@ -67,7 +67,7 @@ def test_eval_prompts_without_eval_every_or_equal_to_the_training_prompts_are_sa
 
     assert config_warnings(load_config(None, [])) == []
     (w,) = config_warnings(load_config(None, ["eval.prompts=embedded:shapes-validation"]))
-    assert w.startswith("warning: eval.prompts=embedded:shapes-validation is set but eval.every=0: no held-out")
+    assert w.startswith("warning: eval.prompts=embedded:shapes-validation is set but eval.every=0: no periodic")
     (w,) = config_warnings(load_config(None, ["eval.prompts=embedded:shapes", "eval.every=5"]))
     assert w.startswith("warning: eval.prompts is the training prompt source (embedded:shapes): its eval/* "
                         "scores are not held-out")

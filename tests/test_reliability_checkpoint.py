@@ -30,8 +30,9 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import fpo_diffusion.checkpoint as ck
-from fpo_diffusion.checkpoint import (CheckpointError, NonfiniteStateError, RunLock, RunLockedError, clean_leftovers,
-                                      list_checkpoints, resolve_resume, save_checkpoint, verify_checkpoint)
+from fpo_diffusion.checkpoint import (CheckpointError, NonfiniteStateError, clean_leftovers, list_checkpoints,
+                                      resolve_resume, save_checkpoint, verify_checkpoint)
+from fpo_diffusion.run_lock import RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,7 +201,7 @@ def test_a_checkpoint_without_a_file_list_is_still_checked_by_loading_its_weight
 
 HOLD = """
 import sys, time
-from fpo_diffusion.checkpoint import RunLock
+from fpo_diffusion.run_lock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 sys.stdin.read()  # hold it until killed or stdin closes

@@ -115,7 +115,7 @@ def test_export_refuses_non_finite_weights(tmp_path):
 
 HOLD = """
 import sys
-from fpo_diffusion.checkpoint import RunLock
+from fpo_diffusion.run_lock import RunLock
 RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 sys.stdin.read()
@@ -263,7 +263,7 @@ def test_a_checkpoint_from_before_a_field_existed_resumes_and_the_collective_tim
     (ck / "trainer_state.json").write_text(json.dumps({"iteration": 1, "world_size": 1, "config": saved}))
     assert check_resume(cfg, run, "latest", world_size=1) == ck
     assert check_resume(load_config(None, overrides(run, **{"train.collective_timeout_s": 60})), run, "latest") == ck
-    # a held-out evaluation may be added to (or changed in) a run being resumed: it never touches training
+    # a periodic evaluation may be added to (or changed in) a run being resumed: it never touches training
     assert check_resume(load_config(None, overrides(run, **{"eval.every": 5, "eval.prompts": "embedded:tiny"})),
                         run, "latest") == ck
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's in train.lr;"):

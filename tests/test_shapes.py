@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fpo_diffusion.shapes import captions as C
 from fpo_diffusion.shapes import scenes as S
 from fpo_diffusion.shapes.detector import ShapesDetector, analyse
 from fpo_diffusion.shapes.render import Obj, render, render_array
@@ -57,7 +58,7 @@ def test_detector_exact_for_every_class_colour_and_cell(shape):
 
 def test_render_deterministic():
     rng = np.random.default_rng(0)
-    sc = S.random_scene(rng, 4)
+    sc = C.random_scene(rng, 4)
     assert np.array_equal(render_array(sc), render_array(list(sc)))
     assert render(sc).size == (CANVAS, CANVAS)
 
@@ -65,7 +66,7 @@ def test_render_deterministic():
 @pytest.mark.parametrize("task", S.TASKS)
 def test_detector_scores_renders_perfectly(task):
     rng = np.random.default_rng(123)
-    metas = [m for m in S.heldout_metadata() if m["tag"] == task] + S.train_task_metadata()[task][:40]
+    metas = [m for m in S.test_metadata() if m["tag"] == task] + S.train_task_metadata()[task][:40]
     for i in range(120):
         m = metas[i % len(metas)]
         assert _ok(S.scene_for(m, rng), m), m["prompt"]
@@ -74,7 +75,7 @@ def test_detector_scores_renders_perfectly(task):
 def test_detections_exact_on_renders():
     rng = np.random.default_rng(7)
     for _ in range(100):
-        sc = S.random_scene(rng)
+        sc = C.random_scene(rng)
         dets = DET.detect(render(sc))
         got = sorted((d.label, d.color, d.box, d.score) for v in dets.values() for d in v)
         want = sorted((o.shape, o.color, tuple(float(x) for x in o.box()), 1.0) for o in sc)
@@ -85,7 +86,7 @@ def test_tolerates_generation_noise():
     rng = np.random.default_rng(1)
     n_ok = 0
     for i in range(60):
-        m = S.heldout_metadata()[i * 8]
+        m = S.test_metadata()[i * 8]
         a = render_array(S.scene_for(m, rng)).astype(np.float64)
         a += rng.normal(0, 12, a.shape)  # colour noise
         img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
@@ -201,7 +202,7 @@ def test_split_by_combination_invariants():
     assert {m["prompt"] for m in sp["test"]["single_object"]} == {S.single_object(s)["prompt"] for s in SHAPES}
     train = S.training_metadata()
     train_prompts = {m["prompt"] for m in train} | {m["prompt"] for ms in sp["train"].values() for m in ms}
-    held = S.heldout_prompts()
+    held = S.test_and_validation_prompts()
     assert not (train_prompts & held)  # no test or validation string is ever a training prompt
     # test and validation share no prompt, except single_object (all 12 classes, other seeds)
     shared = {m["prompt"] for ms in sp["test"].values() for m in ms} & {
@@ -233,8 +234,8 @@ def test_split_by_combination_invariants():
     assert mix == {t: round(w * len(train)) for t, w in S.TRAINING_TASK_MIX.items()}
     assert mixed == training_prompts() and not ({m["prompt"] for m in mixed} & held)
     # the evaluation sets: every task, fixed
-    test = S.heldout_metadata()
-    assert {m["tag"] for m in test} == set(S.TASKS) and test == S.heldout_metadata()
+    test = S.test_metadata()
+    assert {m["tag"] for m in test} == set(S.TASKS) and test == S.test_metadata()
     assert all(sum(m["tag"] == t for m in test) >= S.TEST_ENTRIES_PER_TASK for t in S.TASKS)
     assert all(sum(m["tag"] == t for m in S.validation_metadata()) >= S.VALIDATION_ENTRIES_PER_TASK for t in S.TASKS)
 
@@ -267,10 +268,10 @@ def _caption_facts(text):
 
 def test_pretraining_captions_are_incomplete_but_never_wrong():
     rng = np.random.default_rng(5)
-    style = S.CaptionStyle()
+    style = C.CaptionStyle()
     stated = {"count": 0, "multi": 0, "position": 0, "pairs": 0, "empty": 0, "all_classes": 0, "several": 0}
     for _ in range(3000):
-        scene, text = S.pretraining_example(rng, style)
+        scene, text = C.pretraining_example(rng, style)
         if not text:
             stated["empty"] += 1
             continue
@@ -299,14 +300,14 @@ def test_pretraining_captions_are_incomplete_but_never_wrong():
     assert 0.68 < stated["all_classes"] / stated["several"] < 0.82  # p_all_classes = 0.75
     assert 0.07 < stated["empty"] / 3000 < 0.13
     with pytest.raises(ValueError):
-        S.CaptionStyle(p_count=1.5)
+        C.CaptionStyle(p_count=1.5)
 
 
 def test_shapes_reward():
     from rewards.registry import build_reward
 
     rng = np.random.default_rng(0)
-    metas = S.heldout_metadata()[::25]
+    metas = S.test_metadata()[::25]
     imgs = [render(S.scene_for(m, rng)) for m in metas]
     prompts = [m["prompt"] for m in metas]
     strict = build_reward("shapes")

@@ -112,7 +112,7 @@ def test_fpo_on_counting_prompts_improves_counting_prompts_it_never_saw(tmp_path
 @pytest.mark.slow
 def test_a_short_all_task_run_raises_validation_on_three_tasks_at_once(tmp_path):
     """The default job (FPO on the five trained tasks in Flow-GRPO's GenEval mix, ``launch/configs/shapes.yaml``),
-    its first 10 iterations, scored by the held-out evaluation on the **validation** split (248 entries x 2
+    its first 10 iterations, scored by the periodic evaluation on the **validation** split (248 entries x 2
     images, the same noise before and after): at least three tasks rise, none falls by more than 2 SE, and
     the overall score (mean of the six task accuracies) rises. A planted ``train.lr=1e-8`` fails it
     (every task unchanged)."""

@@ -1,7 +1,7 @@
 """ShapesEval: GenEval's six tasks on the shapes world, scored by the exact detector + GenEval rules.
 
 ``evaluate_model(model_dir, ...)`` samples a fixed prompt set of the split by combination
-(``split="test"``: ShapesEval, ``scenes.heldout_metadata()``, 496 entries over 330 distinct
+(``split="test"``: ShapesEval, ``scenes.test_metadata()``, 496 entries over 330 distinct
 prompts; ``split="validation"``: ``scenes.validation_metadata()``, for choosing
 hyper-parameters), never a training prompt, with a stock ``StableDiffusion3Pipeline``
 (optionally with a LoRA), scores every image and writes a report (``report.json``,
@@ -34,7 +34,7 @@ from fpo_diffusion.images import labelled_grid
 from fpo_diffusion.policies.sd3 import fast_zero_tokens
 
 from .detector import ShapesDetector, painted_share
-from .scenes import TASKS, heldout_metadata, scene_for, validation_metadata
+from .scenes import TASKS, scene_for, test_metadata, validation_metadata
 
 GRID_ENTRIES = 12
 """Entries per task shown in the grids."""
@@ -75,7 +75,7 @@ def _score(images, metas, detector):
     recs = []
     for img, m in zip(images, metas):
         r = evaluate(detector.detect(img), m, image=img)
-        recs.append({"correct": bool(r.correct), "reason": r.reason, "partial": r.partial,
+        recs.append({"correct": bool(r.correct), "reason": r.reason, "clause_fraction": r.clause_fraction,
                      "painted_share": painted_share(img)})
     return recs
 
@@ -212,7 +212,7 @@ def report_title(info: dict) -> str:
     return t + (f" + LoRA {info['lora']}" if info.get("lora") else "")
 
 
-SPLITS = {"test": heldout_metadata, "validation": validation_metadata}
+SPLITS = {"test": test_metadata, "validation": validation_metadata}
 SEED_OFFSET = {"test": 0, "validation": 500_000_000}
 """Image seeds of the validation split are offset, so its single_object entries (the test prompts) get other noise."""
 

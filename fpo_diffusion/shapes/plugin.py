@@ -66,6 +66,6 @@ def validation_prompts() -> list[dict]:
 
 def test_prompts() -> list[dict]:
     """``embedded:shapes-test``: the ShapesEval test split (report results on it; never tune on it)."""
-    from .scenes import heldout_metadata
+    from .scenes import test_metadata
 
-    return heldout_metadata()
+    return test_metadata()

@@ -10,7 +10,7 @@ stage is bit-for-bit the uninterrupted one on CPU), resumable (checkpoint in
 * ``transformer``: a tiny ``SD3Transformer2DModel`` (patch 1, joint attention) trained with
   rectified flow on normalised VAE latents, conditioned on two tiny jointly trained
   ``CLIPTextModelWithProjection`` encoders (no T5), on scenes with web-alt-text-like captions
-  (``scenes.CaptionStyle``: counts, positions and colour binding often left out), CFG dropout
+  (``captions.CaptionStyle``: counts, positions and colour binding often left out), CFG dropout
   10 % (``CaptionStyle.p_empty``).
 
 Each finished stage writes its part of a stock ``StableDiffusion3Pipeline`` folder.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from fpo_diffusion.policies.sd3 import ZeroTokenBias
 
 from .render import render_array, to_tensor_batch
-from .scenes import CaptionStyle, pretraining_example, random_scene
+from .captions import CaptionStyle, pretraining_example, random_scene
 from .world import CANVAS, CELL, GRID
 
 _BG_T = torch.tensor([c / 127.5 - 1.0 for c in (128, 128, 128)]).view(1, 3, 1, 1)

@@ -7,7 +7,8 @@ Options:
 * ``mode="partial"``: the fraction of ``include`` clauses that hold (a clause holds only for a
   detected object of the right shape, and colour / position where asked), halved when an
   ``exclude`` clause fails (too many objects in counting). Exclude clauses give no credit on
-  their own, so an empty canvas scores 0.
+  their own, so an empty canvas scores 0. (Not the ``geneval`` reward's ``strict=False`` score, the
+  clause fraction ``RuleResult.clause_fraction``, which counts exclude clauses like include clauses.)
 * ``paint_penalty`` (default 0.5 in ``partial`` mode, 0.0 in ``strict`` mode): subtracted times
   ``min(1, stray / 144)``, where ``stray`` is the number of foreground pixels that do not belong
   to a detected object of an asked-for shape (144 = one full square object). Paint spread over

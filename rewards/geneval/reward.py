@@ -2,7 +2,7 @@
 
 Options: ``detector`` (a Mask2Former folder for ``Mask2FormerDetector``, or any callable
 ``images -> list[Detections]`` such as the exact shapes detector), ``strict`` (True: 1/0
-correctness; False: partial credit, the fraction of include/exclude clauses that hold),
+correctness; False: the clause fraction, the share of include/exclude clauses that hold),
 ``clip_model`` / ``clip_pretrained`` for the colour classifier (loaded only when a colour
 clause meets a detection without ``Detection.color``), and the official thresholds.
 Every image needs its GenEval metadata (``include``/``exclude``/``tag``).
@@ -22,7 +22,7 @@ from .rules import Thresholds, evaluate
 
 @register_reward("geneval")
 class GenEvalReward(Reward):
-    """GenEval correctness (``strict``) or clause-level partial credit, in ``[0, 1]``."""
+    """GenEval correctness (``strict``) or the clause fraction (``RuleResult.clause_fraction``), in ``[0, 1]``."""
 
     range = (0.0, 1.0)
     batch_size = 8
@@ -78,7 +78,7 @@ class GenEvalReward(Reward):
         out = []
         for image, d, m in zip(images, dets, metadata):
             r = evaluate(d, m, image=image, color_fn=_Lazy(self), thresholds=self.thresholds)
-            out.append(float(r.correct) if self.strict else r.partial)
+            out.append(float(r.correct) if self.strict else r.clause_fraction)
         return torch.tensor(out, dtype=torch.float32)
 
 

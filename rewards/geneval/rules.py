@@ -77,8 +77,8 @@ class RuleResult:
     """Official-style details: class -> list of ``[x0, y0, x1, y1, score]`` of the kept detections."""
 
     @property
-    def partial(self) -> float:
-        """Partial credit: fraction of clauses that hold (1.0 when there are no clauses)."""
+    def clause_fraction(self) -> float:
+        """The fraction of clauses (include and exclude) that hold (when there are none: 1.0 if correct, else 0.0)."""
         if not self.clauses:
             return 1.0 if self.correct else 0.0
         return float(sum(self.clauses)) / len(self.clauses)

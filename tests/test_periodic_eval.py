@@ -1,4 +1,4 @@
-"""Held-out evaluation during training (eval.*), the progress line and the run's last line."""
+"""Periodic evaluation during training (eval.*), the progress line and the run's last line."""
 import json
 
 import pytest
@@ -29,14 +29,14 @@ def test_eval_config_is_checked(tmp_path):
         load_config(None, ["eval.images_per_prompt=0"])
 
 
-def test_heldout_eval_logs_reward_per_task_and_a_grid_with_fixed_seeds(tmp_path):
+def test_periodic_eval_logs_reward_per_task_and_a_grid_with_fixed_seeds(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from fpo_diffusion.trainer import Trainer
 
     tr = Trainer(_cfg(tmp_path))
-    before = tr.heldout.run(tr.model, 0)[0]
-    assert tr.heldout.run(tr.model, 5)[0] == before  # the same prompts and noise at every evaluation
+    before = tr.periodic_eval.run(tr.model, 0)[0]
+    assert tr.periodic_eval.run(tr.model, 5)[0] == before  # the same prompts and noise at every evaluation
     tr.train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [-1, 0, 1, 2]  # the start (eval.at_start), then one row per iteration
@@ -72,8 +72,8 @@ def test_eval_tags_evaluate_only_those_tasks(tmp_path):
     from fpo_diffusion.trainer import Trainer
 
     tr = Trainer(_cfg(tmp_path, **{"eval.tags": "[counting]"}))
-    out = tr.heldout.run(tr.model, 0)[0]
-    assert tr.heldout.n == 2 and set(k for k in out if k.startswith("eval/task/")) == {"eval/task/counting"}
+    out = tr.periodic_eval.run(tr.model, 0)[0]
+    assert tr.periodic_eval.n == 2 and set(k for k in out if k.startswith("eval/task/")) == {"eval/task/counting"}
 
 
 def test_progress_line_and_last_line(tmp_path):
@@ -81,7 +81,7 @@ def test_progress_line_and_last_line(tmp_path):
          "fpo/clip_frac": 0.0, "perf/rollout_s": 1.85, "perf/update_s": 1.44, "eval/reward/mean": 0.5}
     line = progress_line(m, "fpo", [0.3, 0.4, 0.41234])
     assert line == ("reward 0.412 (mean of last 3: 0.371) | log-ratio std 3.10e-04 | ratio [0.99971, 1.00068] | "
-                    "clip 0.000 | held-out 0.500 | rollout 1.9s update 1.4s")
+                    "clip 0.000 | eval 0.500 | rollout 1.9s update 1.4s")
     assert "ratio=1.000" not in line
     assert progress_line({"reward/mean": 0.5, "perf/rollout_s": 1, "perf/update_s": 2}, "ddpo", [0.5]) == \
         "reward 0.500 | rollout 1.0s update 2.0s"
@@ -97,7 +97,7 @@ def test_training_prints_where_things_are_and_no_nested_bar(tmp_path, capsys):
 
     cfg = _cfg(tmp_path, **{"eval.every": 0, "train.iterations": 1, "log.progress": "true"})
     tr = Trainer(cfg)
-    assert tr.sampler.progress is False  # one bar: the iterations'
+    assert tr.rollout_driver.progress is False  # one bar: the iterations'
     tr.train()
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1] == where_line(tmp_path / "run", exported=True, tensorboard=True)

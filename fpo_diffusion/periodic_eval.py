@@ -1,4 +1,4 @@
-"""Held-out evaluation during training (Flow-GRPO's ``eval_freq``; config section ``eval``).
+"""Periodic evaluation during training (Flow-GRPO's ``eval_freq``; config section ``eval``).
 
 Every ``eval.every`` iterations (and after the last) the current policy samples a fixed prompt set
 (``eval.prompts``, never the training prompts) with fixed seeds: image ``j`` of prompt ``i`` is
@@ -26,12 +26,12 @@ def eval_items(cfg: EvalConfig) -> list:
     return items[: cfg.max_prompts] if cfg.max_prompts else items
 
 
-class HeldOutEval:
+class PeriodicEval:
     """The evaluation prompt set of a run and how to score the current policy on it."""
 
-    def __init__(self, cfg: EvalConfig, iterations: int, *, sampler, reward, accelerator, items: list | None = None):
+    def __init__(self, cfg: EvalConfig, iterations: int, *, driver, reward, accelerator, items: list | None = None):
         self.cfg, self.iterations = cfg, iterations
-        self.sampler, self.reward, self.accelerator = sampler, reward, accelerator
+        self.driver, self.reward, self.accelerator = driver, reward, accelerator
         self.items = eval_items(cfg) if items is None else items
         k = cfg.images_per_prompt
         self.n = len(self.items) * k
@@ -64,7 +64,7 @@ class HeldOutEval:
         process; ``None`` elsewhere or with ``eval.grid_prompts: 0``)."""
         mine = [self.items[self.prompt_of[g]] for g in self.mine]
         prompts, metadata = [it.prompt for it in mine], [it.metadata for it in mine]
-        images = self.sampler.images(prompts, self.cfg.seed, model=model, first=self.mine.start)
+        images = self.driver.images(prompts, self.cfg.seed, model=model, first=self.mine.start)
         total, parts = self.reward(images, prompts, metadata)
         rewards = self._gather(total)
         comps = {name: self._gather(v) for name, v in sorted(parts.items())}
@@ -82,9 +82,9 @@ class HeldOutEval:
             rows = group_rows(keys, max_rows=self.cfg.grid_prompts)
             grid = labelled_grid([[images[j] for j in r] for r in rows], [self.items[keys[r[0]]].prompt for r in rows],
                                  [[f"{float(total[j]):.2f}" for j in r] for r in rows],
-                                 title=f"held-out evaluation after iteration {iteration}: mean reward "
+                                 title=f"evaluation after iteration {iteration}: mean reward "
                                        f"{out['eval/reward/mean']:.3f} over {self.n} images")
         return out, grid
 
 
-__all__ = ["HeldOutEval"]
+__all__ = ["PeriodicEval"]
