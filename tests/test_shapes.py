@@ -380,3 +380,17 @@ def test_eval_cli_compare_and_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(bad)
         assert e.value.code == 2
+
+
+def test_pretraining_captions_do_not_depend_on_the_hash_seed():
+    """Pretraining is resumable bit for bit only if its captions are the same in every process: a caption
+    must not depend on the iteration order of a set of strings (PYTHONHASHSEED)."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib, numpy as np\nfrom fpo_diffusion.shapes.captions import pretraining_example\n"
+            "rng = np.random.default_rng(0)\n"
+            "print(hashlib.sha256('|'.join(pretraining_example(rng)[1] for _ in range(3000)).encode()).hexdigest())")
+    out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**__import__("os").environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2, 3)}
+    assert len(out) == 1, out

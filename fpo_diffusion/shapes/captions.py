@@ -103,7 +103,7 @@ def caption(scene: Scene, rng: np.random.Generator, style: CaptionStyle = Captio
             nb = _noun_phrase(b.shape, 1, b.color if bind else None, style, rng)
             body = f"{na} {rel} {nb}"
             if with_color and not bind:
-                body += ", " + " and ".join(sorted({a.color, b.color}, key=lambda _: rng.random()))
+                body += ", " + " and ".join(sorted(sorted({a.color, b.color}), key=lambda _: rng.random()))
             return _prefix(body, style, rng)
     parts = [_noun_phrase(s, len(g), g[0].color if bind else None, style, rng) for s, g in groups]
     body = _join(parts)
