@@ -65,11 +65,13 @@ def test_short_fpo_run_raises_the_strict_reward_on_the_shipped_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm,margin", [("awm", 0.15), ("diffusion_nft", 0.15), ("flow_grpo", 0.10)])
+@pytest.mark.parametrize("algorithm,margin", [("awm", 0.15), ("diffusion_nft", 0.15), ("flow_grpo", 0.05)])
 def test_each_baseline_raises_the_strict_reward_on_the_shipped_model(tmp_path, algorithm, margin):
     """The same short run for the baselines in the same trainer (same prompts, seeds, budget and rate).
     Measured (before -> after, strict, held-aside seeds): FPO 0.359 -> 0.859, AWM 0.359 -> 0.859,
-    DiffusionNFT 0.359 -> 0.953, Flow-GRPO 0.359 -> 0.484 (lr 2e-3 is not its rate: a smoke test,
+    DiffusionNFT 0.359 -> 0.953, Flow-GRPO 0.359 -> 0.453 (0.484 before its official first-step noise, KL,
+    detached unconditional branch, first training steps and zero-advantage filtering; lr 2e-3 is not
+    its rate: a smoke test,
     not the race, which is bench/learning.py's)."""
     before, after, rewards = run_short(tmp_path, algorithm)
     assert 0.1 < before < 0.7, before
