@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,14 +21,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 from safetensors.torch import load_file
 
 from rewards.registry import build_reward
 from rewards.remote import RemoteReward
 from rewards.server import create_app
-from helpers_net import free_port
+from helpers_net import free_port, served
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,17 +40,11 @@ def image(seed: int, side: int = 8) -> Image.Image:
 def test_many_concurrent_clients_and_full_batches_get_every_score_in_its_slot():
     reward = build_reward("brightness")
     app = create_app(reward, max_batch=64, max_image_side=256, max_request_mb=32)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", limit_concurrency=1000))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
+    with served(app, limit_concurrency=1000) as url:
+        _concurrent_clients(url, reward)
+
+
+def _concurrent_clients(url: str, reward) -> None:
     shared = RemoteReward(url, batch_size=64, retries=2, backoff=0.05)  # one client object used by many threads
     try:
         def job(c: int) -> list[tuple[list[float], list[float]]]:
@@ -83,9 +74,6 @@ def test_many_concurrent_clients_and_full_batches_get_every_score_in_its_slot():
         assert over.status_code == 413 and "max_batch=64" in over.json()["detail"]
     finally:
         shared.close()
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def start_server(port: int, log: Path) -> subprocess.Popen:

@@ -4,39 +4,24 @@ TensorBoard config text."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from fpo_diffusion.config import REDACTED, config_for_writing, load_config, redacted, secrets_in
 from rewards.registry import build_reward
 from rewards.remote import TOKEN_ENV, RemoteReward
 from rewards.server import create_app
 
+from helpers_net import served
+
 TOKEN = "s3cr3t-T0KEN-do-not-write-4f9a"
 
 
 @pytest.fixture
 def server():
-    app = create_app(build_reward("brightness"), token=TOKEN, max_batch=64)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield url
-    srv.should_exit = True
-    thread.join(10)
+    with served(create_app(build_reward("brightness"), token=TOKEN, max_batch=64)) as url:
+        yield url
 
 
 def overrides(out, name: str, options: dict) -> list[str]:
