@@ -274,20 +274,18 @@ def test_tied_scores_are_ordered_by_the_official_default_argsort_not_a_stable_on
     sort disagree (numpy 1.x: from 17 ties on; numpy 2 on AVX-512: already with a few): the official
     order decides which objects a colour clause looks at."""
     rng = np.random.default_rng(3)
-    for _ in range(200):  # tied float32 scores on which this numpy's two sorts disagree
+    for _ in range(200):  # tied float32 scores on which this numpy's two sorts disagree, where it has any
         scores = rng.choice(np.float32([0.5, 0.95, 1.0]), 24)
         if not np.array_equal(np.argsort(scores), np.argsort(scores, kind="stable")):
             break
-    else:
-        pytest.skip("this numpy's default argsort agreed with the stable one on every tied case tried")
     ds = [det("car", (2 * i, 0, 2 * i + 1, 1), float(s), color="red" if i % 2 else "blue")
           for i, s in enumerate(scores)]
     official = np.argsort(scores)[::-1][:16].tolist()
     stable = np.argsort(scores, kind="stable")[::-1][:16].tolist()
-    assert official != stable
     kept = filter_detections({"car": ds}, "colors")["car"]
-    assert [id(d) for d in kept] == [id(ds[i]) for i in official]
-    assert [id(d) for d in kept] != [id(ds[i]) for i in stable]
+    assert [id(d) for d in kept] == [id(ds[i]) for i in official]  # the official order, on every numpy
+    if official != stable:  # and not the stable one where the two differ (this machine's numpy: they do)
+        assert [id(d) for d in kept] != [id(ds[i]) for i in stable]
     assert _official_filter(np.array([[*d.box, d.score] for d in ds]), 0.3) == official
 
 
