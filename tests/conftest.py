@@ -38,3 +38,24 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(True)
     yield
+
+
+@pytest.fixture
+def launch_script(capsys):
+    """``run(script, argv) -> (exit code, stderr lines)``: ``launch/<script>.py``'s ``main`` through ``run_cli``,
+    as its command line runs it."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from fpo_diffusion.cli import run_cli
+
+    launch = str(Path(__file__).resolve().parents[1] / "launch")
+    if launch not in sys.path:
+        sys.path.insert(0, launch)
+
+    def run(script: str, argv: list[str]):
+        rc = run_cli(importlib.import_module(script).main, argv, prog=script)
+        return rc, capsys.readouterr().err.strip().splitlines()
+
+    return run

@@ -24,17 +24,8 @@ def trained(out: Path, family: str) -> Path:
 
 
 @pytest.fixture
-def export_cli(capsys):
-    sys.path.insert(0, str(ROOT / "launch"))
-    import export_lora
-
-    from fpo_diffusion.cli import run_cli
-
-    def call(argv):
-        rc = run_cli(export_lora.main, argv, prog="export_lora")
-        return rc, capsys.readouterr().err.strip().splitlines()
-
-    return call
+def export_cli(launch_script):
+    return lambda argv: launch_script("export_lora", argv)
 
 
 def test_kohya_on_an_sd3_run_is_refused_before_the_pipeline_loads(tmp_path, export_cli, monkeypatch):

@@ -163,16 +163,8 @@ def test_exported_lora_reproduces_the_trained_policy_in_a_stock_pipeline(tmp_pat
 
 
 @pytest.fixture
-def cli(capsys):
-    from fpo_diffusion.cli import run_cli
-    sys.path.insert(0, str(ROOT / "launch"))
-    import train as train_script
-
-    def call(argv):
-        rc = run_cli(train_script.main, argv, prog="train")
-        return rc, capsys.readouterr().err.strip().splitlines()
-
-    return call
+def cli(launch_script):
+    return lambda argv: launch_script("train", argv)
 
 
 def test_bad_input_gets_one_clear_line_and_nothing_is_overwritten(tmp_path, cli):
