@@ -49,12 +49,13 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def measure(variant: str, *, prompts: int, group: int, pairs: int, rollouts: int, steps: int, reward_mode: str,
             seed: int) -> dict:
     from fpo_diffusion.advantages import group_advantages
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config import AWMConfig, awm_step_pool, load_config
     from fpo_diffusion.trainer import Trainer
 
     algo, extra = VARIANTS[variant]
-    if algo == "awm":  # AWM's 6 training times need the sampler steps they are drawn from (the smoke run has 3)
-        extra = [*extra, f"awm.train_timesteps={min(6, max(1, int(steps * 0.9) - 1))}"]
+    if algo == "awm":  # AWM's training times need as many sampler steps to draw from (the smoke run has 3)
+        pool = awm_step_pool(steps, AWMConfig.timestep_fraction) - 1
+        extra = [*extra, f"awm.train_timesteps={min(AWMConfig.train_timesteps, max(1, pool))}"]
     out = tempfile.mkdtemp(prefix="grad-snr-")
     cfg = load_config(None, [
         f"output_dir={out}/run", f"algorithm={algo}", f"sampling.steps={steps}", f"train.seed={seed}",

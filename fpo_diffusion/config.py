@@ -731,6 +731,12 @@ cannot read it; the registry checks this list when it is imported)."""
 # --------------------------------------------------------------------------------------------
 # dict <-> dataclass with type checking
 
+def awm_step_pool(steps: int, timestep_fraction: float) -> int:
+    """``K``: AWM draws its training times from the sampler steps ``[1, K)`` of ``steps``, so at most ``K - 1``
+    distinct ones (``awm.train_timesteps`` is checked against it)."""
+    return int(steps * timestep_fraction)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -978,7 +984,7 @@ def validate(cfg: Config) -> None:
     # A NaN is never a setting (also inside lists and the fields without a range of their own).
     _no_nan(config_to_dict(cfg), "")
     if cfg.algorithm == "awm":  # AWM trains on distinct sampler steps [1, K): more times than steps repeat them
-        k = int(cfg.sampling.steps * cfg.awm.timestep_fraction)
+        k = awm_step_pool(cfg.sampling.steps, cfg.awm.timestep_fraction)
         if k < 2:
             raise ConfigError(f"algorithm awm needs int(sampling.steps x awm.timestep_fraction) >= 2 sampler steps to "
                               f"draw from, got int({cfg.sampling.steps} x {cfg.awm.timestep_fraction:g}) = {k}; raise "
