@@ -100,6 +100,12 @@ def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
+def adapter_metadata(peft_config: Any) -> dict:
+    """The adapter's config as the exported file's metadata, sets (``target_modules``) as sorted lists,
+    so that the file's bytes do not depend on ``PYTHONHASHSEED``."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in peft_config.to_dict().items()}
+
+
 def export_lora(policy: Any, out_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> str:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` in the diffusers LoRA format.
 
@@ -114,7 +120,7 @@ def export_lora(policy: Any, out_dir: str | os.PathLike, state_dict: dict[str, t
         raise ValueError("the policy has no LoRA adapter to export (call add_lora first)")
     sd = lora_state_dict(den) if state_dict is None else dict(state_dict)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    metadata = den.peft_config[ADAPTER_NAME].to_dict()
+    metadata = adapter_metadata(den.peft_config[ADAPTER_NAME])
     os.makedirs(out_dir, exist_ok=True)
     pipe_cls = type(policy.pipeline)
     if policy.denoiser_attr == "unet":

@@ -68,6 +68,22 @@ def test_export_round_trip_into_stock_pipeline(family, tmp_path):
     torch.testing.assert_close(got_x0, want_x0, rtol=1e-5, atol=1e-5)
 
 
+def test_exported_metadata_lists_target_modules_in_sorted_order():
+    from fpo_diffusion.lora import adapter_metadata
+
+    class Unordered(frozenset):  # iterates in reverse order, as a set may under another PYTHONHASHSEED
+        def __iter__(self):
+            return iter(sorted(frozenset.__iter__(self), reverse=True))
+
+    class Config:
+        def to_dict(self):
+            return {"r": 4, "target_modules": Unordered({"to_k", "to_q", "to_v"}), "lora_alpha": 8}
+
+    meta = adapter_metadata(Config())
+    assert meta == {"r": 4, "target_modules": ["to_k", "to_q", "to_v"], "lora_alpha": 8}
+    assert list(meta) == ["r", "target_modules", "lora_alpha"]
+
+
 def test_export_uses_given_state_dict(tmp_path):
     pol = make_policy("sd3", init=False)
     sd = lora_state_dict(pol.denoiser)

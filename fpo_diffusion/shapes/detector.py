@@ -150,6 +150,19 @@ def analyse(image) -> list[Component]:
     return out
 
 
+def detections(components: list[Component]) -> Detections:
+    """GenEval ``Detections`` of the recognised components (by label, best score first)."""
+    dets: Detections = {}
+    for c in components:
+        if c.shape is None:
+            continue
+        dets.setdefault(c.shape, []).append(
+            Detection(label=c.shape, box=tuple(float(v) for v in c.box), score=c.score, mask=c.mask, color=c.color))
+    for v in dets.values():
+        v.sort(key=lambda d: -d.score)
+    return dets
+
+
 class ShapesDetector:
     """``Detector`` of the shapes world: ``detector(images) -> list[Detections]``."""
 
@@ -157,15 +170,7 @@ class ShapesDetector:
         return [self.detect(im) for im in images]
 
     def detect(self, image) -> Detections:
-        dets: Detections = {}
-        for c in analyse(image):
-            if c.shape is None:
-                continue
-            dets.setdefault(c.shape, []).append(
-                Detection(label=c.shape, box=tuple(float(v) for v in c.box), score=c.score, mask=c.mask, color=c.color))
-        for v in dets.values():
-            v.sort(key=lambda d: -d.score)
-        return dets
+        return detections(analyse(image))
 
 
 def painted_share(image) -> float:
@@ -176,4 +181,4 @@ def painted_share(image) -> float:
     return float(foreground(image).mean())
 
 
-__all__ = ["ShapesDetector", "Component", "analyse", "foreground", "painted_share"]
+__all__ = ["ShapesDetector", "Component", "analyse", "detections", "foreground", "painted_share"]

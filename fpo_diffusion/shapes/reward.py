@@ -31,7 +31,7 @@ from PIL import Image
 from rewards.base import Reward, RewardError
 from rewards.registry import register_reward
 
-from .detector import analyse, painted_share
+from .detector import analyse, detections, painted_share
 
 STRAY_SCALE = 144.0
 
@@ -39,18 +39,11 @@ STRAY_SCALE = 144.0
 def shapes_score(image: Image.Image, meta: dict, mode: str = "strict", paint_penalty: float = 0.0,
                  thresholds=None) -> tuple[float, dict]:
     """Score one image; returns ``(reward, info)`` with the rules' result and the stray-paint count."""
-    from rewards.geneval.detection import Detection
     from rewards.geneval.rules import Thresholds, evaluate, filter_detections
 
     thresholds = thresholds or Thresholds()
     comps = analyse(image)
-    dets: dict[str, list] = {}
-    for c in comps:
-        if c.shape is not None:
-            dets.setdefault(c.shape, []).append(
-                Detection(label=c.shape, box=tuple(float(v) for v in c.box), score=c.score, mask=c.mask, color=c.color))
-    for v in dets.values():
-        v.sort(key=lambda d: -d.score)
+    dets = detections(comps)
     res = evaluate(dets, meta, image=image, thresholds=thresholds)
     n_inc = len(meta.get("include", []))
     if mode == "strict":
