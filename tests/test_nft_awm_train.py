@@ -38,7 +38,7 @@ def _likelihood_shift_toward(tr, ro) -> float:
     the advantages of the run's reward and ``l`` the CFM loss at 32 held-aside ``(t, eps)`` pairs per
     sample (times of the sampler's schedule): negative when the policy's likelihood moved toward the
     samples the reward favours."""
-    from fpo_diffusion.algorithms.flow_grpo import flow_sigmas
+    from fpo_diffusion.policies.schedulers import flow_sigmas
 
     adv = group_advantages(ro.rewards.double(), ro.prompt_idx).float()
     g = torch.Generator().manual_seed(4242)  # never used by a run

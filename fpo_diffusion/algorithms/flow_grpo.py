@@ -30,9 +30,9 @@ denoising steps; the options and their official defaults:
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from ..policies.schedulers import flow_sigmas
 from .stepwise import StepwiseAlgorithm, _bcast, gaussian_log_prob
 
 
@@ -64,31 +64,6 @@ def sde_step_with_logprob(v: torch.Tensor, sigma: torch.Tensor, sigma_next: torc
     if prev_sample is None:
         prev_sample = mean + std * noise.to(x.dtype)
     return prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std
-
-
-def flow_sigmas(policy, steps: int, height: int, width: int) -> torch.Tensor:
-    """The noise levels ``[S+1]`` (float64, last 0) of the policy's flow scheduler for ``steps`` sampler
-    steps: ``FlowMatchEulerDiscreteScheduler`` with the model's own config (its shift; FLUX's
-    resolution-dependent shift as ``FluxPipeline`` computes it). ``sigmas[j]`` is step ``j``'s time
-    ``t`` (the pipeline's ``timesteps / 1000``)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    sched = FlowMatchEulerDiscreteScheduler.from_config(policy.base_scheduler.config)
-    kw = {}
-    if sched.config.get("use_dynamic_shifting", False):  # FLUX: resolution-dependent shift, as FluxPipeline
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        _, h, w = policy.latent_shape(height, width)
-        c = sched.config
-        kw["mu"] = calculate_shift((h // 2) * (w // 2), c.get("base_image_seq_len", 256),
-                                   c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
-                                   c.get("max_shift", 1.15))
-        kw["sigmas"] = np.linspace(1.0, 1 / steps, steps)
-    sched.set_timesteps(steps, device="cpu", **kw)
-    sigmas = sched.sigmas.to(torch.float64).cpu()
-    if len(sigmas) != steps + 1:
-        raise ValueError(f"unexpected flow schedule of {len(sigmas)} sigmas for {steps} steps")
-    return sigmas
 
 
 class FlowGRPO(StepwiseAlgorithm):
@@ -153,4 +128,4 @@ def zero_advantage_subset(adv: torch.Tensor, n_minibatches: int, generator: torc
     return torch.nonzero(keep).flatten()
 
 
-__all__ = ["FlowGRPO", "flow_sigmas", "sde_std_dev_t", "sde_step_with_logprob", "zero_advantage_subset"]
+__all__ = ["FlowGRPO", "sde_std_dev_t", "sde_step_with_logprob", "zero_advantage_subset"]

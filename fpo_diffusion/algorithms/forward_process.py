@@ -24,7 +24,7 @@ import torch
 from ..lagged import LaggedWeights, lag_decay
 from ..policies.base import batch_slices, cond_index
 from .base import Algorithm
-from .flow_grpo import flow_sigmas
+from ..policies.schedulers import flow_sigmas
 
 
 class ForwardProcessAlgorithm(Algorithm):

@@ -95,3 +95,30 @@ def make_scheduler(name: str | None, base_scheduler: Any, *, family: str | None 
     accepted = set(inspect.signature(cls.__init__).parameters)
     config = {k: v for k, v in base_scheduler.config.items() if k in accepted}
     return cls.from_config(config, **overrides)
+
+
+def flow_sigmas(policy, steps: int, height: int, width: int) -> torch.Tensor:
+    """The noise levels ``[S+1]`` (float64, last 0) of the policy's flow scheduler for ``steps`` sampler
+    steps: ``FlowMatchEulerDiscreteScheduler`` with the model's own config (its shift; FLUX's
+    resolution-dependent shift as ``FluxPipeline`` computes it). ``sigmas[j]`` is step ``j``'s time
+    ``t`` (the pipeline's ``timesteps / 1000``)."""
+    import numpy as np
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(policy.base_scheduler.config)
+    kw = {}
+    if sched.config.get("use_dynamic_shifting", False):  # FLUX: resolution-dependent shift, as FluxPipeline
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        _, h, w = policy.latent_shape(height, width)
+        c = sched.config
+        kw["mu"] = calculate_shift((h // 2) * (w // 2), c.get("base_image_seq_len", 256),
+                                   c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+                                   c.get("max_shift", 1.15))
+        kw["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    sched.set_timesteps(steps, device="cpu", **kw)
+    sigmas = sched.sigmas.to(torch.float64).cpu()
+    if len(sigmas) != steps + 1:
+        raise ValueError(f"unexpected flow schedule of {len(sigmas)} sigmas for {steps} steps")
+    return sigmas
