@@ -37,6 +37,7 @@ class Rollout:
     seconds: float = 0.0
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample data of the algorithm's sampler
     image_index: list = field(default_factory=list)  # positions of ``images`` among this rank's samples
+    foreground_share: torch.Tensor | None = None  # [n] share of each image's pixels off its corner colour
 
 
 @dataclass
@@ -134,12 +135,11 @@ class RolloutDriver:
             rewards.append(total)
             for k, v in parts.items():
                 comps.setdefault(k, []).append(v)
-            fg.append(foreground_share(pil) * len(pil))
+            fg.extend(foreground_share([im]) for im in pil)
         comps = {k: torch.cat(v) for k, v in comps.items()}
-        comps["_foreground_share"] = torch.full((len(x0),), sum(fg) / len(x0))
         return Rollout(global_idx, prompt_idx, cond, x0, torch.cat(rewards), comps, grid_images,
                        time.perf_counter() - t0, {k: torch.cat(v) for k, v in extras.items()},
-                       image_index=sorted(grid_pick))
+                       image_index=sorted(grid_pick), foreground_share=torch.tensor(fg, dtype=torch.float64))
 
     @torch.no_grad()
     def reference_samples(self, n_samples: int | None = None, model: torch.nn.Module | None = None

@@ -284,8 +284,7 @@ class Trainer:
         adv = adv_all[sl]
         bad = ~torch.isfinite(all_rewards)
         if bad.any():  # the whole iteration's update is skipped (rewards are gathered: every rank agrees)
-            names = [k for k, v in sorted(ro.components.items())
-                     if not k.startswith("_") and not torch.isfinite(self._gather(v)).all()]
+            names = [k for k, v in sorted(ro.components.items()) if not torch.isfinite(self._gather(v)).all()]
             self._log_samples(it, all_groups, all_rewards, adv_all)
             self.guard.skip(it, "reward", f" from {', '.join(map(repr, names)) or 'the reward'} "
                                      f"({int(bad.sum())} of {len(bad)} samples)")
@@ -320,7 +319,9 @@ class Trainer:
             "perf/update_samples_per_s": n_global / max(upd_s, 1e-9),
             "perf/rollout_s": ro.seconds,
             "perf/update_s": upd_s,
-            **{("policy/foreground_share" if k == "_foreground_share" else f"reward/{k}"): v for k, v in comps.items()},
+            **({"policy/foreground_share": float(self._gather(ro.foreground_share).mean())}
+               if ro.foreground_share is not None else {}),
+            **{f"reward/{k}": v for k, v in comps.items()},
             **stats,
         }
         r = cfg.log.collapse_ratio

@@ -73,6 +73,11 @@ def test_two_ranks_equal_one_rank_and_groups_span_ranks(tmp_path):
         assert torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-4), k
         moved += int("lora_B" in k and w1[k].abs().max() > 0)
     assert moved > 0, "one update should move the zero-initialised LoRA B matrices"
+    # the foreground share is a field of the rollout, gathered over ranks like the rewards
+    m1, m2 = read_jsonl(tmp_path / "one" / "metrics.jsonl")[-1], read_jsonl(tmp_path / "two" / "metrics.jsonl")[-1]
+    assert 0.0 <= m1["policy/foreground_share"] <= 1.0
+    assert m1["policy/foreground_share"] == pytest.approx(m2["policy/foreground_share"], abs=1e-6)
+    assert not any(k.startswith("reward/_") for k in m1)
 
 
 def _trainer(out, family="sd", resume=None, **extra):
