@@ -299,8 +299,9 @@ class Trainer:
         cfm_start = self.progress.cfm_start
         if cfm_start is None and math.isfinite(own_cfm):  # never a non-finite reference in a checkpoint
             cfm_start = self.progress.cfm_start = own_cfm
-        stats = self.updater.update(self.algorithm, ro, adv, prep, it)
-        stats.update(self.algorithm.end_iteration(it, stats))
+        upd = self.updater.update(self.algorithm, ro, adv, prep, it)
+        own = {**upd.algorithm, **self.algorithm.end_iteration(it, upd.algorithm)}
+        stats = {**{f"{self.algorithm.name}/{k}": v for k, v in own.items()}, **upd.loop}
         self.guard.end_iteration(it)  # iterations that skip updates count too, not only steps in a row
         upd_s = time.perf_counter() - t_u
         comps = {k: float(self._gather(v).mean()) for k, v in sorted(ro.components.items())}

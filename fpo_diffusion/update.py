@@ -13,6 +13,8 @@ skip is printed with its iteration and counted in the metrics
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import contextlib
 import math
 
@@ -145,8 +147,8 @@ class Updater:
         return int(acc.gather(torch.tensor([float(cause)], device=acc.device)).max())
 
     def update(self, algorithm, ro, adv: torch.Tensor, prep: dict[str, torch.Tensor],
-               iteration: int) -> dict[str, float]:
-        """E epochs of shuffled minibatches of ``algorithm.loss``; returns the update's metrics."""
+               iteration: int) -> "UpdateStats":
+        """E epochs of shuffled minibatches of ``algorithm.loss``; returns the update's statistics."""
         tr, acc, model = self.train, self.accelerator, self.model
         dev = acc.device
         adv = adv.to(dev)
@@ -218,15 +220,25 @@ class Updater:
                                     "state from before it are restored; is train.lr too large?)"
                                     if CAUSES[cause] == "step" else "")
                 self.optimizer.zero_grad(set_to_none=True)
-        name = algorithm.name
-        out = {f"{name}/{k}": v / max(n_terms, 1) for k, v in sums.items()}
-        out[f"{name}/skipped_updates"] = skipped
-        out.update({f"nonfinite/{k}": v for k, v in nonfinite.items()})
+        own = {k: v / max(n_terms, 1) for k, v in sums.items()}
+        own["skipped_updates"] = skipped
         if subset is not None:
-            out[f"{name}/trained_samples"] = len(subset)
-        out["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
-        out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
-        return out
+            own["trained_samples"] = len(subset)
+        loop = {f"nonfinite/{k}": v for k, v in nonfinite.items()}
+        loop["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        loop["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+        return UpdateStats(own, loop)
 
 
-__all__ = ["CAUSES", "NonfiniteGuard", "TrainingError", "Updater", "adamw"]
+@dataclass
+class UpdateStats:
+    """One iteration's update, as this rank measured it."""
+
+    algorithm: dict[str, float]
+    """The algorithm's own statistics, unprefixed: the means of its loss terms (``clip_frac``, ...),
+    ``skipped_updates`` and, where it trains a subset, ``trained_samples``."""
+    loop: dict[str, float]
+    """The loop's: ``nonfinite/*``, ``train/grad_norm``, ``train/lr``."""
+
+
+__all__ = ["CAUSES", "NonfiniteGuard", "TrainingError", "UpdateStats", "Updater", "adamw"]

@@ -253,7 +253,7 @@ def test_update_trains_only_the_nonzero_advantages_in_as_many_minibatches():
         if filt:
             trained = {i for s in rec.seen for i in s}
             assert {1, 4, 6, 9, 11} <= trained and len(trained) == 6  # padded with one zero to 6 = 3 x 2
-            assert out["rec/trained_samples"] == 6
+            assert out.algorithm["trained_samples"] == 6
 
 
 # ---------------------------------------------------------------- AWM: the ratio after the first optimizer step

@@ -69,8 +69,9 @@ class Algorithm(ABC):
         return None
 
     def end_iteration(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
-        """Called once after ``iteration``'s update (not after a skipped one) with its metrics (this rank's
-        means, keyed ``<name>/<stat>``); returns more metrics to log. Default: nothing."""
+        """Called once after ``iteration``'s update (not after a skipped one) with the algorithm's own
+        statistics of it (this rank's means, unprefixed: ``clip_frac``, ``skipped_updates``, ...); returns more
+        statistics to log, unprefixed (the loop logs them as ``<name>/<stat>``). Default: nothing."""
         return {}
 
     def state_dict(self) -> dict:

@@ -82,7 +82,7 @@ class ForwardProcessAlgorithm(Algorithm):
         steps, one per rollout in their shipped configurations)."""
         d = lag_decay(iteration + 1, **self.decay_schedule())
         self.lagged.blend(d)
-        return {f"{self.name}/lag_decay": d}
+        return {"lag_decay": d}
 
     def state_dict(self) -> dict:
         return {"lagged": {k: v.detach().cpu().clone() for k, v in self.lagged.state_dict().items()}}

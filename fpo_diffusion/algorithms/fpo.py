@@ -101,10 +101,10 @@ class FPO(Algorithm):
         if not self.auto:
             return {}
         stat = self.controller.statistic
-        local = torch.tensor([metrics.get(f"fpo/{stat}", math.nan)], dtype=torch.float64, device=self.ctx.device)
+        local = torch.tensor([metrics.get(stat, math.nan)], dtype=torch.float64, device=self.ctx.device)
         measured = float(self.ctx.rank_mean(local))
         self.beta_state = update_beta(self.beta_state, measured, self.controller)
-        return {f"fpo/beta_auto_{stat}": measured, "fpo/beta_next": self.beta_state.beta}
+        return {f"beta_auto_{stat}": measured, "beta_next": self.beta_state.beta}
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self.beta_state) if self.auto else {}
