@@ -20,7 +20,7 @@ class Toy(Algorithm):
 
     def prepare(self, ro, iteration):
         ctx = self.ctx  # step 2: randomness only from the run's named seed streams
-        t, eps = ctx.seeds.tau_eps("tau_eps", ctx.latent_shape, 1, self.cfg.fpo.time_sampling, iteration,
+        t, eps = ctx.seeds.tau_eps("tau_eps", ctx.latent_shape, 1, ctx.cfm_time_sampling, iteration,
                                    ro.global_idx)
         return {"t": t.to(ctx.device), "eps": eps.to(ctx.device)}
 

@@ -65,17 +65,17 @@ class AWM(ForwardProcessAlgorithm):
         if self.several_steps(len(ro.x0)):  # the per-pair losses of the weights the update starts from
             prep["l_old"] = torch.cat([
                 awm_pair_loss(self.velocity(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb])[0], t[mb], a.weighting,
-                              a.ghuber_power) for mb in batch_slices(len(ro.x0), self.cfg.train.minibatch_size)])
+                              a.ghuber_power) for mb in batch_slices(len(ro.x0), self.ctx.train.minibatch_size)])
         return prep
 
     def several_steps(self, n_local: int) -> bool:
         """Whether an update of ``n_local`` samples takes more than one optimizer step."""
-        tr = self.cfg.train
+        tr = self.ctx.train
         return tr.epochs > 1 or math.ceil(n_local / tr.minibatch_size) > tr.grad_accum_steps
 
     def after_first_step(self, epoch: int, step: int) -> bool:
         """Whether minibatch ``step`` of ``epoch`` comes after the update's first optimizer step."""
-        return epoch > 0 or step >= self.cfg.train.grad_accum_steps
+        return epoch > 0 or step >= self.ctx.train.grad_accum_steps
 
     def loss(self, ro, prep, idx, adv, *, iteration, epoch, step):
         a = self.acfg

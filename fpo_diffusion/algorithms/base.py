@@ -32,16 +32,16 @@ class Algorithm(ABC):
     families: tuple[str, ...] = ()
     """Model families the algorithm supports (empty: every family)."""
     section: str = ""
-    """Name of the algorithm's own section on :class:`~fpo_diffusion.config.Config` (``acfg``), if any."""
+    """Name of the algorithm's own section on :class:`~fpo_diffusion.config.Config` (``acfg``, from
+    ``ctx.sections``), if any."""
 
     def __init__(self, ctx: AlgorithmContext):
         self.ctx = ctx
-        self.cfg = ctx.cfg
         self.policy = ctx.policy
         if self.families and self.policy.family not in self.families:
             raise ConfigError(f"algorithm {self.name!r} supports model families {', '.join(self.families)}; "
                               f"this model is {self.policy.family!r}")
-        self.acfg = getattr(self.cfg, self.section) if self.section else None
+        self.acfg = ctx.sections[self.section] if self.section else None
 
     def setup(self) -> None:
         """Called once the loop is fully built (and resumed)."""
@@ -89,10 +89,10 @@ class Algorithm(ABC):
         Default: one ``(t, eps)`` pair per sample from the ``own_cfm`` stream.
         """
         ctx = self.ctx
-        t, eps = ctx.seeds.tau_eps("own_cfm", ctx.latent_shape, 1, self.cfg.fpo.time_sampling, iteration,
+        t, eps = ctx.seeds.tau_eps("own_cfm", ctx.latent_shape, 1, ctx.cfm_time_sampling, iteration,
                                    ro.global_idx)
         out = []
-        for mb in batch_slices(len(ro.x0), self.cfg.train.minibatch_size):
+        for mb in batch_slices(len(ro.x0), ctx.train.minibatch_size):
             with ctx.autocast():
                 out.append(self.policy.cfm_loss(ro.x0[mb], cond_index(ro.cond, mb), t[mb].to(ctx.device),
                                                 eps[mb].to(ctx.device), model=ctx.model).float())

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 from torch import nn
 
-from ..config import Config, SamplingConfig
-from ..noise import SeedStreams
+from ..config import ALGORITHMS, Config, SamplingConfig, TrainConfig
+from ..noise import SeedStreams, TimeSampling
 from ..policies.base import Cond, Policy
 
 
@@ -48,7 +48,14 @@ def _one_rank(t: torch.Tensor) -> torch.Tensor:
 class AlgorithmContext:
     """The run as an algorithm sees it."""
 
-    cfg: Config
+    train: TrainConfig
+    """Batch shape and seed (``minibatch_size``, ``group_size``, ``grad_accum_steps``, ...)."""
+    sampling: SamplingConfig
+    """The rollout settings (steps, CFG, scheduler, size)."""
+    sections: dict[str, Any]
+    """Each algorithm's own config section by name (``config.ALGORITHMS``): ``sections["awm"]`` is ``cfg.awm``."""
+    cfm_time_sampling: TimeSampling
+    """The time distribution of the own-sample CFM loss, the loop's collapse signal (``fpo.time_sampling``)."""
     policy: Policy
     model: nn.Module
     """The denoiser to train and run (as prepared by accelerate: DDP-wrapped on several ranks)."""
@@ -79,10 +86,17 @@ class AlgorithmContext:
             return contextlib.nullcontext()
 
         s = cfg.sampling
-        return cls(cfg=cfg, policy=policy, model=policy.denoiser, device=dev, autocast=autocast,
+        return cls(**cls.settings_of(cfg), policy=policy, model=policy.denoiser, device=dev, autocast=autocast,
                    latent_shape=tuple(latent_shape or policy.latent_shape(s.height, s.width)), negative_cond=None,
                    seeds=SeedStreams(cfg.train.seed), stock_sample=stock_sample or stock_sampler(policy, s),
                    reference_samples=reference_samples)
+
+
+    @staticmethod
+    def settings_of(cfg: Config) -> dict[str, Any]:
+        """The context's settings fields, read off a whole run's config (the only place the two meet)."""
+        return {"train": cfg.train, "sampling": cfg.sampling, "sections": {n: getattr(cfg, n) for n in ALGORITHMS if hasattr(cfg, n)},
+                "cfm_time_sampling": cfg.fpo.time_sampling}
 
 
 def stock_sampler(policy: Policy, sampling: SamplingConfig) -> StockSampler:

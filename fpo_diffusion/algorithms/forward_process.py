@@ -34,7 +34,7 @@ class ForwardProcessAlgorithm(Algorithm):
 
     def __init__(self, ctx):
         super().__init__(ctx)  # refuses a model family outside ``families``; ``acfg``: the ``section``
-        s = self.cfg.sampling
+        s = self.ctx.sampling
         self.steps = int(s.steps)
         self.sigmas = flow_sigmas(self.policy, self.steps, int(s.height or self.policy.height),
                                   int(s.width or self.policy.width))  # [S+1]; step j runs at t = sigmas[j]
@@ -71,7 +71,7 @@ class ForwardProcessAlgorithm(Algorithm):
         """``[n, k, *L]`` velocities of every sample's pairs under ``weights`` (e.g. ``policy.reference()``)."""
         out = []
         with weights:
-            for mb in batch_slices(len(ro.x0), self.cfg.train.minibatch_size):
+            for mb in batch_slices(len(ro.x0), self.ctx.train.minibatch_size):
                 out.append(self.velocity(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb])[1])
         return torch.cat(out)
 

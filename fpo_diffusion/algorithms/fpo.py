@@ -23,10 +23,11 @@ from .base import Algorithm
 
 class FPO(Algorithm):
     name = "fpo"
+    section = "fpo"
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        f = self.cfg.fpo
+        f = self.acfg
         self.objective = f.objective(latent_dims=math.prod(ctx.latent_shape))
         self.anchor = None
         self.auto = f.beta == "auto"
@@ -34,11 +35,11 @@ class FPO(Algorithm):
         self.beta_state = BetaState(beta=f.beta_auto.init) if self.auto else None
 
     def setup(self) -> None:
-        if self.cfg.fpo.fm_anchor_beta > 0:
+        if self.acfg.fm_anchor_beta > 0:
             # Samples of the frozen base model (adapter disabled), fixed for the whole run.
             if self.ctx.reference_samples is None:
                 raise ValueError("fpo.fm_anchor_beta > 0 needs a reference sampler in the algorithm context")
-            self.anchor = self.ctx.reference_samples(self.cfg.fpo.fm_anchor_samples)
+            self.anchor = self.ctx.reference_samples(self.acfg.fm_anchor_samples)
 
     def cfm(self, x0, cond, t, eps, *, return_pred=False):
         with self.ctx.autocast():
@@ -47,12 +48,12 @@ class FPO(Algorithm):
     @torch.no_grad()
     def prepare(self, ro, iteration):
         """``(t, eps)`` drawn once per sample, the rollout policy's losses there, and reference predictions."""
-        f, ctx = self.cfg.fpo, self.ctx
-        keys = ro.global_idx // self.cfg.train.group_size if f.group_noise else ro.global_idx
+        f, ctx = self.acfg, self.ctx
+        keys = ro.global_idx // self.ctx.train.group_size if f.group_noise else ro.global_idx
         t, eps = ctx.seeds.tau_eps("tau_eps", ctx.latent_shape, f.n_mc, f.time_sampling, iteration, keys)
         t, eps = t.to(ctx.device), eps.to(ctx.device)
         l_old, ref_pred = [], []
-        for mb in batch_slices(len(ro.x0), self.cfg.train.minibatch_size):
+        for mb in batch_slices(len(ro.x0), self.ctx.train.minibatch_size):
             l_old.append(self.cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb]).float())
             if f.kl_beta > 0:
                 with self.policy.reference():
@@ -68,7 +69,7 @@ class FPO(Algorithm):
         return prep["l_old"].mean()
 
     def _anchor_loss(self, iteration: int, epoch: int, step: int, n: int) -> torch.Tensor:
-        a, f, ctx = self.anchor, self.cfg.fpo, self.ctx
+        a, f, ctx = self.anchor, self.acfg, self.ctx
         g = ctx.seeds.generator("anchor_pick", iteration, epoch * 100_003 + step)
         idx = torch.randperm(len(a.x0), generator=g)[: min(n, len(a.x0))]
         t, eps = ctx.seeds.tau_eps("reference_tau_eps", ctx.latent_shape, f.n_mc, f.time_sampling,
@@ -77,7 +78,7 @@ class FPO(Algorithm):
         return self.cfm(a.x0[idx], cond_index(a.cond, idx), t.to(ctx.device), eps.to(ctx.device)).mean()
 
     def loss(self, ro, prep, idx, adv, *, iteration, epoch, step):
-        f = self.cfg.fpo
+        f = self.acfg
         need_pred = "ref_pred" in prep
         out = self.cfm(ro.x0[idx], cond_index(ro.cond, idx), prep["t"][idx], prep["eps"][idx], return_pred=need_pred)
         l_new, pred = out if need_pred else (out, None)

@@ -46,7 +46,7 @@ class StepwiseAlgorithm(Algorithm):
 
     def __init__(self, ctx):
         super().__init__(ctx)  # refuses a model family outside ``families``; ``acfg``: the ``section``
-        s = self.cfg.sampling
+        s = self.ctx.sampling
         self.steps = int(s.steps)
         self.guidance = float(s.guidance_scale)
         self.height = int(s.height or self.policy.height)
