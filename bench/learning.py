@@ -125,6 +125,7 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
             tags: tuple[str, ...] = ()) -> dict:
     from fpo_diffusion.config import load_config
     from fpo_diffusion.trainer import Trainer
+    from rewards.geneval.summary import overall_score, task_scores
 
     algo, extra = VARIANTS[variant]
     if task == "shapes":
@@ -177,10 +178,8 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
         try:
             pil = tr.sample_images(eval_prompts, seed=10_000 + (500_000 if split == "validation" else 0))
             scores = score_fn(pil, eval_prompts, eval_meta).float()
-            tags = [m.get("tag", "") for m in eval_meta]
             # ShapesEval's overall: the mean over tasks of each task's accuracy (one task: the plain mean)
-            return float(torch.stack([scores[[i for i, t in enumerate(tags) if t == u]].mean()
-                                      for u in dict.fromkeys(tags)]).mean())
+            return overall_score(task_scores([m.get("tag", "") for m in eval_meta], scores.tolist()))[0]
         finally:
             counter.enabled = True
 

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 import _common  # noqa: F401  (the repository root on sys.path, offline hub)
+from rewards.geneval.summary import TaskScore, overall_score
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -45,19 +46,27 @@ def read_run(run: Path) -> dict:
     counts = _eval_counts(run)
     for r in _rows(run / "metrics.jsonl"):
         tasks = [k[len("eval/task/"):] for k in r if k.startswith("eval/task/")]
-        ses = []
+        scores = {}
         for t in tasks:
             p = float(r[f"eval/task/{t}"])
             se = r.get(f"eval/task_se/{t}")  # older runs: the binomial SE over the task's evaluation images
-            se = float(se) if se is not None else (math.sqrt(p * (1 - p) / counts[t]) if counts.get(t) else math.nan)
-            ses.append(se)
-            held.setdefault(t, []).append((int(r["iteration"]), p, se))
-        if tasks:  # GenEval's overall score: the mean of the task accuracies
-            overall.append((int(r["iteration"]), sum(float(r[f"eval/task/{t}"]) for t in tasks) / len(tasks),
-                            math.sqrt(sum(s * s for s in ses)) / len(tasks)))
+            if se is None:
+                n = counts.get(t, 0)
+                se = TaskScore(p * n, n, p * n).se if n else math.nan
+            scores[t] = _Logged(p, float(se))
+            held.setdefault(t, []).append((int(r["iteration"]), p, float(se)))
+        if tasks:  # GenEval's overall score: the mean of the task accuracies, and its SE
+            overall.append((int(r["iteration"]), *overall_score(scores)))
     if overall:
         held["overall"] = overall
     return {"train": train, "eval": held}
+
+
+class _Logged:
+    """A task's logged score and SE, read where ``overall_score`` reads a ``TaskScore``."""
+
+    def __init__(self, accuracy: float, se: float):
+        self.accuracy, self.se = accuracy, se
 
 
 def _eval_counts(run: Path) -> dict[str, int]:

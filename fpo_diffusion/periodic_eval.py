@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from rewards.geneval.summary import task_scores
+
 from .config import ConfigError, EvalConfig, PromptConfig
 from .images import group_rows, labelled_grid
 from .prompts import load_prompts
@@ -72,10 +74,11 @@ class PeriodicEval:
         if len(comps) > 1:
             out.update({f"eval/reward/{name}": float(v.mean()) for name, v in comps.items()})
         tags = [self.items[self.prompt_of[g]].metadata.get("tag") for g in range(self.n)]
-        for tag in sorted({t for t in tags if isinstance(t, str) and t}):
-            r = rewards[[i for i, t in enumerate(tags) if t == tag]]
-            out[f"eval/task/{tag}"] = float(r.mean())
-            out[f"eval/task_se/{tag}"] = float(r.std(unbiased=True) / math.sqrt(len(r))) if len(r) > 1 else 0.0
+        tagged = [i for i, t in enumerate(tags) if isinstance(t, str) and t]
+        per_task = task_scores([tags[i] for i in tagged], [float(rewards[i]) for i in tagged])
+        for tag in sorted(per_task):
+            out[f"eval/task/{tag}"] = per_task[tag].accuracy
+            out[f"eval/task_se/{tag}"] = per_task[tag].se
         grid = None
         if self.accelerator.is_main_process and self.cfg.grid_prompts:
             keys = [self.prompt_of[g] for g in self.mine]

@@ -327,3 +327,21 @@ def test_cli_score_without_a_detector_says_what_to_pass(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--detector" in err[0] and cli.DETECTOR_HUB_ID in err[0], err
     assert not (root / "results.jsonl").exists()
+
+
+def test_one_per_task_summary_binomial_for_correct_sample_se_for_scores():
+    from rewards.geneval.summary import overall_score, task_scores
+
+    tags = ["counting"] * 4 + ["colors"] * 2 + ["counting"]
+    s = task_scores(tags, [1, 0, 0, 1, 1, 1, 0])
+    assert list(s) == ["counting", "colors"]  # order of first appearance
+    assert (s["counting"].correct, s["counting"].total) == (2, 5) and s["counting"].accuracy == pytest.approx(0.4)
+    assert s["counting"].se == pytest.approx((0.4 * 0.6 / 5) ** 0.5)  # binomial for 0/1
+    assert s["colors"].se == 0.0
+    overall, se = overall_score(s)
+    assert overall == pytest.approx(0.7) and se == pytest.approx(((0.4 * 0.6 / 5) ** 0.5) / 2)
+    frac = task_scores(["a", "a", "a"], [0.25, 0.5, 0.75])["a"]  # partial scores: their spread
+    assert frac.accuracy == pytest.approx(0.5) and frac.se == pytest.approx((1 / 24) ** 0.5 / 3 ** 0.5)
+    assert overall_score({})[0] == 0.0
+    with pytest.raises(ValueError, match="3 tags for 2 scores"):
+        task_scores(["a"] * 3, [1, 0])

@@ -80,28 +80,25 @@ def _score(images, metas, detector):
     return recs
 
 
-def binomial_se(p: float, n: int) -> float:
-    """Standard error of an accuracy ``p`` measured on ``n`` images."""
-    return float(math.sqrt(max(p * (1.0 - p), 0.0) / n)) if n > 0 else float("nan")
-
-
 def summarise(records: list[dict]) -> dict:
     if not records:
         raise ValueError("no images to summarise")
+    from rewards.geneval.summary import overall_score, task_scores
+
+    scores = task_scores([r["tag"] for r in records], [int(bool(r["correct"])) for r in records])
+    scores = {t: scores[t] for t in TASKS if t in scores}  # the official report order
     per_task = {}
-    for t in TASKS:
+    for t, sc in scores.items():
         rs = [r for r in records if r["tag"] == t]
-        if rs:
-            acc = float(np.mean([r["correct"] for r in rs]))
-            per_task[t] = {"accuracy": acc, "se": binomial_se(acc, len(rs)), "images": len(rs),
-                           "prompts": len({r["entry"] for r in rs}),
-                           "distinct_prompts": len({r["prompt"] for r in rs})}
+        per_task[t] = {"accuracy": sc.accuracy, "se": sc.se, "images": sc.total,
+                       "prompts": len({r["entry"] for r in rs}), "distinct_prompts": len({r["prompt"] for r in rs})}
     entries: dict[int, bool] = {}
     for r in records:
         entries[r["entry"]] = entries.get(r["entry"], False) or r["correct"]
+    overall, overall_se = overall_score(scores)
     return {
-        "overall": float(np.mean([v["accuracy"] for v in per_task.values()])),
-        "overall_se": float(math.sqrt(sum(v["se"] ** 2 for v in per_task.values())) / len(per_task)),
+        "overall": overall,
+        "overall_se": overall_se,
         "per_task": per_task,
         "correct_images": float(np.mean([r["correct"] for r in records])),
         "correct_prompts": float(np.mean(list(entries.values()))),
@@ -297,4 +294,4 @@ def format_summary(summary: dict) -> str:
 
 
 __all__ = ["evaluate_model", "evaluate_reconstructions", "load_pipeline", "sample", "fast_zero_tokens", "summarise",
-           "write_report", "format_summary", "compare", "binomial_se", "report_title", "SPLITS"]
+           "write_report", "format_summary", "compare", "report_title", "SPLITS"]

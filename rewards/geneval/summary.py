@@ -20,12 +20,51 @@ from .metadata import TASKS, GenEvalInputError
 
 @dataclass
 class TaskScore:
-    correct: int
-    total: int
+    """One task's scores over its images: ``correct`` is their sum (the number of correct images when the
+    scores are GenEval's 0/1), ``total`` the number of images, ``sum_sq`` the sum of the squared scores."""
+
+    correct: float = 0
+    total: int = 0
+    sum_sq: float = 0.0
+
+    def add(self, score: float) -> None:
+        self.correct += score
+        self.sum_sq += score * score
+        self.total += 1
 
     @property
     def accuracy(self) -> float:
+        """The mean score (the accuracy for 0/1 scores)."""
         return self.correct / self.total if self.total else 0.0
+
+    @property
+    def se(self) -> float:
+        """Standard error of :attr:`accuracy` over the images: the scores' standard deviation over
+        ``sqrt(total)`` (for 0/1 scores the binomial ``sqrt(p (1 - p) / n)``); NaN without images."""
+        if not self.total:
+            return float("nan")
+        var = max(self.sum_sq / self.total - self.accuracy ** 2, 0.0)
+        return (var / self.total) ** 0.5
+
+
+def task_scores(tags: list[str], scores: list[float]) -> dict[str, TaskScore]:
+    """Per task (``tag``, in order of first appearance): the scores of its images. The one per-task
+    summary of ShapesEval, GenEval, the periodic evaluation and the learning benchmark."""
+    if len(tags) != len(scores):
+        raise ValueError(f"{len(tags)} tags for {len(scores)} scores")
+    out: dict[str, TaskScore] = {}
+    for t, v in zip(tags, scores):
+        out.setdefault(t, TaskScore()).add(v)
+    return out
+
+
+def overall_score(tasks: dict[str, TaskScore]) -> tuple[float, float]:
+    """``(overall, se)``: the unweighted mean of the task accuracies (the official GenEval score) and its
+    standard error, the tasks' SEs in quadrature over the number of tasks; ``(0, nan)`` without tasks."""
+    if not tasks:
+        return 0.0, float("nan")
+    k = len(tasks)
+    return sum(t.accuracy for t in tasks.values()) / k, sum(t.se ** 2 for t in tasks.values()) ** 0.5 / k
 
 
 @dataclass
@@ -41,7 +80,7 @@ class Summary:
     @property
     def overall(self) -> float:
         """Unweighted mean of the task accuracies (the official GenEval score)."""
-        return sum(t.accuracy for t in self.tasks.values()) / len(self.tasks) if self.tasks else 0.0
+        return overall_score(self.tasks)[0]
 
 
 def load_results(path: str | Path) -> list[dict]:
@@ -65,12 +104,9 @@ def load_results(path: str | Path) -> list[dict]:
 def summarize(rows: list[dict]) -> Summary:
     """The official summary arithmetic."""
     by_prompt: dict[str, bool] = {}
-    tasks: dict[str, TaskScore] = {}
     for r in rows:
         by_prompt[r["metadata"]] = by_prompt.get(r["metadata"], False) or bool(r["correct"])
-        t = tasks.setdefault(r["tag"], TaskScore(0, 0))
-        t.correct += int(bool(r["correct"]))
-        t.total += 1
+    tasks = task_scores([r["tag"] for r in rows], [int(bool(r["correct"])) for r in rows])
     n = len(rows)
     return Summary(
         n_images=n, n_prompts=len(by_prompt),
@@ -194,5 +230,5 @@ def write_report(runs: dict[str, list[dict]], out_dir: str | Path, max_failures:
     return paths
 
 
-__all__ = ["TaskScore", "Summary", "load_results", "summarize", "format_text", "comparison_table",
+__all__ = ["TaskScore", "Summary", "task_scores", "overall_score", "load_results", "summarize", "format_text", "comparison_table",
            "failure_grid", "write_report"]
