@@ -104,14 +104,14 @@ def load_model(family: str, path: str, *, dtype: str = "float32", device: str | 
                distilled_guidance: float | None = None):
     """The policy for a model config (embedded names resolved); ``distilled_guidance`` sets a FLUX
     policy's embedded guidance (``sampling.distilled_guidance``; ``None``: the policy's default)."""
-    from .policies import FluxPolicy, load_policy
+    from .policies import load_policy
 
     check_model(family, path)
     family, path, zero_tokens = _resolve(family, path)
     if not zero_tokens:
         policy = load_policy(family, path, dtype=torch_dtype(dtype), device=device)
-        if distilled_guidance is not None and isinstance(policy, FluxPolicy):
-            policy.guidance = float(distilled_guidance)
+        if distilled_guidance is not None:
+            policy.set_distilled_guidance(distilled_guidance)
         return policy
     # A model trained without T5 (its context's T5 part is ``zero_tokens`` identical zero tokens):
     # one zero token with its attention logit raised by log(zero_tokens) is exactly equivalent

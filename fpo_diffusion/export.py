@@ -113,10 +113,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         from .lora import merge_lora
 
         merge_lora(policy)
-        if policy.family == "sd3":  # a T5-less SD3 pipeline gets the null T5, so the stock call loads it
-            from .policies.sd3 import complete_t5_less
-
-            complete_t5_less(policy.pipeline)
+        policy.complete_for_saving()  # e.g. a T5-less SD3 pipeline gets the null T5, so the stock call loads it
         parent.mkdir(parents=True, exist_ok=True)
         tmp = parent / f".tmp-{out_dir.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -43,3 +43,17 @@ def test_loading_the_default_model_imports_only_the_shapes_plugin_hook():
             "print(sorted(m for m in sys.modules if m.startswith('fpo_diffusion.shapes')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "['fpo_diffusion.shapes', 'fpo_diffusion.shapes.plugin']", out.stdout
+
+
+def test_a_t5_less_sd3_policy_completes_its_pipeline_before_saving_and_other_families_need_nothing():
+    from fpo_diffusion.embedded import load_model
+
+    pol = load_model("sd3", "embedded:shapes")
+    pol.pipeline.register_modules(text_encoder_3=None, tokenizer_3=None)  # a model trained without T5
+    pol.complete_for_saving()  # what export --merge calls before save_pretrained
+    assert pol.pipeline.text_encoder_3 is not None and pol.pipeline.tokenizer_3 is not None
+    sd = load_model("sd", "embedded:tiny-sd")
+    before = dict(sd.pipeline.components)
+    sd.complete_for_saving()
+    sd.set_distilled_guidance(7.0)  # no embedded guidance in SD: nothing changes
+    assert dict(sd.pipeline.components) == before

@@ -189,6 +189,14 @@ class Policy(ABC):
             for m in layers:
                 m.enable_adapters(True)
 
+    def set_distilled_guidance(self, scale: float) -> None:
+        """The embedded guidance of a guidance-distilled model (FLUX's ``guidance``; in a training config
+        ``sampling.distilled_guidance``). Families without one have nothing to set (default)."""
+
+    def complete_for_saving(self) -> None:
+        """Called before ``pipeline.save_pretrained`` of a merged model: whatever the folder needs so that
+        the stock ``from_pretrained`` call loads it (default: nothing)."""
+
     @abstractmethod
     def export_lora(self, out_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> str:
         """Write ``pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights(out_dir)``."""

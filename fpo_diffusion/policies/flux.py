@@ -101,3 +101,6 @@ class FluxPolicy(FlowPolicyMixin, PipelinePolicy):
                     pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=cond["prompt_embeds"],
                     txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         return unpack_latents(out, h, w)
+
+    def set_distilled_guidance(self, scale: float) -> None:
+        self.guidance = float(scale)

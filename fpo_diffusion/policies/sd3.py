@@ -70,6 +70,10 @@ class SD3Policy(FlowPolicyMixin, PipelinePolicy):
                      encoder_hidden_states=cond["prompt_embeds"], pooled_projections=cond["pooled_prompt_embeds"],
                      return_dict=False)[0]
 
+    def complete_for_saving(self) -> None:
+        """A T5-less pipeline (the embedded shapes model) gets the null T5 (:func:`complete_t5_less`)."""
+        complete_t5_less(self.pipeline)
+
 
 class ZeroTokenBias:
     """Joint-attention processor for SD3 without T5: one all-zero "T5" token stands for ``n``.
