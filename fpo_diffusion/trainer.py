@@ -215,8 +215,8 @@ class Trainer:
                                (cfg.sampling.height or self.policy.height) * (cfg.sampling.width or self.policy.width),
                                self.world)
         self.algorithm = build_algorithm(cfg.algorithm, AlgorithmContext(
-            **AlgorithmContext.settings_of(cfg), policy=self.policy, model=self.model, device=acc.device, autocast=acc.autocast,
-            latent_shape=self.latent_shape, negative_cond=self.rollout_driver.negative_cond,
+            **AlgorithmContext.settings_of(cfg), policy=self.policy, model=self.model, device=acc.device,
+            autocast=acc.autocast, latent_shape=self.latent_shape, negative_cond=self.rollout_driver.negative_cond,
             seeds=SeedStreams(t.seed), stock_sample=self.rollout_driver.stock_sample,
             reference_samples=functools.partial(self.rollout_driver.reference_samples, model=self.model),
             rank_mean=lambda x: acc.reduce(x, reduction="mean")))

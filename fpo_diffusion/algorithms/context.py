@@ -95,7 +95,8 @@ class AlgorithmContext:
     @staticmethod
     def settings_of(cfg: Config) -> dict[str, Any]:
         """The context's settings fields, read off a whole run's config (the only place the two meet)."""
-        return {"train": cfg.train, "sampling": cfg.sampling, "sections": {n: getattr(cfg, n) for n in ALGORITHMS if hasattr(cfg, n)},
+        return {"train": cfg.train, "sampling": cfg.sampling,
+                "sections": {n: getattr(cfg, n) for n in ALGORITHMS if hasattr(cfg, n)},
                 "cfm_time_sampling": cfg.fpo.time_sampling}
 
 

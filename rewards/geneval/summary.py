@@ -230,5 +230,5 @@ def write_report(runs: dict[str, list[dict]], out_dir: str | Path, max_failures:
     return paths
 
 
-__all__ = ["TaskScore", "Summary", "task_scores", "overall_score", "load_results", "summarize", "format_text", "comparison_table",
-           "failure_grid", "write_report"]
+__all__ = ["TaskScore", "Summary", "task_scores", "overall_score", "load_results", "summarize", "format_text",
+           "comparison_table", "failure_grid", "write_report"]
