@@ -30,6 +30,13 @@ def tiny_model_path(family: str, seed: int = 0) -> Path:
 
     path = cache_dir() / f"tiny-{family}-seed{seed}"
     if not (path / "model_index.json").exists():
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            # transformers saves a model's weights on rank 0 only: this rank would publish a broken copy
+            raise ConfigError(f"the tiny {family} model is not built yet in {path.parent}, and rank "
+                              f"{dist.get_rank()} of a process group cannot build it: build it before the process "
+                              f"group starts (the trainer does)")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{family}-", dir=path.parent))
         build_tiny_pipeline(family, seed=seed).save_pretrained(tmp)

@@ -106,6 +106,11 @@ class Trainer:
         from .distributed import cpu_fallback_note, deepspeed_on_cpu
 
         cpu = _no_accelerator() and not deepspeed_on_cpu()
+        # An embedded tiny model is built into the cache before any process group exists: once one does,
+        # transformers writes a text encoder's weights on rank 0 only, and rank 1 could publish a copy without them.
+        from .embedded import check_model
+
+        check_model(cfg.model.family, cfg.model.path)
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu,
                                        kwargs_handlers=[collective_timeout(cfg.train.collective_timeout_s)])
         if (note := cpu_fallback_note(cpu)) and self.accelerator.is_main_process:
@@ -404,6 +409,10 @@ class Trainer:
             if acc.is_main_process:
                 print(where_line(self.out, exported=end == cfg.train.iterations, tensorboard=cfg.log.tensorboard),
                       flush=True)
+            # Every rank is done: the process group ends here, not in the interpreter's teardown (where gloo's
+            # threads can abort a finished rank: "terminate called without an active exception").
+            acc.wait_for_everyone()
+            acc.end_training()
         finally:
             self.logger.close()
             self.close()

@@ -28,9 +28,11 @@ def tiny_overrides(out, family="sd", **extra):
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def run_train(args, nproc=1, check=True):
+def run_train(args, nproc=1, check=True, cache=None):
     # One thread per process in both layouts: the thread count changes float reduction order.
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    if cache is not None:  # an empty model cache: the run builds its embedded tiny model itself
+        env["FPO_DIFFUSION_CACHE"] = str(cache)
     if nproc == 1:
         cmd = [sys.executable, TRAIN, *args]
     else:
@@ -51,8 +53,10 @@ def test_two_ranks_equal_one_rank_and_groups_span_ranks(tmp_path):
     # 3 prompts x 2 images = 6 samples; on 2 ranks the middle group is split 1 + 1 across ranks.
     # Same sampler batch (3) on both layouts, so each rollout chunk sees the same batch numerics.
     one = run_train(tiny_overrides(tmp_path / "one", **{"train.iterations": 1, "sampling.batch_size": 3}))
+    # The two ranks start from an empty cache, whatever ran before: both build the tiny model (transformers writes
+    # a text encoder's weights on rank 0 only once a process group exists; the build must come before it).
     two = run_train(tiny_overrides(tmp_path / "two", **{"train.iterations": 1, "sampling.batch_size": 3,
-                                                        "train.minibatch_size": 3}), nproc=2)
+                                                        "train.minibatch_size": 3}), nproc=2, cache=tmp_path / "cache")
     s1, s2 = read_jsonl(tmp_path / "one" / "samples.jsonl"), read_jsonl(tmp_path / "two" / "samples.jsonl")
     assert len(s1) == len(s2) == 6
     for a, b in zip(s1, s2):
