@@ -32,6 +32,7 @@ tiny-sd3 (FPO x2, Flow-GRPO) and tiny-sd (FPO x2, DDPO).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import tempfile
@@ -54,7 +55,20 @@ VARIANTS = {  # name -> (algorithm, overrides)
     "diffusion_nft": ("diffusion_nft", []),
     "flow_grpo": ("flow_grpo", []),
     "ddpo": ("ddpo", []),
+    "flow_grpo-official": ("flow_grpo", []),
+    "diffusion_nft-official": ("diffusion_nft", []),
+    "awm-official": ("awm", []),
 }
+OFFICIAL = {  # variant -> its authors' GenEval recipe as a preset (BENCHMARKS.md, "The official recipes")
+    "flow_grpo-official": "shapes_flow_grpo_official.yaml",
+    "diffusion_nft-official": "shapes_diffusion_nft_official.yaml",
+    "awm-official": "shapes_awm_official.yaml",
+}
+"""A preset variant keeps its recipe's sampler, steps, CFG, LoRA, EMA, advantages, reward reading and batch
+layout; the bench sets only the budget (iterations, and it checks prompts x group), the learning rate, the seed
+and the tasks. Every variant is scored by the same evaluation (``--steps`` steps of the model's own sampler at
+``--guidance``, the same noise); a preset variant is also scored with its recipe's own inference
+(``score_own``: its sampler, steps and CFG), and with its EMA weights where the recipe keeps an EMA."""
 FLOW_ONLY = {"flow_grpo"}
 VP_ONLY = {"ddpo"}
 OURS = ("fpo-mean", "fpo-per_sample", "fpo-crn", "fpo-auto")
@@ -119,6 +133,20 @@ class EvalCounter:
         return self.forward_rows + self.backward_rows
 
 
+def preset_config(variant: str, overrides: list[str], prompts_per_it: int, group: int):
+    """The config of an official-recipe variant: its authors' preset with only the bench's ``overrides`` (the
+    budget in iterations, the rate, the seed, the tasks, the run folder); its rollout layout must be the race's
+    ``prompts_per_it`` x ``group`` (one budget for every variant)."""
+    from fpo_diffusion.config import load_config
+
+    cfg = load_config(str(C.ROOT / "launch" / "configs" / OFFICIAL[variant]), overrides)
+    if (cfg.train.prompts_per_iteration, cfg.train.group_size) != (prompts_per_it, group):
+        raise ValueError(f"{variant}: its preset rolls out {cfg.train.prompts_per_iteration} prompts x "
+                         f"{cfg.train.group_size} per iteration, the race {prompts_per_it} x {group}: give every "
+                         f"variant the same budget")
+    return cfg
+
+
 def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, prompts_per_it: int, group: int,
             lr: float, n_eval: int, workdir: Path, task: str, guidance: float = 4.5, minibatch: int | None = None,
             eval_every: int = 1, extra_overrides: tuple[str, ...] = (), split: str = "test",
@@ -128,6 +156,9 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
     from rewards.geneval.summary import overall_score, task_scores
 
     algo, extra = VARIANTS[variant]
+    preset = OFFICIAL.get(variant)
+    if preset is not None and task != "shapes":
+        raise ValueError(f"{variant}: the official recipes are presets of the shapes model (--task shapes)")
     if task == "shapes":
         # The shipped shapes model; train on the partial-credit shapes reward (training prompts), score the
         # strict ShapesEval rule on a fixed subset of the validation or test split (disjoint from training).
@@ -160,30 +191,54 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
     out = workdir / f"{label}-{family}-{variant}-s{seed}-lr{lr:g}-{split}"
     if out.exists():  # an interrupted earlier attempt (a finished one left its result json): set it aside
         out.rename(out.with_name(f"{out.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"))
-    cfg = load_config(None, [
-        f"output_dir={out}", f"algorithm={algo}", f"model.family={family}", f"model.path={model}",
-        f"prompts.source={train_prompts}", f"reward.weights={{{reward}: 1.0}}", f"sampling.steps={steps}",
-        f"sampling.guidance_scale={cfg_scale}", f"sampling.batch_size={prompts_per_it * group}",
-        f"train.prompts_per_iteration={prompts_per_it}", f"train.group_size={group}", f"train.iterations={iters}",
-        f"train.minibatch_size={minibatch or prompts_per_it * group}", f"train.lr={lr}", f"train.seed={seed}",
-        "log.progress=false", "log.tensorboard=false", "log.image_every=0", "checkpoint.every=0", *extra,
-        *extra_overrides])
+    run = [f"output_dir={out}", f"algorithm={algo}", f"model.family={family}", f"model.path={model}",
+           f"prompts.source={train_prompts}", f"train.iterations={iters}", f"train.lr={lr}", f"train.seed={seed}",
+           "log.progress=false", "log.tensorboard=false", "log.image_every=0", "checkpoint.every=0"]
+    if preset is None:  # the shared recipe
+        cfg = load_config(None, [
+            *run, f"reward.weights={{{reward}: 1.0}}", f"sampling.steps={steps}", f"sampling.guidance_scale={cfg_scale}",
+            f"sampling.batch_size={prompts_per_it * group}", f"train.prompts_per_iteration={prompts_per_it}",
+            f"train.group_size={group}", f"train.minibatch_size={minibatch or prompts_per_it * group}", *extra,
+            *extra_overrides])
+    else:
+        cfg = preset_config(variant, [*run, *(x for x in extra if x.startswith("prompts.tags="))], prompts_per_it,
+                            group)
     tr = Trainer(cfg)
     counter = EvalCounter(tr.policy.denoiser)
     score_fn = eval_reward if eval_reward is not None else (lambda pil, p, m: tr.reward(pil, p, m)[0])
+    # The race's one evaluation (the model's own sampler, --steps, --guidance) for every variant; a preset's own
+    # inference besides.
+    from dataclasses import replace
+
+    from fpo_diffusion.rollout import RolloutDriver
+
+    def driver(sampling):
+        return RolloutDriver(replace(cfg, sampling=sampling), tr.policy, tr.prompts, rank=0, world=1,
+                             device=tr.accelerator.device, autocast=tr.rollout_driver.autocast)
+
+    shared_eval = driver(replace(cfg.sampling, scheduler=None, steps=steps, guidance_scale=cfg_scale,
+                                 batch_size=prompts_per_it * group))
+    own_eval = driver(cfg.sampling) if preset is not None else None
+    eval_seed = 10_000 + (500_000 if split == "validation" else 0)
 
     @torch.no_grad()
-    def evaluate() -> float:
+    def evaluate() -> dict:
         counter.enabled = False
         try:
-            pil = tr.sample_images(eval_prompts, seed=10_000 + (500_000 if split == "validation" else 0))
-            scores = score_fn(pil, eval_prompts, eval_meta).float()
-            # ShapesEval's overall: the mean over tasks of each task's accuracy (one task: the plain mean)
-            return overall_score(task_scores([m.get("tag", "") for m in eval_meta], scores.tolist()))[0]
+            out = {}
+            with tr.ema.swapped_in() if tr.ema is not None else contextlib.nullcontext():
+                for key, d in (("score", shared_eval), ("score_own", own_eval)):
+                    if d is None:
+                        continue
+                    pil = d.images(eval_prompts, seed=eval_seed, model=tr.model)
+                    scores = score_fn(pil, eval_prompts, eval_meta).float()
+                    # ShapesEval's overall: the mean over tasks of each task's accuracy (one task: the plain mean)
+                    out[key] = overall_score(task_scores([m.get("tag", "") for m in eval_meta], scores.tolist()))[0]
+            return out
         finally:
             counter.enabled = True
 
-    curve = [{"iteration": 0, "evaluations": 0, "seconds": 0.0, "score": evaluate(), "train_reward": float("nan")}]
+    curve = [{"iteration": 0, "evaluations": 0, "seconds": 0.0, **evaluate(), "train_reward": float("nan")}]
     wall = 0.0
     train_curve = []  # every iteration: all variants see the same prompts, so this is a paired comparison
     for it in range(iters):
@@ -193,7 +248,7 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
         train_curve.append({"iteration": it + 1, "evaluations": counter.evaluations, "reward": m["reward/mean"]})
         if (it + 1) % eval_every == 0 or it + 1 == iters:
             curve.append({"iteration": it + 1, "evaluations": counter.evaluations, "seconds": wall,
-                          "score": evaluate(), "train_reward": m["reward/mean"]})
+                          **evaluate(), "train_reward": m["reward/mean"]})
     tr.logger.close()
     tr.reward.close()
     return {"family": family, "variant": variant, "seed": seed, "task": label, "lr": lr, "split": split,
@@ -315,6 +370,18 @@ def summarise(results: list[dict], out: Path, tune: list[dict] | None = None) ->
             lines.append(f"| {v} | {vr[0].get('lr', float('nan')):g} | {c['score'][0]:.3f} | {m:.3f} ± {se:.3f} | "
                          f"{', '.join(f'{x:.3f}' for x in finals)} | {c['evaluations'][-1]:.0f} | {per_seed} | "
                          f"{reach_txt} | {ratio} | {c['seconds'][-1]:.0f} |")
+        own = [v for v in variants if all("score_own" in r["curve"][-1] for r in runs if r["variant"] == v)]
+        if own:
+            lines.append("\nScored with each recipe's own inference (its sampler, steps and CFG; EMA weights where it "
+                         "keeps an EMA), the same noise:\n")
+            lines.append("| variant | start | final (mean ± SE) | per seed |")
+            lines.append("|---|---|---|---|")
+            for v in own:
+                vr = sorted((r for r in runs if r["variant"] == v), key=lambda r: r["seed"])
+                finals = [r["curve"][-1]["score_own"] for r in vr]
+                m, se = _mean_se(finals)
+                start, _ = _mean_se([r["curve"][0]["score_own"] for r in vr])
+                lines.append(f"| {v} | {start:.3f} | {m:.3f} ± {se:.3f} | {', '.join(f'{x:.3f}' for x in finals)} |")
     text = "\n".join(lines)
     tasks = sorted({r.get("task", "colour") for r in results})
     (out / ("learning.md" if tasks == ["colour"] else f"learning_{'_'.join(tasks)}.md")).write_text(text + "\n")

@@ -276,3 +276,28 @@ def test_fpo_flow_matching_anchor_adds_its_beta_times_the_anchor_cfm_loss():
 
     surrogate, _ = fpo_loss(prep["l_old"], pol.cfm_loss(ro.x0, ro.cond, prep["t"], prep["eps"]), adv, alg.objective)
     torch.testing.assert_close(loss, surrogate + fm * anc, rtol=1e-5, atol=1e-8)
+
+
+def test_learning_bench_official_variants_keep_their_recipe(tmp_path):
+    """An official-recipe variant of the race is its preset with only the budget, rate, seed and tasks changed."""
+    import dataclasses
+    import sys
+
+    from fpo_diffusion.config import load_config
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import learning
+
+    assert set(learning.OFFICIAL) <= set(learning.VARIANTS)
+    for variant, preset in learning.OFFICIAL.items():
+        ref = load_config(str(ROOT / "launch" / "configs" / preset), [f"output_dir={tmp_path / 'ref'}"])
+        cfg = learning.preset_config(variant, [f"output_dir={tmp_path / variant}", "train.lr=0.0123", "train.seed=7",
+                                               "train.iterations=3", "prompts.tags=[counting]"], 4, 16)
+        assert cfg.algorithm == learning.VARIANTS[variant][0] == ref.algorithm
+        assert (cfg.train.lr, cfg.train.seed, cfg.train.iterations, cfg.prompts.tags) == (0.0123, 7, 3, ["counting"])
+        for section in ("sampling", "lora", "advantage", "reward", cfg.algorithm):
+            assert getattr(cfg, section) == getattr(ref, section), (variant, section)
+        keep = {f.name for f in dataclasses.fields(cfg.train)} - {"lr", "seed", "iterations"}
+        assert all(getattr(cfg.train, k) == getattr(ref.train, k) for k in keep), variant
+        with pytest.raises(ValueError, match="same budget"):
+            learning.preset_config(variant, [f"output_dir={tmp_path / 'x'}"], 8, 16)
