@@ -70,6 +70,14 @@ def test_pretraining_resumes_bit_for_bit(tmp_path):
     load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
     va, vb = load(tmp_path / "a/work/vae/ckpt.pt"), load(tmp_path / "b/work/vae/ckpt.pt")
     assert va["step"] == vb["step"] == 6 and _states_equal(va, vb)
+    # the decoder stage on that VAE (both runs' VAEs are equal)
+    dec_cfg = dict(steps=4, batch_size=4, seed=3)
+    P.train_decoder(P.DecoderConfig(**dec_cfg), tmp_path / "a" / "work", out_a, log=lambda *_: None)
+    with pytest.raises(P.StageIncomplete):
+        P.train_decoder(P.DecoderConfig(**dec_cfg, pause_after=3), tmp_path / "b" / "work", out_b, log=lambda *_: None)
+    P.train_decoder(P.DecoderConfig(**dec_cfg), tmp_path / "b" / "work", out_b, log=lambda *_: None)
+    da, db = load(tmp_path / "a/work/decoder/ckpt.pt"), load(tmp_path / "b/work/decoder/ckpt.pt")
+    assert da["step"] == db["step"] == 4 and _states_equal(da, db)
     # the transformer stage on the same VAE
     import shutil
 

@@ -23,6 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -81,6 +82,54 @@ class StageIncomplete(Exception):
     """A stage hit its wall-clock cap (``minutes``) before ``steps``: it is checkpointed; re-run to continue."""
 
 
+def run_stage(name: str, cfg, ckpt: Path, *, state: Callable[[], dict], restore: Callable[[dict], None],
+              step_fn: Callable[[int], dict[str, float]], log=print) -> int:
+    """The loop every pretraining stage shares; returns the steps done (``cfg.steps``).
+
+    Resumes from ``ckpt`` (``restore`` gets its saved dict), calls ``step_fn(step)`` for steps ``step`` ..
+    ``cfg.steps - 1`` (its first scalar is logged as a running average, the others as they are),
+    checkpoints ``state()`` with the step, the stage's compute time and torch's generator every ``cfg.ckpt_every_s`` seconds and at
+    the end, and raises :class:`StageIncomplete` when ``cfg.minutes`` (wall clock of this call) or
+    ``cfg.pause_after`` (steps of this call) stops it first: re-run to continue, bit for bit."""
+    step, elapsed = 0, 0.0
+    if ckpt.is_file():
+        st = torch.load(ckpt, weights_only=False)
+        restore(st)
+        if "torch_rng" in st:  # a stage that draws from torch's global generator (a VAE posterior sample)
+            torch.set_rng_state(st["torch_rng"])
+        step, elapsed = st["step"], st["elapsed"]
+        log(f"[{name}] resumed at step {step} ({elapsed/60:.1f} min)")
+
+    def save():
+        _save_ckpt(ckpt, {**state(), "step": step, "elapsed": elapsed, "torch_rng": torch.get_rng_state()})
+
+    pbar = _progress(cfg.steps, step, name)
+    t_ck = t_call = time.time()
+    avg = None
+    stop = cfg.steps if cfg.pause_after is None else min(cfg.steps, step + cfg.pause_after)
+    while step < stop and time.time() - t_call < cfg.minutes * 60.0:
+        t0 = time.time()
+        scalars = step_fn(step)
+        step += 1
+        dt = time.time() - t0
+        elapsed += dt
+        pbar.update(1)
+        first, *rest = scalars.items()
+        avg = first[1] if avg is None else 0.98 * avg + 0.02 * first[1]
+        if step % 50 == 0:
+            log(f"[{name}] step {step} t={elapsed/60:.1f}min {first[0]}={avg:.4f} "
+                + " ".join(f"{k}={v:.2e}" if k == "lr" else f"{k}={v:.3f}" for k, v in rest)
+                + f" {cfg.batch_size/dt:.0f} img/s")
+        if time.time() - t_ck > cfg.ckpt_every_s:
+            save()
+            t_ck = time.time()
+    pbar.close()
+    save()
+    if step < cfg.steps:
+        raise StageIncomplete(f"[{name}] stopped at step {step}/{cfg.steps} ({elapsed/60:.1f} min); re-run to continue")
+    return step
+
+
 # ---------------------------------------------------------------------------------------------
 # stage 1: VAE
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +167,14 @@ def _cell_targets(scenes) -> tuple[torch.Tensor, torch.Tensor]:
     return sh, co
 
 
+def _weighted_reconstruction(x: torch.Tensor, xr: torch.Tensor, fg_weight: float) -> torch.Tensor:
+    """L1 + L2 reconstruction error with every pixel of a grid cell that holds an object weighted ``1 + fg_weight``
+    (objects cover ~10 % of the pixels)."""
+    fg = (x - _BG_T).abs().amax(1, keepdim=True).gt(0.05).float()
+    w = 1.0 + fg_weight * F.interpolate(F.max_pool2d(fg, CELL), scale_factor=CELL, mode="nearest")
+    return (w * ((xr - x).abs() + (xr - x) ** 2)).mean() / w.mean()
+
+
 def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log=print) -> Path:
     from .world import COLORS, SHAPES
 
@@ -133,25 +190,19 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
     aux = torch.nn.ModuleDict({"shape": torch.nn.Conv2d(LATENT_CHANNELS, len(SHAPES) + 1, 1),
                                "color": torch.nn.Conv2d(LATENT_CHANNELS, len(COLORS) + 1, 1)})
     opt = torch.optim.AdamW(list(vae.parameters()) + list(aux.parameters()), lr=cfg.lr, weight_decay=0.0)
-    ckpt = work_dir / "vae" / "ckpt.pt"
-    step, elapsed = 0, 0.0
-    if ckpt.is_file():
-        st = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"])
-        if "aux" in st:
-            aux.load_state_dict(st["aux"])
-        step, elapsed = st["step"], st["elapsed"]
-        torch.set_rng_state(st["torch_rng"])
-        log(f"[vae] resumed at step {step} ({elapsed/60:.1f} min)")
     n_params = sum(p.numel() for p in vae.parameters())
     log(f"[vae] {n_params/1e6:.2f}M parameters, {cfg.steps} steps")
     vae.train()
-    pbar = _progress(cfg.steps, step, "vae")
-    t_last_ckpt = t_call = time.time()
-    ema = None
-    stop = cfg.steps if cfg.pause_after is None else min(cfg.steps, step + cfg.pause_after)
-    while step < stop and time.time() - t_call < cfg.minutes * 60.0:
-        t0 = time.time()
+
+    def state() -> dict:
+        return {"model": vae.state_dict(), "opt": opt.state_dict(), "aux": aux.state_dict()}
+
+    def restore(st: dict) -> None:
+        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"])
+        if "aux" in st:
+            aux.load_state_dict(st["aux"])
+
+    def step_fn(step: int) -> dict[str, float]:
         # cosine decay over the schedule, short warmup
         frac = min(1.0, step / (cfg.schedule_steps or cfg.steps))
         lr = cfg.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -164,9 +215,7 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
         xr = vae.decode(z).sample
         # objects cover ~10 % of the pixels: weight up every pixel of a cell that holds an object
         # (corners included, so a circle drawn as a square costs as much as a wrong colour)
-        fg = (x - _BG_T).abs().amax(1, keepdim=True).gt(0.05).float()
-        w = 1.0 + cfg.fg_weight * F.interpolate(F.max_pool2d(fg, CELL), scale_factor=CELL, mode="nearest")
-        rec = (w * ((xr - x).abs() + (xr - x) ** 2)).mean() / w.mean()
+        rec = _weighted_reconstruction(x, xr, cfg.fg_weight)
         kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).mean()
         t_sh, t_co = _cell_targets(scenes)
         ce = F.cross_entropy(aux["shape"](z), t_sh) + F.cross_entropy(aux["color"](z), t_co)
@@ -175,23 +224,9 @@ def train_vae(cfg: VAEConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        step += 1
-        dt = time.time() - t0
-        elapsed += dt
-        pbar.update(1)
-        ema = rec.item() if ema is None else 0.98 * ema + 0.02 * rec.item()
-        if step % 50 == 0:
-            log(f"[vae] step {step} t={elapsed/60:.1f}min rec={ema:.4f} kl={kl.item():.3f} ce={ce.item():.3f} "
-                f"lr={lr:.2e} {cfg.batch_size/dt:.0f} img/s")
-        if time.time() - t_last_ckpt > cfg.ckpt_every_s:
-            _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "aux": aux.state_dict(),
-                              "elapsed": elapsed, "torch_rng": torch.get_rng_state()})
-            t_last_ckpt = time.time()
-    pbar.close()
-    _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "aux": aux.state_dict(),
-                      "elapsed": elapsed, "torch_rng": torch.get_rng_state()})
-    if step < cfg.steps:
-        raise StageIncomplete(f"[vae] stopped at step {step}/{cfg.steps} ({elapsed/60:.1f} min); re-run to continue")
+        return {"rec": rec.item(), "kl": kl.item(), "ce": ce.item(), "lr": lr}
+
+    step = run_stage("vae", cfg, work_dir / "vae" / "ckpt.pt", state=state, restore=restore, step_fn=step_fn, log=log)
     vae.eval()
     # latent statistics -> scaling/shift factors
     with torch.no_grad():
@@ -231,25 +266,13 @@ def train_decoder(cfg: DecoderConfig, work_dir: Path, out_dir: Path = DEFAULT_AS
     vae.quant_conv.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    ckpt = work_dir / "decoder" / "ckpt.pt"
-    step, elapsed = 0, 0.0
-    if ckpt.is_file():
-        st = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"])
-        step, elapsed = st["step"], st["elapsed"]
-        log(f"[decoder] resumed at step {step} ({elapsed/60:.1f} min)")
-    pbar = _progress(cfg.steps, step, "decoder")
-    t_ck = t_call = time.time()
-    ema = None
     vae.encoder.eval()
     vae.decoder.train()
 
-    def save():
-        _save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed})
+    def restore(st: dict) -> None:
+        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"])
 
-    stop = cfg.steps if cfg.pause_after is None else min(cfg.steps, step + cfg.pause_after)
-    while step < stop and time.time() - t_call < cfg.minutes * 60.0:
-        t0 = time.time()
+    def step_fn(step: int) -> dict[str, float]:
         frac = step / cfg.steps
         lr = cfg.lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
@@ -258,27 +281,15 @@ def train_decoder(cfg: DecoderConfig, work_dir: Path, out_dir: Path = DEFAULT_AS
         x = to_tensor_batch([render_array(s) for s in scenes])
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
-        xr = vae.decode(z).sample
-        fg = (x - _BG_T).abs().amax(1, keepdim=True).gt(0.05).float()
-        w = 1.0 + cfg.fg_weight * F.interpolate(F.max_pool2d(fg, CELL), scale_factor=CELL, mode="nearest")
-        loss = (w * ((xr - x).abs() + (xr - x) ** 2)).mean() / w.mean()
+        loss = _weighted_reconstruction(x, vae.decode(z).sample, cfg.fg_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
-        dt = time.time() - t0
-        elapsed += dt
-        pbar.update(1)
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 50 == 0:
-            log(f"[decoder] step {step} t={elapsed/60:.1f}min rec={ema:.4f} lr={lr:.2e} {cfg.batch_size/dt:.0f} img/s")
-        if time.time() - t_ck > cfg.ckpt_every_s:
-            save(); t_ck = time.time()
-    pbar.close()
-    save()
-    if step < cfg.steps:
-        raise StageIncomplete(f"[decoder] stopped at step {step}/{cfg.steps} ({elapsed/60:.1f} min); re-run to continue")
+        return {"rec": loss.item(), "lr": lr}
+
+    step = run_stage("decoder", cfg, work_dir / "decoder" / "ckpt.pt", restore=restore, step_fn=step_fn, log=log,
+                     state=lambda: {"model": vae.state_dict(), "opt": opt.state_dict()})
     vae.eval()
     vae.to(torch.float16).save_pretrained(out_dir / "vae")
     log(f"[decoder] done: {step} steps; saved to {out_dir / 'vae'} (encoder and scaling factors unchanged)")
@@ -406,13 +417,6 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
         log(f"[transformer] initialised from the EMA weights of {cfg.init_from}")
     ema = copy.deepcopy(modules).requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
-    ckpt = work_dir / "transformer" / "ckpt.pt"
-    step, elapsed = 0, 0.0
-    if ckpt.is_file():
-        st = torch.load(ckpt, weights_only=False)
-        modules.load_state_dict(st["model"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
-        step, elapsed = st["step"], st["elapsed"]
-        log(f"[transformer] resumed at step {step} ({elapsed/60:.1f} min)")
     n_tr = sum(p.numel() for p in tr.parameters())
     n_te = sum(p.numel() for p in te1.parameters()) * 2
     log(f"[transformer] transformer {n_tr/1e6:.2f}M + text encoders {n_te/1e6:.2f}M parameters, "
@@ -421,17 +425,11 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
     zproc = ZeroTokenBias()
     tr.set_attn_processor(zproc)  # training copy only; ``ema`` keeps the stock processor
     modules.train()
-    pbar = _progress(cfg.steps, step, "transformer")
-    t_ck = t_call = time.time()
-    avg = None
 
-    def save():
-        _save_ckpt(ckpt, {"model": modules.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                          "step": step, "elapsed": elapsed})
+    def restore(st: dict) -> None:
+        modules.load_state_dict(st["model"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
 
-    stop = cfg.steps if cfg.pause_after is None else min(cfg.steps, step + cfg.pause_after)
-    while step < stop and time.time() - t_call < cfg.minutes * 60.0:
-        t0 = time.time()
+    def step_fn(step: int) -> dict[str, float]:
         frac = step / cfg.steps
         lr = cfg.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
@@ -461,21 +459,11 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
         with torch.no_grad():
             for pe_, pm in zip(ema.parameters(), modules.parameters()):
                 pe_.lerp_(pm, 1 - d)
-        step += 1
-        dt = time.time() - t0
-        elapsed += dt
-        pbar.update(1)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        if step % 50 == 0:
-            log(f"[transformer] step {step} t={elapsed/60:.1f}min loss={avg:.4f} lr={lr:.2e} "
-                f"{cfg.batch_size/dt:.0f} img/s")
-        if time.time() - t_ck > cfg.ckpt_every_s:
-            save(); t_ck = time.time()
-    pbar.close()
-    save()
-    if step < cfg.steps:
-        raise StageIncomplete(f"[transformer] stopped at step {step}/{cfg.steps} ({elapsed/60:.1f} min); "
-                              "re-run to continue")
+        return {"loss": loss.item(), "lr": lr}
+
+    step = run_stage("transformer", cfg, work_dir / "transformer" / "ckpt.pt", restore=restore, step_fn=step_fn,
+                     log=log, state=lambda: {"model": modules.state_dict(), "ema": ema.state_dict(),
+                                             "opt": opt.state_dict()})
     export_pipeline(ema["te1"], ema["te2"], ema["tr"], out_dir)
     log(f"[transformer] done: {step} steps, {step*cfg.batch_size} samples; pipeline saved to {out_dir}")
     return out_dir
