@@ -49,7 +49,8 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def measure(variant: str, *, prompts: int, group: int, pairs: int, rollouts: int, steps: int, reward_mode: str,
             seed: int) -> dict:
     from fpo_diffusion.advantages import group_advantages
-    from fpo_diffusion.config import AWMConfig, awm_step_pool, load_config
+    from fpo_diffusion.config import AWMConfig, awm_step_pool
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.trainer import Trainer
 
     algo, extra = VARIANTS[variant]

@@ -137,7 +137,7 @@ def preset_config(variant: str, overrides: list[str], prompts_per_it: int, group
     """The config of an official-recipe variant: its authors' preset with only the bench's ``overrides`` (the
     budget in iterations, the rate, the seed, the tasks, the run folder); its rollout layout must be the race's
     ``prompts_per_it`` x ``group`` (one budget for every variant)."""
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
 
     cfg = load_config(str(C.ROOT / "launch" / "configs" / OFFICIAL[variant]), overrides)
     if (cfg.train.prompts_per_iteration, cfg.train.group_size) != (prompts_per_it, group):
@@ -151,7 +151,7 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
             lr: float, n_eval: int, workdir: Path, task: str, guidance: float = 4.5, minibatch: int | None = None,
             eval_every: int = 1, extra_overrides: tuple[str, ...] = (), split: str = "test",
             tags: tuple[str, ...] = ()) -> dict:
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.trainer import Trainer
     from rewards.geneval.summary import overall_score, task_scores
 

@@ -62,7 +62,7 @@ class _RSSPeak:
 def one(name: str, side: int, batch: int, n_mc: int, text_len: int, checkpointing: bool) -> dict:
     """Measure in this process (called in a fresh subprocess)."""
     from fpo_diffusion.algorithms.fpo import FPO
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.lora import prepare_for_training
     from fpo_diffusion.algorithms import AlgorithmContext
     from fpo_diffusion.rollout import Rollout

@@ -23,7 +23,7 @@ import torch
 
 def measure(model_path: str, family: str, *, steps: int, guidance: float, batch: int, groups: int,
             repeats: int, reward: str) -> dict:
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.noise import sample_generator
     from fpo_diffusion.trainer import Trainer
 

@@ -33,7 +33,7 @@ DEFAULTS = {  # model -> (image side in latent cells, batch B, N_mc, text tokens
 def measure(name: str, *, side: int, batch: int, n_mc: int, text_len: int, repeats: int,
             mixed_precision: str = "no", gradient_checkpointing: bool = False) -> dict:
     from fpo_diffusion.algorithms.fpo import FPO
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.algorithms import AlgorithmContext
     from fpo_diffusion.rollout import Rollout
 

@@ -72,7 +72,7 @@ class _Logged:
 def _eval_counts(run: Path) -> dict[str, int]:
     """Evaluation images per task of a run (from its ``config.yaml``), for runs that predate ``eval/task_se``."""
     try:
-        from fpo_diffusion.config import load_config
+        from fpo_diffusion.config_io import load_config
         from fpo_diffusion.prompts import load_prompts
         from fpo_diffusion.config import PromptConfig
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from .checkpoint import (CheckpointError, NonfiniteStateError, WriteError, load_trainable, named_trainable,
                          read_state, resolve_resume, writing)
-from .config import ConfigError, load_config
+from .config import ConfigError
+from .config_io import load_config
 from .errors import OutputExistsError
 
 

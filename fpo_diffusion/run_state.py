@@ -15,7 +15,8 @@ import torch
 from . import __version__
 from .checkpoint import (CheckpointError, list_checkpoints, load_extra, read_state, resolve_resume, save_checkpoint,
                          say_once)
-from .config import Config, ConfigError, config_for_writing, config_to_dict, redacted
+from .config import Config, ConfigError
+from .config_io import config_for_writing, config_to_dict, redacted
 from .lagged import LaggedWeights
 from .run_lock import LOCK_FILE
 
@@ -127,7 +128,7 @@ _MISSING = object()
 def _explicit_settings(path: str | Path | None, overrides: list[str], data: dict) -> list[list[str]]:
     """The key paths the user set: every leaf of the ``--config`` file (a reward's weights and options as one
     setting each) and every override."""
-    from .config import override_keys, read_yaml
+    from .config_io import override_keys, read_yaml
 
     found: list[list[str]] = []
 
@@ -148,7 +149,7 @@ def _explicit_settings(path: str | Path | None, overrides: list[str], data: dict
 def _put_back_secrets(saved, given, keys: list[str] | None = None) -> None:
     """Redacted values of the saved config take the value given now (else they are dropped: e.g. a remote
     reward's token then comes from ``$REWARD_SERVER_TOKEN``)."""
-    from .config import REDACTED
+    from .config_io import REDACTED
 
     keys = keys or []
     if not isinstance(saved, dict):
@@ -173,7 +174,7 @@ def resume_config(path: str | Path | None, overrides: list[str], allow_change: l
     those that do not change the run itself: ``train.iterations``, ``train.collective_timeout_s``, ``log.*``,
     ``checkpoint.*``, ``eval.*``), and the trainer records the new config. A folder with no complete
     checkpoint (nothing to resume: the run starts over) takes the config given now."""
-    from .config import REDACTED, load_config, read_yaml
+    from .config_io import REDACTED, load_config, read_yaml
 
     given = load_config(path, overrides)
     out = Path(given.output_dir)
@@ -205,7 +206,7 @@ def resume_config(path: str | Path | None, overrides: list[str], allow_change: l
     base = dict(saved)
     changes = []
     for text in allow_change:
-        from .config import override_keys
+        from .config_io import override_keys
 
         keys, _ = override_keys(text, base)
         if not may_change_on_resume(keys):

@@ -25,7 +25,8 @@ from .advantages import group_advantages, zero_variance_share
 from .algorithms import AlgorithmContext, build_algorithm
 from .budget import check_image_size, check_iteration_memory, rollout_size_warning
 from .checkpoint import CheckpointError, install_lora_only_hooks
-from .config import Config, ConfigError, config_for_writing, save_config
+from .config import Config, ConfigError
+from .config_io import config_for_writing, save_config
 from .export import export_trained_lora
 from .images import group_rows, labelled_grid
 from .noise import SeedStreams
@@ -134,7 +135,7 @@ class Trainer:
 
         cfg, acc = self.cfg, self.accelerator
         # Settings accepted but meaningless: refused (a contradiction) or one line each, before anything loads.
-        from .config import config_warnings
+        from .config_io import config_warnings
         from .embedded import check_model
 
         check_model(cfg.model.family, cfg.model.path)
@@ -423,7 +424,7 @@ def record_config(cfg: Config, path: Path) -> None:
     """Rewrite ``path`` with ``cfg`` if it says something else (a resume that changed a setting records it)."""
     import yaml
 
-    from .config import config_for_writing
+    from .config_io import config_for_writing
 
     try:
         same = yaml.safe_load(path.read_text()) == config_for_writing(cfg)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.trainer import TrainingError, collective_failure, run
 
     if args.allow_change and not args.resume:

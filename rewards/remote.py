@@ -8,7 +8,7 @@ Protocol (see :mod:`rewards.server`): ``POST {url}/score`` with JSON
 The token is read from the environment variable ``$REWARD_SERVER_TOKEN`` (the one the server reads too;
 another with the ``token_env`` option, e.g. one variable per server), so that it never sits in a config
 file: a ``token`` option still works, but the trainer writes every option named like a secret as
-``<redacted>`` (``fpo_diffusion.config.redacted``).
+``<redacted>`` (``fpo_diffusion.config_io.redacted``).
 
 Failure policy: connection errors, timeouts, 5xx answers and malformed answers (not JSON,
 wrong length, non-numbers, non-finite numbers) are retried ``retries`` times with

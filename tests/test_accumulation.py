@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fpo_diffusion.config import load_config
+from fpo_diffusion.config_io import load_config
 
 
 def _trainer(out, **extra):

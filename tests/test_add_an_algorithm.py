@@ -7,7 +7,7 @@ import torch
 
 from fpo_diffusion import config
 from fpo_diffusion.algorithms import ALGORITHMS, Algorithm
-from fpo_diffusion.config import load_config
+from fpo_diffusion.config_io import load_config
 from fpo_diffusion.policies import POLICIES
 from fpo_diffusion.policies.base import cond_index
 from fpo_diffusion.tiny import TINY_FAMILIES

@@ -13,7 +13,8 @@ import torch
 from fpo_diffusion.algorithms import ALGORITHMS
 from fpo_diffusion.algorithms.ddpo import ddim_step_with_logprob
 from fpo_diffusion.algorithms.flow_grpo import sde_step_with_logprob
-from fpo_diffusion.config import ConfigError, load_config
+from fpo_diffusion.config import ConfigError
+from fpo_diffusion.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,7 +284,7 @@ def test_learning_bench_official_variants_keep_their_recipe(tmp_path):
     import dataclasses
     import sys
 
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
 
     sys.path.insert(0, str(ROOT / "bench"))
     import learning

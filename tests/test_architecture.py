@@ -124,7 +124,7 @@ def test_rewards_never_import_the_core():
 
 LAYERS = [
     # foundations: settings, pure math, bookkeeping (config names the objective's and noise's dataclasses)
-    {"errors", "config", "fpo", "noise", "advantages", "faults", "images", "tokenizers", "tracking", "checkpoint",
+    {"errors", "config", "config_io", "fpo", "noise", "advantages", "faults", "images", "tokenizers", "tracking", "checkpoint",
      "run_lock", "nft", "awm", "beta_control", "lagged", "plugins", "budget", "distributed"},
     # model families and what feeds them
     {"policies", "lora", "tiny", "embedded", "prompts"},

@@ -78,7 +78,8 @@ def test_log_ratio_std_is_the_spread_of_log_rho():
 
 
 def test_an_unreachable_log_ratio_std_target_is_one_config_line():
-    from fpo_diffusion.config import ConfigError, load_config
+    from fpo_diffusion.config import ConfigError
+    from fpo_diffusion.config_io import load_config
 
     with pytest.raises(ConfigError, match=r"^fpo.beta_auto.target must be in \(0, 1\] for log_ratio_std, got 1e\+30"):
         load_config(None, ["fpo.beta=auto", "fpo.beta_auto.statistic=log_ratio_std", "fpo.beta_auto.target=1e30"])

@@ -3,7 +3,8 @@ import pytest
 
 from fpo_diffusion.checkpoint import CheckpointError
 from fpo_diffusion.cli import UsageError, run_cli
-from fpo_diffusion.config import ConfigError, load_config
+from fpo_diffusion.config import ConfigError
+from fpo_diffusion.config_io import load_config
 from fpo_diffusion.errors import OutputExistsError, PathNotFoundError, UserError
 from rewards.base import RewardConfigError, UnknownRewardError
 

@@ -3,7 +3,8 @@ import torch
 import pytest
 
 from fpo_diffusion.advantages import group_advantages, zero_variance_share
-from fpo_diffusion.config import Config, ConfigError, config_to_dict, load_config, save_config
+from fpo_diffusion.config import Config, ConfigError
+from fpo_diffusion.config_io import config_to_dict, load_config, save_config
 from fpo_diffusion.noise import TimeSampling, draw_tau_eps, sample_t
 from fpo_diffusion.prompts import iteration_plan, rank_slice
 

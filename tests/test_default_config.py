@@ -1,7 +1,7 @@
 """launch/configs/shapes.yaml documents the default run: it must equal the dataclass defaults."""
 from pathlib import Path
 
-from fpo_diffusion.config import config_to_dict, load_config
+from fpo_diffusion.config_io import config_to_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

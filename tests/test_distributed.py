@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fpo_diffusion.config import TrainConfig, load_config
+from fpo_diffusion.config import TrainConfig
+from fpo_diffusion.config_io import load_config
 from fpo_diffusion.distributed import configure_deepspeed, cpu_fallback_note, requested_backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +97,7 @@ def test_deepspeed_zero2_trains_on_cpu_like_a_plain_run(tmp_path):
     script = tmp_path / "run_ds.py"
     script.write_text(
         "import json, sys, torch\n"
-        "from fpo_diffusion.config import load_config\n"
+        "from fpo_diffusion.config_io import load_config\n"
         "from fpo_diffusion.trainer import Trainer\n"
         "tr = Trainer(load_config(None, json.loads(sys.argv[1])))\n"
         "tr.train()\n"

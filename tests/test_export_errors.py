@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fpo_diffusion.config import load_config
+from fpo_diffusion.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

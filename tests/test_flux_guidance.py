@@ -3,7 +3,8 @@ from true CFG (``sampling.guidance_scale``)."""
 import pytest
 import torch
 
-from fpo_diffusion.config import ConfigError, load_config
+from fpo_diffusion.config import ConfigError
+from fpo_diffusion.config_io import load_config
 
 
 def test_distilled_guidance_field_default_and_range():

@@ -31,7 +31,7 @@ WORKER = textwrap.dedent('''
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from fpo_diffusion.algorithms import build_algorithm
     from fpo_diffusion.algorithms.context import AlgorithmContext
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.policies.base import unwrap_model
 
     rank = int(os.environ["RANK"])

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fpo_diffusion.config import Config, ConfigError, PromptConfig, config_to_dict, load_config, save_config
+from fpo_diffusion.config import Config, ConfigError, PromptConfig
+from fpo_diffusion.config_io import config_to_dict, load_config, save_config
 from fpo_diffusion.prompts import load_prompts
 from rewards.geneval.metadata import GenEvalInputError, load_metadata, parse_metadata_line, validate_metadata
 

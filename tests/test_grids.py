@@ -67,7 +67,7 @@ def test_labelled_grid_layout():
 
 
 def test_training_grid_has_a_row_per_prompt(tmp_path):
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.trainer import Trainer
 
     cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "model.family=sd3", "model.path=embedded:tiny-sd3",

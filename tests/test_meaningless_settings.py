@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fpo_diffusion.config import ConfigError, load_config
+from fpo_diffusion.config import ConfigError
+from fpo_diffusion.config_io import load_config
 from test_trainer import cli  # noqa: F401  (launch/train.py in-process -> (exit status, stderr lines))
 
 TINY = ["model.family=sd", "model.path=embedded:tiny-sd", "prompts.source=embedded:tiny",
@@ -63,7 +64,7 @@ def test_awm_train_timesteps_above_the_sampler_steps_is_refused():
 
 
 def test_eval_prompts_without_eval_every_or_equal_to_the_training_prompts_are_said(tmp_path, capsys):
-    from fpo_diffusion.config import config_warnings
+    from fpo_diffusion.config_io import config_warnings
 
     assert config_warnings(load_config(None, [])) == []
     (w,) = config_warnings(load_config(None, ["eval.prompts=embedded:shapes-validation"]))

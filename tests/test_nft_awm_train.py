@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from fpo_diffusion.advantages import group_advantages
 from fpo_diffusion.algorithms import ALGORITHMS
 from fpo_diffusion.beta_control import BetaState, update_beta
-from fpo_diffusion.config import ConfigError, load_config
+from fpo_diffusion.config import ConfigError
+from fpo_diffusion.config_io import load_config
 
 from test_trainer import read_jsonl, tiny_overrides
 

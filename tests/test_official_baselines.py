@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from fpo_diffusion.config import load_config
+from fpo_diffusion.config_io import load_config
 
 F64 = torch.float64
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from fpo_diffusion.config import ConfigError, load_config
+from fpo_diffusion.config import ConfigError
+from fpo_diffusion.config_io import load_config
 from fpo_diffusion.trainer import progress_line, where_line
 
 EVAL_ROWS = [{"prompt": "a red circle", "tag": "colors"}, {"prompt": "two blue squares", "tag": "counting"},

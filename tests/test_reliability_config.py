@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fpo_diffusion.config import Config, ConfigError, load_config
+from fpo_diffusion.config import Config, ConfigError
+from fpo_diffusion.config_io import load_config
 from test_trainer import cli  # noqa: F401  (the fixture: launch/train.py in-process -> (exit status, stderr lines))
 
 ROOT = Path(__file__).resolve().parents[1]

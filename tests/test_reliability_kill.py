@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from fpo_diffusion import faults
 from fpo_diffusion.checkpoint import STATE_FILE, list_checkpoints, resolve_resume
-from fpo_diffusion.config import load_config
+from fpo_diffusion.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")

@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fpo_diffusion.config import load_config
+from fpo_diffusion.config_io import load_config
 from rewards.base import Reward
 from rewards.registry import register_reward
 

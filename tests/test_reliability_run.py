@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fpo_diffusion.config import load_config
+from fpo_diffusion.config_io import load_config
 from rewards.base import Reward, RewardError
 from rewards.registry import register_reward
 
@@ -251,7 +251,8 @@ def test_an_iteration_that_cannot_fit_in_memory_is_refused_before_anything_is_wr
 
 
 def test_a_checkpoint_from_before_a_field_existed_resumes_and_the_collective_timeout_may_change(tmp_path):
-    from fpo_diffusion.config import ConfigError, config_to_dict
+    from fpo_diffusion.config import ConfigError
+    from fpo_diffusion.config_io import config_to_dict
     from fpo_diffusion.run_state import check_resume
 
     run = tmp_path / "run"

@@ -107,7 +107,7 @@ def overrides(out, weights: str, options: str = "{}"):
 
 @pytest.mark.slow
 def test_server_killed_and_restarted_during_training_loses_no_reward(tmp_path):
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.trainer import Trainer
 
     port = free_port()

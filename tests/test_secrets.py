@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fpo_diffusion.config import REDACTED, config_for_writing, load_config, redacted, secrets_in
+from fpo_diffusion.config_io import REDACTED, config_for_writing, load_config, redacted, secrets_in
 from rewards.registry import build_reward
 from rewards.remote import TOKEN_ENV, RemoteReward
 from rewards.server import create_app

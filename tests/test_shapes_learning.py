@@ -30,7 +30,7 @@ def _strict_score(tr, reward, seed_base: int, per_prompt: int) -> float:
 def run_short(tmp_path, algorithm: str = "fpo", lr: float = 2e-3, iterations: int = 16):
     """``(before, after, rewards)``: a short run of ``algorithm`` on the shipped model and the four prompts,
     the strict reward on held-aside seeds before and after, and each iteration's training reward."""
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.trainer import Trainer
     from rewards.registry import build_reward
 
@@ -83,7 +83,7 @@ def test_fpo_on_counting_prompts_improves_counting_prompts_it_never_saw(tmp_path
     """The counting job (``launch/configs/shapes_counting.yaml``), 10 of its 20 iterations: the
     strict score on the **validation** split's counting prompts (class x count combinations held out of
     training) rises by at least 0.15. Measured: 0.14 -> 0.54 after 10 iterations (96 images)."""
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.shapes.scenes import validation_metadata
     from fpo_diffusion.trainer import Trainer
     from rewards.registry import build_reward
@@ -118,7 +118,7 @@ def test_a_short_all_task_run_raises_validation_on_three_tasks_at_once(tmp_path)
     images, the same noise before and after): at least three tasks rise, none falls by more than 2 SE, and
     the overall score (mean of the six task accuracies) rises. A planted ``train.lr=1e-8`` fails it
     (every task unchanged)."""
-    from fpo_diffusion.config import load_config
+    from fpo_diffusion.config_io import load_config
     from fpo_diffusion.trainer import Trainer
 
     cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "train.iterations=10", "eval.every=10",

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from fpo_diffusion.config import ConfigError, PromptConfig, read_yaml
+from fpo_diffusion.config import ConfigError, PromptConfig
+from fpo_diffusion.config_io import read_yaml
 from fpo_diffusion.prompts import load_prompts
 from rewards.geneval.metadata import GenEvalInputError, load_metadata
 from rewards.geneval.summary import load_results

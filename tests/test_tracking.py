@@ -1,5 +1,5 @@
 """The run's TensorBoard logs hold the resolved config as text next to the scalars."""
-from fpo_diffusion.config import config_to_dict, load_config
+from fpo_diffusion.config_io import config_to_dict, load_config
 from fpo_diffusion.tracking import RunLogger
 
 

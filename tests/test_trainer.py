@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from fpo_diffusion.advantages import group_advantages
-from fpo_diffusion.config import load_config
+from fpo_diffusion.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
