@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fpo_diffusion.shapes import evaluate as E
     from fpo_diffusion.shapes.pretrain import DEFAULT_ASSET
-    from fpo_diffusion.trainer import quiet_libraries
+    from fpo_diffusion.cli import quiet_libraries
 
     quiet_libraries()  # not a warning per batch about the pipeline's one zero T5 token (the shipped model's trick)
 

@@ -86,3 +86,27 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print(f"{prog + ': ' if prog else ''}interrupted", file=sys.stderr)
         return 130
+
+
+NOISY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    # numpy 2 asks torch tensors for __array__(copy=...); diffusers' schedulers call np.array on them
+    (DeprecationWarning, r"__array__ implementation doesn't accept a copy keyword", r"diffusers\."),
+)
+"""``(category, message regex, module regex)`` of the libraries' warnings a training run hides: known
+noise a user cannot act on. Every other warning (a real deprecation in our own calls included) shows."""
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own progress bars and info logging (our tqdm shows progress) and the
+    specific warnings in :data:`NOISY_WARNINGS`; nothing else."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for category, message, module in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)

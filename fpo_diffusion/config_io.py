@@ -358,3 +358,13 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(config_for_writing(cfg), sort_keys=False))
     tmp.replace(path)
+
+
+def record_config(cfg: Config, path: Path) -> None:
+    """Rewrite ``path`` with ``cfg`` if it says something else (a resume that changed a setting records it)."""
+    try:
+        same = yaml.safe_load(path.read_text()) == config_for_writing(cfg)
+    except (OSError, yaml.YAMLError):
+        same = False
+    if not same:
+        save_config(cfg, path)

@@ -74,4 +74,41 @@ def configure_deepspeed(accelerator: Any, train: TrainConfig) -> list[str]:
     return notes
 
 
-__all__ = ["configure_deepspeed", "cpu_fallback_note", "deepspeed_on_cpu", "requested_backend"]
+
+
+def collective_timeout(seconds: float):
+    """accelerate's handler that sets the process group's timeout (``train.collective_timeout_s``): a rank
+    waiting longer than this in a gather, barrier or all-reduce raises instead of hanging (torch's
+    default: 30 minutes); ``launch/train.py`` turns that into one line."""
+    import datetime
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=seconds))
+
+
+def collective_failure(e: BaseException) -> str | None:
+    """What a distributed failure means for the user, in words, or ``None`` if ``e`` is not one: a timeout
+    of a collective (another rank is stuck) or a connection lost to another rank (it ended)."""
+    import re
+
+    text = " ".join(str(e).split())
+    if re.search(r"[Tt]imed out|[Tt]imeout|timed-out", text):
+        return "waited longer than train.collective_timeout_s for the other ranks (one is stuck or too slow)"
+    if re.search(r"Connection (closed|reset) by peer|Broken pipe", text):
+        return "lost the connection to another rank (it ended or was killed)"
+    return None
+
+
+def no_accelerator() -> bool:
+    """True on a CPU-only machine: accelerate then runs multi-process launches as gloo CPU ranks
+    (without ``cpu=True`` every rank of ``accelerate launch --multi_gpu`` would think it is alone)."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+
+
+__all__ = ["collective_failure", "collective_timeout", "configure_deepspeed", "cpu_fallback_note", "deepspeed_on_cpu",
+           "no_accelerator", "requested_backend"]

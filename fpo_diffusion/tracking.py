@@ -147,3 +147,31 @@ class RunLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def progress_line(m: dict[str, float], algorithm: str, recent: list[float]) -> str:
+    """The progress bar's text for one iteration: the reward and its running mean, the spread of the
+    log-ratio (FPO: ``log rho`` is ~1e-3 per update, a ratio printed as 1.000 says nothing), the clip
+    share, and the seconds of rollout and update."""
+    fin = [r for r in recent if math.isfinite(r)]
+    parts = [f"reward {m.get('reward/mean', float('nan')):.3f}"
+             + (f" (mean of last {len(fin)}: {sum(fin) / len(fin):.3f})" if len(fin) > 1 else "")]
+    spread = m.get(f"{algorithm}/log_ratio_std")
+    if spread is not None:
+        parts.append(f"log-ratio std {spread:.2e}")
+    lo, hi = m.get(f"{algorithm}/ratio_min"), m.get(f"{algorithm}/ratio_max")
+    if lo is not None and hi is not None:
+        parts.append(f"ratio [{lo:.5f}, {hi:.5f}]")
+    if f"{algorithm}/clip_frac" in m:
+        parts.append(f"clip {m[f'{algorithm}/clip_frac']:.3f}")
+    if "eval/reward/mean" in m:
+        parts.append(f"eval {m['eval/reward/mean']:.3f}")
+    parts.append(f"rollout {m.get('perf/rollout_s', float('nan')):.1f}s update {m.get('perf/update_s', float('nan')):.1f}s")
+    return " | ".join(parts)
+
+
+def where_line(out: Path, *, exported: bool, tensorboard: bool) -> str:
+    """The run's last line: where its LoRA, checkpoints and TensorBoard logs are."""
+    lora = f"LoRA in {out / 'lora'}" if exported else "no LoRA exported yet (stopped early: --resume latest goes on)"
+    tb = f", TensorBoard logs in {out / 'tb'} (tensorboard --logdir {out / 'tb'})" if tensorboard else ""
+    return f"done: {lora}, checkpoints in {out / 'checkpoints'}{tb}"

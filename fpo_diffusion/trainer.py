@@ -25,8 +25,10 @@ from .advantages import group_advantages, zero_variance_share
 from .algorithms import AlgorithmContext, build_algorithm
 from .budget import check_image_size, check_iteration_memory, rollout_size_warning
 from .checkpoint import CheckpointError, install_lora_only_hooks
+from .cli import quiet_libraries
 from .config import Config, ConfigError
-from .config_io import config_for_writing, save_config
+from .config_io import config_for_writing, record_config, save_config
+from .distributed import collective_timeout, no_accelerator
 from .export import export_trained_lora
 from .images import group_rows, labelled_grid
 from .noise import SeedStreams
@@ -34,64 +36,8 @@ from .prompts import PromptItem, check_metadata, load_prompts, rank_slice
 from .rollout import Rollout, RolloutDriver
 from .run_lock import RunLock
 from .run_state import EMA, Progress, check_resume, load_run, save_run, set_aside_unfinished, unfinished_start
-from .tracking import RunLogger
+from .tracking import RunLogger, progress_line, where_line
 from .update import CAUSES, NonfiniteGuard, TrainingError, Updater, adamw
-
-
-NOISY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
-    # numpy 2 asks torch tensors for __array__(copy=...); diffusers' schedulers call np.array on them
-    (DeprecationWarning, r"__array__ implementation doesn't accept a copy keyword", r"diffusers\."),
-)
-"""``(category, message regex, module regex)`` of the libraries' warnings a training run hides: known
-noise a user cannot act on. Every other warning (a real deprecation in our own calls included) shows."""
-
-
-def quiet_libraries() -> None:
-    """Silence the libraries' own progress bars and info logging (our tqdm shows progress) and the
-    specific warnings in :data:`NOISY_WARNINGS`; nothing else."""
-    import warnings
-
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    for category, message, module in NOISY_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
-
-
-def collective_timeout(seconds: float):
-    """accelerate's handler that sets the process group's timeout (``train.collective_timeout_s``): a rank
-    waiting longer than this in a gather, barrier or all-reduce raises instead of hanging (torch's
-    default: 30 minutes); ``launch/train.py`` turns that into one line."""
-    import datetime
-
-    from accelerate.utils import InitProcessGroupKwargs
-
-    return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=seconds))
-
-
-def collective_failure(e: BaseException) -> str | None:
-    """What a distributed failure means for the user, in words, or ``None`` if ``e`` is not one: a timeout
-    of a collective (another rank is stuck) or a connection lost to another rank (it ended)."""
-    import re
-
-    text = " ".join(str(e).split())
-    if re.search(r"[Tt]imed out|[Tt]imeout|timed-out", text):
-        return "waited longer than train.collective_timeout_s for the other ranks (one is stuck or too slow)"
-    if re.search(r"Connection (closed|reset) by peer|Broken pipe", text):
-        return "lost the connection to another rank (it ended or was killed)"
-    return None
-
-
-def _no_accelerator() -> bool:
-    """True on a CPU-only machine: accelerate then runs multi-process launches as gloo CPU ranks
-    (without ``cpu=True`` every rank of ``accelerate launch --multi_gpu`` would think it is alone)."""
-    mps = getattr(torch.backends, "mps", None)
-    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
-                or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 
 
 class Trainer:
@@ -106,7 +52,7 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         from .distributed import cpu_fallback_note, deepspeed_on_cpu
 
-        cpu = _no_accelerator() and not deepspeed_on_cpu()
+        cpu = no_accelerator() and not deepspeed_on_cpu()
         # An embedded tiny model is built into the cache before any process group exists: once one does,
         # transformers writes a text encoder's weights on rank 0 only, and rank 1 could publish a copy without them.
         from .embedded import check_model
@@ -418,48 +364,6 @@ class Trainer:
             self.logger.close()
             self.close()
         return last
-
-
-def record_config(cfg: Config, path: Path) -> None:
-    """Rewrite ``path`` with ``cfg`` if it says something else (a resume that changed a setting records it)."""
-    import yaml
-
-    from .config_io import config_for_writing
-
-    try:
-        same = yaml.safe_load(path.read_text()) == config_for_writing(cfg)
-    except (OSError, yaml.YAMLError):
-        same = False
-    if not same:
-        save_config(cfg, path)
-
-
-def progress_line(m: dict[str, float], algorithm: str, recent: list[float]) -> str:
-    """The progress bar's text for one iteration: the reward and its running mean, the spread of the
-    log-ratio (FPO: ``log rho`` is ~1e-3 per update, a ratio printed as 1.000 says nothing), the clip
-    share, and the seconds of rollout and update."""
-    fin = [r for r in recent if math.isfinite(r)]
-    parts = [f"reward {m.get('reward/mean', float('nan')):.3f}"
-             + (f" (mean of last {len(fin)}: {sum(fin) / len(fin):.3f})" if len(fin) > 1 else "")]
-    spread = m.get(f"{algorithm}/log_ratio_std")
-    if spread is not None:
-        parts.append(f"log-ratio std {spread:.2e}")
-    lo, hi = m.get(f"{algorithm}/ratio_min"), m.get(f"{algorithm}/ratio_max")
-    if lo is not None and hi is not None:
-        parts.append(f"ratio [{lo:.5f}, {hi:.5f}]")
-    if f"{algorithm}/clip_frac" in m:
-        parts.append(f"clip {m[f'{algorithm}/clip_frac']:.3f}")
-    if "eval/reward/mean" in m:
-        parts.append(f"eval {m['eval/reward/mean']:.3f}")
-    parts.append(f"rollout {m.get('perf/rollout_s', float('nan')):.1f}s update {m.get('perf/update_s', float('nan')):.1f}s")
-    return " | ".join(parts)
-
-
-def where_line(out: Path, *, exported: bool, tensorboard: bool) -> str:
-    """The run's last line: where its LoRA, checkpoints and TensorBoard logs are."""
-    lora = f"LoRA in {out / 'lora'}" if exported else "no LoRA exported yet (stopped early: --resume latest goes on)"
-    tb = f", TensorBoard logs in {out / 'tb'} (tensorboard --logdir {out / 'tb'})" if tensorboard else ""
-    return f"done: {lora}, checkpoints in {out / 'checkpoints'}{tb}"
 
 
 def run(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> dict[str, float]:

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from fpo_diffusion.config_io import load_config
-    from fpo_diffusion.trainer import TrainingError, collective_failure, run
+    from fpo_diffusion.distributed import collective_failure
+    from fpo_diffusion.trainer import TrainingError, run
 
     if args.allow_change and not args.resume:
         parser.error("--allow-change changes a resumed run: use it with --resume (a new run takes plain overrides)")

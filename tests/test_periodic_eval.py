@@ -5,7 +5,7 @@ import pytest
 
 from fpo_diffusion.config import ConfigError
 from fpo_diffusion.config_io import load_config
-from fpo_diffusion.trainer import progress_line, where_line
+from fpo_diffusion.tracking import progress_line, where_line
 
 EVAL_ROWS = [{"prompt": "a red circle", "tag": "colors"}, {"prompt": "two blue squares", "tag": "counting"},
              {"prompt": "a green triangle", "tag": "colors"}]

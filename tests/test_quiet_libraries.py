@@ -1,7 +1,7 @@
 """A training run hides the libraries' known noise only, never every FutureWarning/DeprecationWarning."""
 import warnings
 
-from fpo_diffusion.trainer import NOISY_WARNINGS, quiet_libraries
+from fpo_diffusion.cli import NOISY_WARNINGS, quiet_libraries
 
 
 def test_quiet_libraries_hides_known_noise_and_nothing_else():
