@@ -12,7 +12,6 @@ import torch
 
 from .tokenizers import CLIP_VOCAB_SIZE, clip_tokenizer, tiny_t5_tokenizer
 
-TINY_FAMILIES = ("sd", "sdxl", "sd3", "flux")
 TINY_IMAGE_SIZE = 16
 """Default image side of every tiny pipeline (latents are 8x8)."""
 TINY_TEXT_LEN = 16
@@ -49,57 +48,57 @@ def _vp_scheduler(cls_name: str, prediction_type: str):
                                         timestep_spacing="leading", steps_offset=1, **extra)
 
 
-def build_tiny_pipeline(family: str, seed: int = 0, *, prediction_type: str = "epsilon"):
-    """A tiny stock pipeline of ``family`` (``sd``, ``sdxl``, ``sd3``, ``flux``), seeded.
-
-    ``prediction_type`` (``epsilon`` / ``v_prediction``) applies to the VP families only.
-    Images are 16x16; the VAE downsamples by 2.
-    """
+def _tiny_sd(seed: int, tok, prediction_type: str):
     import diffusers
 
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; available: {', '.join(TINY_FAMILIES)}")
-    if family in ("sd", "sdxl") and prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-    tok = clip_tokenizer(TINY_TEXT_LEN)
-    if family == "sd":
-        torch.manual_seed(seed)
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=TINY_IMAGE_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-            layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-        return diffusers.StableDiffusionPipeline(
-            vae=_vae(seed + 1), text_encoder=_clip_text(seed + 2), tokenizer=tok, unet=unet.eval(),
-            scheduler=_vp_scheduler("DDIMScheduler", prediction_type), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-    if family == "sdxl":
-        torch.manual_seed(seed)
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=TINY_IMAGE_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-            layers_per_block=1, norm_num_groups=8, cross_attention_dim=64, attention_head_dim=(2, 4),
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 32,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-        return diffusers.StableDiffusionXLPipeline(
-            vae=_vae(seed + 1), text_encoder=_clip_text(seed + 2), text_encoder_2=_clip_text(seed + 3, projection=32),
-            tokenizer=tok, tokenizer_2=clip_tokenizer(TINY_TEXT_LEN), unet=unet.eval(),
-            scheduler=_vp_scheduler("EulerDiscreteScheduler", prediction_type))
-    if family == "sd3":
-        torch.manual_seed(seed)
-        tr = diffusers.SD3Transformer2DModel(
-            sample_size=TINY_IMAGE_SIZE // 2, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
-            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
-            pooled_projection_dim=64, pos_embed_max_size=16)
-        return diffusers.StableDiffusion3Pipeline(
-            transformer=tr.eval(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=_vae(seed + 1, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
-                     shift_factor=0.0609),
-            text_encoder=_clip_text(seed + 2, projection=32), tokenizer=tok,
-            text_encoder_2=_clip_text(seed + 3, projection=32), tokenizer_2=clip_tokenizer(TINY_TEXT_LEN),
-            text_encoder_3=None, tokenizer_3=None)
-    # flux
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=TINY_IMAGE_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return diffusers.StableDiffusionPipeline(
+        vae=_vae(seed + 1), text_encoder=_clip_text(seed + 2), tokenizer=tok, unet=unet.eval(),
+        scheduler=_vp_scheduler("DDIMScheduler", prediction_type), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+
+
+def _tiny_sdxl(seed: int, tok, prediction_type: str):
+    import diffusers
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=TINY_IMAGE_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=64, attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    return diffusers.StableDiffusionXLPipeline(
+        vae=_vae(seed + 1), text_encoder=_clip_text(seed + 2), text_encoder_2=_clip_text(seed + 3, projection=32),
+        tokenizer=tok, tokenizer_2=clip_tokenizer(TINY_TEXT_LEN), unet=unet.eval(),
+        scheduler=_vp_scheduler("EulerDiscreteScheduler", prediction_type))
+
+
+def _tiny_sd3(seed: int, tok, prediction_type: str):
+    import diffusers
+
+    torch.manual_seed(seed)
+    tr = diffusers.SD3Transformer2DModel(
+        sample_size=TINY_IMAGE_SIZE // 2, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+        pooled_projection_dim=64, pos_embed_max_size=16)
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=tr.eval(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(seed + 1, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                 shift_factor=0.0609),
+        text_encoder=_clip_text(seed + 2, projection=32), tokenizer=tok,
+        text_encoder_2=_clip_text(seed + 3, projection=32), tokenizer_2=clip_tokenizer(TINY_TEXT_LEN),
+        text_encoder_3=None, tokenizer_3=None)
+
+
+def _tiny_flux(seed: int, tok, prediction_type: str):
+    import diffusers
     from transformers import T5Config, T5EncoderModel
 
     t5tok = tiny_t5_tokenizer(model_max_length=TINY_TEXT_LEN)
@@ -120,3 +119,21 @@ def build_tiny_pipeline(family: str, seed: int = 0, *, prediction_type: str = "e
                                   scaling_factor=0.3611, shift_factor=0.1159),
         text_encoder=_clip_text(seed + 2), tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5tok,
         transformer=tr.eval())
+
+
+TINY_BUILDERS = {"sd": _tiny_sd, "sdxl": _tiny_sdxl, "sd3": _tiny_sd3, "flux": _tiny_flux}
+"""Model family -> its tiny pipeline's builder ``(seed, clip tokenizer, prediction_type)``: the registry of the tiny
+models (``tests/test_add_an_algorithm.py`` checks it names every family of ``policies.POLICIES``)."""
+
+
+def build_tiny_pipeline(family: str, seed: int = 0, *, prediction_type: str = "epsilon"):
+    """A tiny stock pipeline of ``family`` (``sd``, ``sdxl``, ``sd3``, ``flux``), seeded.
+
+    ``prediction_type`` (``epsilon`` / ``v_prediction``) applies to the VP families only.
+    Images are 16x16; the VAE downsamples by 2.
+    """
+    if family not in TINY_BUILDERS:
+        raise ValueError(f"unknown model family {family!r}; available: {', '.join(TINY_BUILDERS)}")
+    if family in ("sd", "sdxl") and prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    return TINY_BUILDERS[family](seed, clip_tokenizer(TINY_TEXT_LEN), prediction_type)

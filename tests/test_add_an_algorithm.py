@@ -10,7 +10,7 @@ from fpo_diffusion.algorithms import ALGORITHMS, Algorithm
 from fpo_diffusion.config_io import load_config
 from fpo_diffusion.policies import POLICIES
 from fpo_diffusion.policies.base import cond_index
-from fpo_diffusion.tiny import TINY_FAMILIES
+from fpo_diffusion.tiny import TINY_BUILDERS
 
 
 class Toy(Algorithm):
@@ -55,7 +55,7 @@ def test_a_toy_algorithm_runs_one_iteration(tmp_path, monkeypatch):
 def test_the_lists_kept_in_step_agree():
     """The config sits below the registries (it cannot read them): its names must match them."""
     assert config.ALGORITHMS == tuple(ALGORITHMS)
-    assert set(config.FAMILIES) - {"auto"} == set(POLICIES) == set(TINY_FAMILIES)
+    assert set(config.FAMILIES) - {"auto"} == set(POLICIES) == set(TINY_BUILDERS)
     assert all(cls.name == name for name, cls in ALGORITHMS.items())
     assert all(not cls.section or hasattr(config.Config(), cls.section) for cls in ALGORITHMS.values())
     assert all(set(cls.families) <= set(POLICIES) for cls in ALGORITHMS.values())
