@@ -117,8 +117,9 @@ def load_prompts(cfg: PromptConfig) -> list[PromptItem]:
         if path.suffix == ".jsonl":
             items = _read_jsonl(path)
         else:
+            # lines end at "\n" only, as in a JSONL file: a prompt may hold U+2028 or \x1c
             items = [PromptItem(line.strip(), {}, f"prompt file {path}, line {n}")
-                     for n, line in enumerate(_read_text(path).splitlines(), 1) if line.strip()]
+                     for n, line in jsonl_lines(_read_text(path))]
     if not items:
         raise ConfigError(f"prompt source {src} holds no prompts")
     if cfg.tags:

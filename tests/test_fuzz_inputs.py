@@ -169,6 +169,18 @@ def test_any_jsonl_prompts_round_trip(tmp_path_factory, prompts):
 
 
 @FUZZ
+@given(st.lists(prompt_text.filter(lambda s: "\n" not in s and "\r" not in s and s == s.strip()), min_size=1, max_size=6))
+@example(["a\u2028b", "c\x1cd", "tab\there", "e\x85f"])
+def test_any_text_file_prompts_round_trip(tmp_path_factory, prompts):
+    """A .txt prompt file holds one prompt per line (a line ends at LF, CR LF or CR), whatever other separators
+    a prompt holds (U+2028, FS, NEL)."""
+    path = tmp_path_factory.mktemp("p") / "p.txt"
+    path.write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
+    items = load_prompts(PromptConfig(source=str(path)))
+    assert [it.prompt for it in items] == prompts
+
+
+@FUZZ
 @given(st.sampled_from([".txt", ".jsonl"]), st.one_of(
     st.binary(max_size=80),
     st.lists(st.one_of(values.map(lambda v: json.dumps(v)), st.text(max_size=20)), max_size=4).map(
