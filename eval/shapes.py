@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from fpo_diffusion.shapes import evaluate as E
-    from fpo_diffusion.shapes.pretrain import DEFAULT_ASSET
+    from fpo_diffusion.shapes.plugin import DEFAULT_ASSET
     from fpo_diffusion.cli import quiet_libraries
 
     quiet_libraries()  # not a warning per batch about the pipeline's one zero T5 token (the shipped model's trick)

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from fpo_diffusion.shapes import pretrain as P
+    from fpo_diffusion.shapes.plugin import DEFAULT_ASSET
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["all", "vae", "decoder", "transformer"], default="all",
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=_positive(int), default=1,
                     help="torch CPU threads (default 1: one thread is robust to other jobs on the cores)")
     ap.add_argument("--work-dir", default=None, help="stage checkpoints (resume from here); default OUT/../.pretrain-OUTNAME")
-    ap.add_argument("--out", default=str(P.DEFAULT_ASSET), help="pipeline folder to write")
+    ap.add_argument("--out", default=str(DEFAULT_ASSET), help="pipeline folder to write")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=_positive(int), default=None)
     ap.add_argument("--lr", type=_positive(float), default=None)

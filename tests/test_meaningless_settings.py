@@ -28,7 +28,7 @@ def loaded(monkeypatch):
                                          ("sd", "ASSET"), ("flux", "ASSET"), ("sd3", "embedded:tiny-sd")])
 def test_a_model_family_that_contradicts_the_model_is_one_line_before_loading(family, path, tmp_path, cli,
                                                                                monkeypatch):
-    from fpo_diffusion.shapes.pretrain import DEFAULT_ASSET
+    from fpo_diffusion.shapes.plugin import DEFAULT_ASSET
 
     path = str(DEFAULT_ASSET) if path == "ASSET" else path
     loaded(monkeypatch)

@@ -1,45 +1,46 @@
 """The shipped shapes text-to-image pipeline and the pieces of its pretraining."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fpo_diffusion.policies.sd3 import ZeroTokenBias
+from fpo_diffusion.shapes import model as M
 from fpo_diffusion.shapes import pretrain as P
+from fpo_diffusion.shapes.plugin import DEFAULT_ASSET
 from fpo_diffusion.shapes.world import CANVAS, GRID
 
-ASSET = P.DEFAULT_ASSET
+ASSET = DEFAULT_ASSET
 
 
 def test_zero_token_bias_equals_many_zero_tokens():
     """One all-zero context token with logit bias log(n) == the pipeline's n zero tokens."""
     torch.manual_seed(0)
-    tok = P.build_tokenizer()
-    te1, te2, tr = P.build_text_encoder(1), P.build_text_encoder(2), P.build_transformer(3, num_layers=2)
+    tok = M.build_tokenizer()
+    te1, te2, tr = M.build_text_encoder(1), M.build_text_encoder(2), M.build_transformer(3, num_layers=2)
     with torch.no_grad():
         for p in tr.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-        x, t = torch.randn(2, P.LATENT_CHANNELS, GRID, GRID), torch.tensor([300.0, 800.0])
+        x, t = torch.randn(2, M.LATENT_CHANNELS, GRID, GRID), torch.tensor([300.0, 800.0])
         prompts = ["a photo of a red circle", "a photo of two squares"]
-        pe, pooled = P.encode_text(tok, te1, te2, prompts, 64)
+        pe, pooled = M.encode_text(tok, te1, te2, prompts, 64)
         ref = tr(hidden_states=x, encoder_hidden_states=pe, pooled_projections=pooled, timestep=t, return_dict=False)[0]
-        proc = P.ZeroTokenBias()
+        proc = ZeroTokenBias()
         proc.log_n = math.log(64)
         tr.set_attn_processor(proc)
-        pe1, _ = P.encode_text(tok, te1, te2, prompts, 1)
+        pe1, _ = M.encode_text(tok, te1, te2, prompts, 1)
         out = tr(hidden_states=x, encoder_hidden_states=pe1, pooled_projections=pooled, timestep=t, return_dict=False)[0]
     assert torch.allclose(out, ref, atol=1e-5)
 
 
 def test_vae_latent_cell_is_grid_cell():
-    vae = P.build_vae()
+    vae = M.build_vae()
     with torch.no_grad():
         z = vae.encode(torch.zeros(1, 3, CANVAS, CANVAS)).latent_dist.mean
-    assert z.shape == (1, P.LATENT_CHANNELS, GRID, GRID)
+    assert z.shape == (1, M.LATENT_CHANNELS, GRID, GRID)
 
 
 def _states_equal(a: dict, b: dict) -> bool:
@@ -97,12 +98,12 @@ def test_pretraining_resumes_bit_for_bit(tmp_path):
 
 
 def test_null_t5_outputs_exact_zeros():
-    enc, tok = P.null_t5()
+    enc, tok = M.null_t5()
     ids = tok(["a photo of a pink star and a brown heart"], padding="max_length", max_length=16,
               truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         out = enc(ids).last_hidden_state
-    assert out.shape == (1, 16, 2 * P.TEXT_DIM) and torch.count_nonzero(out) == 0
+    assert out.shape == (1, 16, 2 * M.TEXT_DIM) and torch.count_nonzero(out) == 0
 
 
 def test_shipped_pipeline_loads_with_the_stock_calls():

@@ -41,7 +41,7 @@ GRID_ENTRIES = 12
 
 
 def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None):
-    from .pretrain import load_pipeline as _load
+    from .model import load_pipeline as _load
 
     pipe = _load(model_dir, dtype=torch.float32)
     if lora_dir is not None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ASSET = Path(__file__).resolve().parent.parent / "assets" / "shapes_sd3"
-"""The shipped, pretrained shapes text-to-image model (a stock ``StableDiffusion3Pipeline`` folder)."""
+DEFAULT_ASSET = Path(__file__).resolve().parent.parent / "assets" / "shapes_sd3"
+"""The shipped, pretrained shapes text-to-image model (a stock ``StableDiffusion3Pipeline`` folder; built and
+loaded by ``model.py``). Here, so that naming it imports nothing heavy."""
 
 
 def model() -> dict:
@@ -24,11 +25,11 @@ def model() -> dict:
     its attention logit raised by ``log(256)``: identical results, several times cheaper
     (``SD3Policy``'s zero-token option).
     """
-    if not (ASSET / "model_index.json").is_file():
+    if not (DEFAULT_ASSET / "model_index.json").is_file():
         from fpo_diffusion.errors import PathNotFoundError
 
-        raise PathNotFoundError(f"the embedded shapes model is missing at {ASSET}")
-    return {"family": "sd3", "path": str(ASSET), "zero_tokens": 256}
+        raise PathNotFoundError(f"the embedded shapes model is missing at {DEFAULT_ASSET}")
+    return {"family": "sd3", "path": str(DEFAULT_ASSET), "zero_tokens": 256}
 
 
 def training_prompts() -> list[dict]:
