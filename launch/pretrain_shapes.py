@@ -2,6 +2,9 @@
 
     python launch/pretrain_shapes.py --out DIR                 # every stage: vae, then transformer
     python launch/pretrain_shapes.py --out DIR --stage vae     # one stage (also: decoder, transformer)
+    python launch/pretrain_shapes.py --out DIR --stage transformer --init-pipeline fpo_diffusion/assets/shapes_sd3 \
+        --steps 1000 --lr 2e-4 --relation-weight 0.1           # continue pretraining with the relation objective
+                                                               # (DIR/vae: a copy of the shipped VAE)
 
 Seeded and deterministic (a resumed stage is bit-for-bit the uninterrupted one on CPU). Each
 stage has a fixed number of steps; ``--minutes`` caps one call's wall-clock: the stage
@@ -59,9 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=_positive(int), default=None)
     ap.add_argument("--lr", type=_positive(float), default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--init-pipeline", default=None, metavar="DIR",
+                    help="transformer stage: start the text encoders and transformer from this pipeline folder "
+                         "(continued pretraining, e.g. of the shipped model)")
+    ap.add_argument("--relation-weight", type=float, default=0.0,
+                    help="transformer stage: weight of the text-side relation objective (0: off, the shipped recipe)")
     args = ap.parse_args(argv)
     if args.stage == "all" and (args.steps or args.batch_size or args.lr):
         ap.error("--steps/--batch-size/--lr apply to one stage: pass --stage too")
+    if args.stage != "transformer" and (args.init_pipeline or args.relation_weight):
+        ap.error("--init-pipeline/--relation-weight apply to the transformer stage: pass --stage transformer")
+    if not 0.0 <= args.relation_weight < float("inf"):
+        ap.error(f"--relation-weight must be finite and >= 0, got {args.relation_weight}")
+    if args.init_pipeline and not (Path(args.init_pipeline) / "transformer" / "config.json").is_file():
+        ap.error(f"--init-pipeline {args.init_pipeline}: not a pipeline folder with a transformer")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.parent / f".pretrain-{out.name}"
@@ -76,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = {"vae": P.VAEConfig, "decoder": P.DecoderConfig, "transformer": P.TransformerConfig}[stage](seed=args.seed)
             if stage == "transformer":
                 cfg.device = args.device
+                cfg.init_pipeline, cfg.relation_weight = args.init_pipeline, args.relation_weight
             _apply_overrides(cfg, args)
             if deadline is not None:
                 cfg.minutes = max(0.0, (deadline - time.time()) / 60.0)

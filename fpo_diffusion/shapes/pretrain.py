@@ -32,8 +32,8 @@ from fpo_diffusion.policies.sd3 import ZeroTokenBias
 
 from .render import render_array, to_tensor_batch
 from .captions import CaptionStyle, pretraining_example, random_scene
-from .model import LATENT_CHANNELS, build_text_encoder, build_tokenizer, build_transformer, build_vae, encode_text, \
-    export_pipeline, load_vae
+from .model import (LATENT_CHANNELS, TEXT_DIM, build_text_encoder, build_tokenizer, build_transformer, build_vae,
+                    encode_text, export_pipeline, load_vae)
 from .plugin import DEFAULT_ASSET
 from .world import CELL, GRID
 
@@ -302,6 +302,23 @@ class TransformerConfig:
     # all-zero "T5" tokens the pipeline appends (its max_sequence_length): 256 (the default) half
     # of the time, else log-uniform in [1, 256] (see ZeroTokenBias)
     zero_tokens_default: int = 256
+    init_pipeline: str | None = None
+    """A pipeline folder (e.g. the shipped model) whose text encoders and transformer start this run: continued
+    pretraining. Its transformer's layer count must be ``num_layers``."""
+    relation_weight: float = 0.0
+    """Weight of the text-side relation objective (0: off, the shipped model's recipe). The diffusion loss gives
+    the encoders little reason to tell "a star left of a heart" from "a star right of a heart" (a caption states
+    one of several true relations, and either noun order describes the scene); this contrastive loss does: an
+    embedding of the encoders' output must pick a two-object scene's true relation caption over the same caption
+    with the relation flipped and over the other scenes' captions (:func:`relation_loss`)."""
+    relation_batch: int = 32
+    """Two-object scenes with a stated relation per step for the relation objective (>= 2)."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.relation_weight < math.inf:
+            raise ValueError(f"relation_weight must be finite and >= 0, got {self.relation_weight}")
+        if self.relation_batch < 2:
+            raise ValueError(f"relation_batch must be >= 2 (the other scenes are negatives), got {self.relation_batch}")
 
 
 def _build_pool(cfg: TransformerConfig, vae, path: Path, log=print):
@@ -325,6 +342,70 @@ def _build_pool(cfg: TransformerConfig, vae, path: Path, log=print):
     return pool
 
 
+FLIPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+"""Each relation word and its opposite: flipping it makes a two-object relation caption false."""
+RELATION_STYLE = CaptionStyle(p_all_classes=1.0, p_position=1.0, p_empty=0.0, kinds=(0.0, 1.0, 0.0, 0.0))
+"""Captions of the relation objective: two objects of different classes, their relation always stated."""
+
+
+def flip_relation(text: str) -> str:
+    """``text`` with its relation word replaced by the opposite one (one relation per caption)."""
+    import re
+
+    return re.sub(r"\b(left of|right of|above|below)\b", lambda m: FLIPPED[m.group(1)], text, count=1)
+
+
+def scene_layout(scenes) -> torch.Tensor:
+    """``[B, (classes + colours) * 3]``: for each class and each colour, whether the scene holds it and the mean row
+    and column of the objects that have it (in [0, 1]): a scene's layout in the terms captions speak of."""
+    from .world import COLORS, SHAPES
+
+    x = torch.zeros(len(scenes), len(SHAPES) + len(COLORS), 3)
+    for i, sc in enumerate(scenes):
+        for k in range(len(SHAPES) + len(COLORS)):
+            objs = [o for o in sc if (o.shape == SHAPES[k] if k < len(SHAPES) else o.color == COLORS[k - len(SHAPES)])]
+            if objs:
+                x[i, k] = torch.tensor([1.0, sum(o.cell[0] for o in objs) / len(objs) / max(1, GRID - 1),
+                                        sum(o.cell[1] for o in objs) / len(objs) / max(1, GRID - 1)])
+    return x.flatten(1)
+
+
+def relation_heads(dim: int = 64) -> torch.nn.ModuleDict:
+    """The relation objective's two small heads (not part of the exported pipeline): a text head on the encoders'
+    output (its token states as the transformer sees them, mean-pooled, and the pooled projection) and a scene
+    head on :func:`scene_layout`."""
+    from .world import COLORS, SHAPES
+
+    return torch.nn.ModuleDict({
+        "text": torch.nn.Linear(4 * TEXT_DIM, dim),
+        "scene": torch.nn.Sequential(torch.nn.Linear((len(SHAPES) + len(COLORS)) * 3, 256), torch.nn.GELU(),
+                                     torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, dim))})
+
+
+def relation_loss(heads, tok, te1, te2, scenes, captions: list[str], temperature: float = 0.1) -> torch.Tensor:
+    """InfoNCE of each scene against its caption, its caption with the relation flipped, and the other scenes'
+    captions: the encoders must carry which relation a caption states, since only that separates the first two."""
+    flipped = [flip_relation(c) for c in captions]
+    pe, pooled = encode_text(tok, te1, te2, captions + flipped, 0)
+    t = F.normalize(heads["text"](torch.cat([pe.mean(1), pooled], -1)), dim=-1)
+    v = F.normalize(heads["scene"](scene_layout(scenes)), dim=-1)
+    logits = v @ t.T / temperature  # [B, 2B]: columns 0..B-1 the true captions, B..2B-1 the flipped ones
+    n = len(scenes)
+    pair = torch.stack([logits.diagonal(), logits[:, n:].diagonal()], 1)  # each scene: its caption vs its flip
+    return F.cross_entropy(logits, torch.arange(n)) + F.cross_entropy(pair, torch.zeros(n, dtype=torch.long))
+
+
+def load_pretrained_modules(modules: torch.nn.ModuleDict, path: str | Path) -> None:
+    """The text encoders and transformer of the pipeline folder ``path`` into ``modules`` (te1, te2, tr)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    path = Path(path)
+    modules["te1"].load_state_dict(CLIPTextModelWithProjection.from_pretrained(path / "text_encoder").state_dict())
+    modules["te2"].load_state_dict(CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2").state_dict())
+    modules["tr"].load_state_dict(SD3Transformer2DModel.from_pretrained(path / "transformer").state_dict())
+
+
 def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DEFAULT_ASSET, log=print) -> Path:
     import copy
 
@@ -335,8 +416,17 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
     te1, te2 = build_text_encoder(cfg.seed + 1), build_text_encoder(cfg.seed + 2)
     tr = build_transformer(cfg.seed + 3, num_layers=cfg.num_layers)
     modules = torch.nn.ModuleDict({"te1": te1, "te2": te2, "tr": tr})
-    if cfg.init_from:
-        modules.load_state_dict(torch.load(cfg.init_from, weights_only=False)["ema"])
+    if cfg.relation_weight > 0:
+        torch.manual_seed(cfg.seed + 5)
+        modules["rel"] = relation_heads()
+    if cfg.init_pipeline:
+        load_pretrained_modules(modules, cfg.init_pipeline)
+        log(f"[transformer] initialised from the pipeline {cfg.init_pipeline}")
+    if cfg.init_from:  # (a checkpoint without the relation heads leaves them as initialised)
+        missing, unexpected = modules.load_state_dict(torch.load(cfg.init_from, weights_only=False)["ema"], strict=False)
+        if unexpected or any(not k.startswith("rel.") for k in missing):
+            raise ValueError(f"init_from {cfg.init_from} does not fit this transformer stage (missing "
+                             f"{[k for k in missing if not k.startswith('rel.')][:3]}, unexpected {unexpected[:3]})")
         log(f"[transformer] initialised from the EMA weights of {cfg.init_from}")
     ema = copy.deepcopy(modules).requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -374,6 +464,16 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
         v = tr(hidden_states=xt, encoder_hidden_states=pe, pooled_projections=pooled, timestep=t * 1000,
                return_dict=False)[0]
         loss = F.mse_loss(v, eps - z0)
+        scalars = {"loss": loss.item()}
+        if cfg.relation_weight > 0:
+            rel_scenes, rel_captions = [], []
+            for _ in range(cfg.relation_batch):
+                sc, text = pretraining_example(rng, RELATION_STYLE)
+                rel_scenes.append(sc)
+                rel_captions.append(text)
+            rel = relation_loss(modules["rel"], tok, te1, te2, rel_scenes, rel_captions)
+            loss = loss + cfg.relation_weight * rel
+            scalars["relation"] = rel.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -382,7 +482,7 @@ def train_transformer(cfg: TransformerConfig, work_dir: Path, out_dir: Path = DE
         with torch.no_grad():
             for pe_, pm in zip(ema.parameters(), modules.parameters()):
                 pe_.lerp_(pm, 1 - d)
-        return {"loss": loss.item(), "lr": lr}
+        return {**scalars, "lr": lr}
 
     step = run_stage("transformer", cfg, work_dir / "transformer" / "ckpt.pt", restore=restore, step_fn=step_fn,
                      log=log, state=lambda: {"model": modules.state_dict(), "ema": ema.state_dict(),
