@@ -47,21 +47,21 @@ def tiny_model_path(family: str, seed: int = 0) -> Path:
     return path
 
 
-def _resolve(family: str, path: str) -> tuple[str, str, int | None]:
-    """``(family, path, zero_tokens)`` with the ``embedded:`` names replaced by real folders."""
+def resolve_model(family: str, path: str) -> tuple[str, str]:
+    """``(family, path)`` with the ``embedded:`` names (tiny models, plug-ins) replaced by real folders."""
     from . import plugins
 
     if path.startswith("embedded:tiny-"):
         fam = path[len("embedded:tiny-"):]
-        return fam, str(tiny_model_path(fam)), None
+        return fam, str(tiny_model_path(fam))
     if path.startswith("embedded:"):
         fn = plugins.lookup(plugins.MODELS, path[len("embedded:"):])
         if fn is None:
             known = ", ".join([f"embedded:{n}" for n in plugins.names(plugins.MODELS)] + ["embedded:tiny-<family>"])
             raise ConfigError(f"unknown embedded model {path!r}; available: {known}")
         spec = fn()
-        return spec["family"], spec["path"], spec.get("zero_tokens")
-    return family, path, None
+        return spec["family"], spec["path"]
+    return family, path
 
 
 def check_model(family: str, path: str) -> str:
@@ -71,7 +71,7 @@ def check_model(family: str, path: str) -> str:
     from .policies import PIPELINE_FAMILIES
     from .policies.common import read_pipeline_class_name, resolve_path
 
-    real, where, _ = _resolve(family, path)
+    real, where = resolve_model(family, path)
     if path.startswith("embedded:"):
         if family not in ("auto", real):
             raise ConfigError(f"model.family={family} contradicts model.path={path}, a {real} model; set "
@@ -102,11 +102,6 @@ def check_model(family: str, path: str) -> str:
     return found or family
 
 
-def resolve_model(family: str, path: str) -> tuple[str, str]:
-    """``(family, path)`` with the ``embedded:`` names (tiny models, plug-ins) replaced by real folders."""
-    return _resolve(family, path)[:2]
-
-
 def load_model(family: str, path: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
                distilled_guidance: float | None = None):
     """The policy for a model config (embedded names resolved); ``distilled_guidance`` sets a FLUX
@@ -114,17 +109,8 @@ def load_model(family: str, path: str, *, dtype: str = "float32", device: str | 
     from .policies import load_policy
 
     check_model(family, path)
-    family, path, zero_tokens = _resolve(family, path)
-    if not zero_tokens:
-        policy = load_policy(family, path, dtype=torch_dtype(dtype), device=device)
-        if distilled_guidance is not None:
-            policy.set_distilled_guidance(distilled_guidance)
-        return policy
-    # A model trained without T5 (its context's T5 part is ``zero_tokens`` identical zero tokens):
-    # one zero token with its attention logit raised by log(zero_tokens) is exactly equivalent
-    # (identical tokens keep identical states) and makes every forward several times cheaper.
-    from .policies.sd3 import fast_zero_tokens
-
-    policy = load_policy(family, path, dtype=torch_dtype(dtype), device=device, max_sequence_length=1)
-    fast_zero_tokens(policy.pipeline, max_sequence_length=zero_tokens)
+    family, path = resolve_model(family, path)
+    policy = load_policy(family, path, dtype=torch_dtype(dtype), device=device)
+    if distilled_guidance is not None:
+        policy.set_distilled_guidance(distilled_guidance)
     return policy

@@ -1,8 +1,7 @@
 """Names other packages plug in (Python entry points), looked up lazily by name.
 
 * ``fpo_diffusion.models``: ``model.path: embedded:<name>``; the entry point is a function
-  returning ``{"family": ..., "path": ..., "zero_tokens": n | None}`` (``zero_tokens``: the
-  model was trained without T5, see ``policies.sd3.fast_zero_tokens``).
+  returning ``{"family": ..., "path": ...}``.
 * ``fpo_diffusion.prompts``: ``prompts.source: embedded:<name>``; a function returning a list
   of GenEval-format metadata dicts (each with its ``prompt``).
 * rewards register themselves through the ``fpo_diffusion.rewards`` group of ``rewards.registry``.

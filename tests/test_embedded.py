@@ -57,3 +57,29 @@ def test_a_t5_less_sd3_policy_completes_its_pipeline_before_saving_and_other_fam
     sd.complete_for_saving()
     sd.set_distilled_guidance(7.0)  # no embedded guidance in SD: nothing changes
     assert dict(sd.pipeline.components) == before
+
+
+def test_any_folder_with_a_null_t5_gets_the_one_token_context(tmp_path):
+    """A copy of the shapes model (or a re-pretraining of it) samples through the same one-token path as
+    ``embedded:shapes``: the policy sees the null T5, not the name. A T5-less folder and a real T5 keep the stock
+    256 tokens."""
+    import shutil
+
+    from fpo_diffusion.embedded import load_model
+    from fpo_diffusion.policies.sd3 import ZeroTokenBias, has_null_t5, null_t5
+    from fpo_diffusion.shapes.plugin import DEFAULT_ASSET
+
+    copy = tmp_path / "shapes_copy"
+    shutil.copytree(DEFAULT_ASSET, copy)
+    named, copied = load_model("sd3", "embedded:shapes"), load_model("sd3", str(copy))
+    for policy in (named, copied):
+        assert policy.max_sequence_length == 1 and has_null_t5(policy.pipeline)
+        assert all(isinstance(p, ZeroTokenBias) for p in policy.pipeline.transformer.attn_processors.values())
+    prompts = ["a photo of a red star left of a blue heart"]
+    assert torch.equal(named.encode_prompts(prompts)["prompt_embeds"], copied.encode_prompts(prompts)["prompt_embeds"])
+    # not a null T5: a T5 whose final norm is not zero, or no T5 at all
+    t5, _ = null_t5(64)
+    with torch.no_grad():
+        t5.encoder.final_layer_norm.weight.fill_(1.0)
+    assert not has_null_t5(type("P", (), {"text_encoder_3": t5, "transformer": copied.pipeline.transformer})())
+    assert load_policy("sd3", str(tiny_model_path("sd3"))).max_sequence_length == 256

@@ -18,18 +18,18 @@ loaded by ``model.py``). Here, so that naming it imports nothing heavy."""
 
 
 def model() -> dict:
-    """The shipped model: family, folder, and the policy options that make it cheap.
+    """The shipped model: family and folder.
 
     The model was trained without T5 (its ``text_encoder_3`` is a null encoder whose output is
-    exactly zero), so the pipeline's 256 zero context tokens can be replaced by one token with
+    exactly zero), so the SD3 policy replaces the pipeline's 256 zero context tokens by one token with
     its attention logit raised by ``log(256)``: identical results, several times cheaper
-    (``SD3Policy``'s zero-token option).
+    (``policies.sd3.has_null_t5``; so does any copy or re-pretraining of it).
     """
     if not (DEFAULT_ASSET / "model_index.json").is_file():
         from fpo_diffusion.errors import PathNotFoundError
 
         raise PathNotFoundError(f"the embedded shapes model is missing at {DEFAULT_ASSET}")
-    return {"family": "sd3", "path": str(DEFAULT_ASSET), "zero_tokens": 256}
+    return {"family": "sd3", "path": str(DEFAULT_ASSET)}
 
 
 def training_prompts() -> list[dict]:
