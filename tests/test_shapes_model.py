@@ -62,48 +62,37 @@ def _states_equal(a: dict, b: dict) -> bool:
 @pytest.mark.slow
 def test_pretraining_resumes_bit_for_bit(tmp_path):
     """Each stage, interrupted and re-run, ends with exactly the weights of the uninterrupted run."""
-    out_a, out_b = tmp_path / "a" / "pipe", tmp_path / "b" / "pipe"
-    vae_cfg = dict(steps=6, batch_size=4, seed=3)
-    P.train_vae(P.VAEConfig(**vae_cfg), tmp_path / "a" / "work", out_a, log=lambda *_: None)
-    with pytest.raises(P.StageIncomplete):
-        P.train_vae(P.VAEConfig(**vae_cfg, pause_after=4), tmp_path / "b" / "work", out_b, log=lambda *_: None)
-    P.train_vae(P.VAEConfig(**vae_cfg), tmp_path / "b" / "work", out_b, log=lambda *_: None)
-    load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
-    va, vb = load(tmp_path / "a/work/vae/ckpt.pt"), load(tmp_path / "b/work/vae/ckpt.pt")
-    assert va["step"] == vb["step"] == 6 and _states_equal(va, vb)
-    # the decoder stage on that VAE (both runs' VAEs are equal)
-    dec_cfg = dict(steps=4, batch_size=4, seed=3)
-    P.train_decoder(P.DecoderConfig(**dec_cfg), tmp_path / "a" / "work", out_a, log=lambda *_: None)
-    with pytest.raises(P.StageIncomplete):
-        P.train_decoder(P.DecoderConfig(**dec_cfg, pause_after=3), tmp_path / "b" / "work", out_b, log=lambda *_: None)
-    P.train_decoder(P.DecoderConfig(**dec_cfg), tmp_path / "b" / "work", out_b, log=lambda *_: None)
-    da, db = load(tmp_path / "a/work/decoder/ckpt.pt"), load(tmp_path / "b/work/decoder/ckpt.pt")
-    assert da["step"] == db["step"] == 4 and _states_equal(da, db)
-    # the transformer stage on the same VAE
     import shutil
 
+    out_a, out_b = tmp_path / "a" / "pipe", tmp_path / "b" / "pipe"
+    quiet = lambda *_: None  # noqa: E731
+
+    def whole_and_resumed(stage: str, train, config, pause: int, run: str = "", **kw) -> tuple[dict, dict]:
+        """The stage's checkpoint after one whole call (run a) and after a call paused at ``pause`` and re-run (b)."""
+        train(config(**kw), tmp_path / f"{run}a" / "work", out_a, log=quiet)
+        with pytest.raises(P.StageIncomplete):
+            train(config(**kw, pause_after=pause), tmp_path / f"{run}b" / "work", out_b, log=quiet)
+        train(config(**kw), tmp_path / f"{run}b" / "work", out_b, log=quiet)
+        return tuple(torch.load(tmp_path / f"{run}{x}" / "work" / stage / "ckpt.pt", weights_only=False) for x in "ab")
+
+    va, vb = whole_and_resumed("vae", P.train_vae, P.VAEConfig, 4, steps=6, batch_size=4, seed=3)
+    assert va["step"] == vb["step"] == 6 and _states_equal(va, vb)
+    # the decoder stage on that VAE (both runs' VAEs are equal)
+    da, db = whole_and_resumed("decoder", P.train_decoder, P.DecoderConfig, 3, steps=4, batch_size=4, seed=3)
+    assert da["step"] == db["step"] == 4 and _states_equal(da, db)
+    # the transformer stage on the same VAE
     shutil.copytree(out_a / "vae", out_b / "vae", dirs_exist_ok=True)
     tr_cfg = dict(steps=5, batch_size=4, pool_size=24, num_layers=1, seed=3)
-    P.train_transformer(P.TransformerConfig(**tr_cfg), tmp_path / "a" / "work", out_a, log=lambda *_: None)
-    with pytest.raises(P.StageIncomplete):
-        P.train_transformer(P.TransformerConfig(**tr_cfg, pause_after=2), tmp_path / "b" / "work", out_b,
-                            log=lambda *_: None)
-    P.train_transformer(P.TransformerConfig(**tr_cfg), tmp_path / "b" / "work", out_b, log=lambda *_: None)
-    ta, tb = load(tmp_path / "a/work/transformer/ckpt.pt"), load(tmp_path / "b/work/transformer/ckpt.pt")
+    ta, tb = whole_and_resumed("transformer", P.train_transformer, P.TransformerConfig, 2, **tr_cfg)
     assert ta["step"] == tb["step"] == 5 and _states_equal(ta, tb)
     # with the relation objective on (its heads are part of the stage's state)
-    rel_cfg = dict(tr_cfg, steps=3, relation_weight=0.5, relation_batch=4)
-    P.train_transformer(P.TransformerConfig(**rel_cfg), tmp_path / "ra" / "work", out_a, log=lambda *_: None)
-    with pytest.raises(P.StageIncomplete):
-        P.train_transformer(P.TransformerConfig(**rel_cfg, pause_after=1), tmp_path / "rb" / "work", out_b,
-                            log=lambda *_: None)
-    P.train_transformer(P.TransformerConfig(**rel_cfg), tmp_path / "rb" / "work", out_b, log=lambda *_: None)
-    ra, rb = load(tmp_path / "ra/work/transformer/ckpt.pt"), load(tmp_path / "rb/work/transformer/ckpt.pt")
+    ra, rb = whole_and_resumed("transformer", P.train_transformer, P.TransformerConfig, 1, run="r",
+                               **{**tr_cfg, "steps": 3, "relation_weight": 0.5, "relation_batch": 4})
     assert any(k.startswith("rel.") for k in ra["model"]) and _states_equal(ra, rb)
     # and a different seed is a different run
-    other = P.TransformerConfig(**{**tr_cfg, "seed": 4})
-    P.train_transformer(other, tmp_path / "c" / "work", out_a, log=lambda *_: None)
-    assert not _states_equal(ta["model"], load(tmp_path / "c/work/transformer/ckpt.pt")["model"])
+    P.train_transformer(P.TransformerConfig(**{**tr_cfg, "seed": 4}), tmp_path / "c" / "work", out_a, log=quiet)
+    other = torch.load(tmp_path / "c/work/transformer/ckpt.pt", weights_only=False)
+    assert not _states_equal(ta["model"], other["model"])
 
 
 def test_null_t5_outputs_exact_zeros():
