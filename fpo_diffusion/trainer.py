@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, install_lora_only_hooks
 from .cli import quiet_libraries
 from .config import Config, ConfigError
 from .config_io import config_for_writing, record_config, save_config
-from .distributed import collective_timeout, no_accelerator
+from .distributed import collective_timeout, cpu_fallback_note, deepspeed_on_cpu, no_accelerator
 from .export import export_trained_lora
 from .images import group_rows, labelled_grid
 from .noise import SeedStreams
@@ -50,8 +50,6 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        from .distributed import cpu_fallback_note, deepspeed_on_cpu
-
         cpu = no_accelerator() and not deepspeed_on_cpu()
         # An embedded tiny model is built into the cache before any process group exists: once one does,
         # transformers writes a text encoder's weights on rank 0 only, and rank 1 could publish a copy without them.
@@ -81,10 +79,9 @@ class Trainer:
 
         cfg, acc = self.cfg, self.accelerator
         # Settings accepted but meaningless: refused (a contradiction) or one line each, before anything loads.
+        # (model.family against model.path was checked in __init__, before the process group started)
         from .config_io import config_warnings
-        from .embedded import check_model
 
-        check_model(cfg.model.family, cfg.model.path)
         if acc.is_main_process:
             for line in config_warnings(cfg):
                 print(line, flush=True)
