@@ -216,9 +216,12 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
         return RolloutDriver(replace(cfg, sampling=sampling), tr.policy, tr.prompts, rank=0, world=1,
                              device=tr.accelerator.device, autocast=tr.rollout_driver.autocast)
 
-    shared_eval = driver(replace(cfg.sampling, scheduler=None, steps=steps, guidance_scale=cfg_scale,
-                                 batch_size=prompts_per_it * group))
-    own_eval = driver(cfg.sampling) if preset is not None else None
+    shared_sampling = replace(cfg.sampling, scheduler=None, steps=steps, guidance_scale=cfg_scale,
+                              batch_size=prompts_per_it * group)
+    shared_eval = driver(shared_sampling)
+    # a preset whose inference is the race's own (Flow-GRPO's) is not sampled twice: its own score is the race's
+    same = replace(cfg.sampling, batch_size=shared_sampling.batch_size) == shared_sampling
+    own_eval = driver(cfg.sampling) if preset is not None and not same else None
     eval_seed = 10_000 + (500_000 if split == "validation" else 0)
 
     @torch.no_grad()
@@ -234,6 +237,8 @@ def run_one(family: str, variant: str, seed: int, *, iters: int, steps: int, pro
                     scores = score_fn(pil, eval_prompts, eval_meta).float()
                     # ShapesEval's overall: the mean over tasks of each task's accuracy (one task: the plain mean)
                     out[key] = overall_score(task_scores([m.get("tag", "") for m in eval_meta], scores.tolist()))[0]
+            if preset is not None and own_eval is None:
+                out["score_own"] = out["score"]
             return out
         finally:
             counter.enabled = True
