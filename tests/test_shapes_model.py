@@ -93,6 +93,12 @@ def test_pretraining_resumes_bit_for_bit(tmp_path):
     P.train_transformer(P.TransformerConfig(**{**tr_cfg, "seed": 4}), tmp_path / "c" / "work", out_a, log=quiet)
     other = torch.load(tmp_path / "c/work/transformer/ckpt.pt", weights_only=False)
     assert not _states_equal(ta["model"], other["model"])
+    # a work folder's latent pool belongs to its captions: a re-run with others is refused, not silently reused
+    from fpo_diffusion.shapes.captions import CaptionStyle
+
+    with pytest.raises(ValueError, match="other captions"):
+        P.train_transformer(P.TransformerConfig(**{**tr_cfg, "seed": 4, "captions": CaptionStyle(p_position=0.5)}),
+                            tmp_path / "c" / "work", out_a, log=quiet)
 
 
 def test_null_t5_outputs_exact_zeros():

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -313,6 +313,8 @@ class TransformerConfig:
     with the relation flipped and over the other scenes' captions (:func:`relation_loss`)."""
     relation_batch: int = 32
     """Two-object scenes with a stated relation per step for the relation objective (>= 2)."""
+    captions: CaptionStyle = field(default_factory=CaptionStyle)
+    """How the latent pool's captions are written (the shipped model: the defaults, web-alt-text-like)."""
 
     def __post_init__(self):
         if not 0.0 <= self.relation_weight < math.inf:
@@ -323,10 +325,15 @@ class TransformerConfig:
 
 def _build_pool(cfg: TransformerConfig, vae, path: Path, log=print):
     if path.is_file():
-        return torch.load(path, weights_only=False)
+        pool = torch.load(path, weights_only=False)
+        # a pool written before the caption style was recorded used the defaults
+        if pool.get("captions", asdict(CaptionStyle())) != asdict(cfg.captions):
+            raise ValueError(f"the latent pool {path} was written with other captions ({pool.get('captions')}) than "
+                             f"this run's {asdict(cfg.captions)}: use a new work folder")
+        return pool
     rng = np.random.default_rng([cfg.seed, 7])
     prompts, arrays = [], []
-    style = CaptionStyle()
+    style = cfg.captions
     for _ in range(cfg.pool_size):
         scene, text = pretraining_example(rng, style)
         prompts.append(text)
@@ -336,7 +343,7 @@ def _build_pool(cfg: TransformerConfig, vae, path: Path, log=print):
         for i in range(0, len(arrays), 256):
             d = vae.encode(to_tensor_batch(arrays[i:i + 256])).latent_dist
             means.append(d.mean); stds.append(d.std)
-    pool = {"prompts": prompts, "mean": torch.cat(means), "std": torch.cat(stds)}
+    pool = {"prompts": prompts, "mean": torch.cat(means), "std": torch.cat(stds), "captions": asdict(cfg.captions)}
     _save_ckpt(path, pool)
     log(f"[transformer] latent pool: {len(prompts)} scenes, {len(set(prompts))} distinct prompts")
     return pool
