@@ -324,18 +324,18 @@ class TransformerConfig:
 
 
 def _build_pool(cfg: TransformerConfig, vae, path: Path, log=print):
+    captions = asdict(cfg.captions)
     if path.is_file():
         pool = torch.load(path, weights_only=False)
         # a pool written before the caption style was recorded used the defaults
-        if pool.get("captions", asdict(CaptionStyle())) != asdict(cfg.captions):
+        if pool.get("captions", asdict(CaptionStyle())) != captions:
             raise ValueError(f"the latent pool {path} was written with other captions ({pool.get('captions')}) than "
-                             f"this run's {asdict(cfg.captions)}: use a new work folder")
+                             f"this run's {captions}: use a new work folder")
         return pool
     rng = np.random.default_rng([cfg.seed, 7])
     prompts, arrays = [], []
-    style = cfg.captions
     for _ in range(cfg.pool_size):
-        scene, text = pretraining_example(rng, style)
+        scene, text = pretraining_example(rng, cfg.captions)
         prompts.append(text)
         arrays.append(render_array(scene))
     means, stds = [], []
@@ -343,7 +343,7 @@ def _build_pool(cfg: TransformerConfig, vae, path: Path, log=print):
         for i in range(0, len(arrays), 256):
             d = vae.encode(to_tensor_batch(arrays[i:i + 256])).latent_dist
             means.append(d.mean); stds.append(d.std)
-    pool = {"prompts": prompts, "mean": torch.cat(means), "std": torch.cat(stds), "captions": asdict(cfg.captions)}
+    pool = {"prompts": prompts, "mean": torch.cat(means), "std": torch.cat(stds), "captions": captions}
     _save_ckpt(path, pool)
     log(f"[transformer] latent pool: {len(prompts)} scenes, {len(set(prompts))} distinct prompts")
     return pool

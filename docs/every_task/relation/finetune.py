@@ -8,9 +8,9 @@
     OMP_NUM_THREADS=1 python docs/every_task/relation/finetune.py heavy 0.1 runs/relation \
         '{"p_position": 1.0, "p_all_classes": 1.0, "kinds": [0.1, 0.6, 0.1, 0.2]}' 1500
 
-1000 transformer-stage steps from the shipped weights (lr 5e-4, warm-up 200, cosine; EMA 0.99; a 10 000-scene
-latent pool; seed 0), the shipped VAE; the pipeline is written to OUTROOT/ARM/pipe. About 15-18 minutes on one
-thread each.
+STEPS (default 1000) transformer-stage steps from the shipped weights (lr 5e-4, warm-up 200, cosine; EMA 0.99; a 10 000-scene
+latent pool written with CAPTIONS, default the shipped CaptionStyle; seed 0), the shipped VAE; the pipeline is
+written to OUTROOT/ARM/pipe. About 7.5 minutes per 1000 steps on one thread beside another job.
 """
 import json
 import shutil

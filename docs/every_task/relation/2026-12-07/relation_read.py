@@ -10,8 +10,10 @@ that ignores the relation words draws both equally often.
 import json
 import re
 import sys
+from pathlib import Path
 
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
+from fpo_diffusion.shapes.pretrain import FLIPPED  # noqa: E402  (each relation and its opposite)
 
 for path in sys.argv[1:]:
     records = [r for r in json.load(open(path))["records"] if r["tag"] == "position"]
@@ -27,7 +29,7 @@ for path in sys.argv[1:]:
         found = re.search(r"found (.*) target", r["reason"])
         if found:
             read += 1
-            opp = OPPOSITE[wanted] in {s.strip() for s in found.group(1).split(" and ")}
+            opp = FLIPPED[wanted] in {s.strip() for s in found.group(1).split(" and ")}
             opposite += opp
             diff.append(-int(opp))
         else:
