@@ -99,6 +99,18 @@ def test_pretraining_resumes_bit_for_bit(tmp_path):
     with pytest.raises(ValueError, match="other captions"):
         P.train_transformer(P.TransformerConfig(**{**tr_cfg, "seed": 4, "captions": CaptionStyle(p_position=0.5)}),
                             tmp_path / "c" / "work", out_a, log=quiet)
+    # as does every other setting the pool is made of: its seed, its size, the VAE that encoded it
+    for change, words in (({"seed": 5}, "seed 4"), ({"pool_size": 25}, "pool_size 24")):
+        with pytest.raises(ValueError, match=words):
+            P.train_transformer(P.TransformerConfig(**{**tr_cfg, "seed": 4, **change}), tmp_path / "c" / "work",
+                                out_a, log=quiet)
+    vae = M.load_vae(out_a)
+    with torch.no_grad():
+        next(vae.parameters()).add_(1e-3)
+    vae.save_pretrained(tmp_path / "d" / "pipe" / "vae")
+    with pytest.raises(ValueError, match="another VAE"):
+        P.train_transformer(P.TransformerConfig(**{**tr_cfg, "seed": 4}), tmp_path / "c" / "work",
+                            tmp_path / "d" / "pipe", log=quiet)
 
 
 def test_null_t5_outputs_exact_zeros():

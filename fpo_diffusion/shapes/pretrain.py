@@ -323,14 +323,35 @@ class TransformerConfig:
             raise ValueError(f"relation_batch must be >= 2 (the other scenes are negatives), got {self.relation_batch}")
 
 
+def _vae_fingerprint(vae) -> str:
+    """A digest of the VAE's weights: a latent pool is only valid for the VAE that encoded it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _pool_spec(cfg: TransformerConfig, vae) -> dict:
+    """Every setting that defines the latent pool's contents."""
+    return {"seed": cfg.seed, "pool_size": cfg.pool_size, "captions": asdict(cfg.captions),
+            "vae": _vae_fingerprint(vae)}
+
+
 def _build_pool(cfg: TransformerConfig, vae, path: Path, log=print):
-    captions = asdict(cfg.captions)
+    spec = _pool_spec(cfg, vae)
     if path.is_file():
         pool = torch.load(path, weights_only=False)
-        # a pool written before the caption style was recorded used the defaults
-        if pool.get("captions", asdict(CaptionStyle())) != captions:
-            raise ValueError(f"the latent pool {path} was written with other captions ({pool.get('captions')}) than "
-                             f"this run's {captions}: use a new work folder")
+        # a pool written before its spec was recorded: only its caption style (defaults if absent) and size are known
+        recorded = pool.get("spec") or {"captions": pool.get("captions", asdict(CaptionStyle())),
+                                        "pool_size": len(pool["prompts"])}
+        differ = [k for k in recorded if recorded[k] != spec.get(k)]
+        if differ:
+            names = {"captions": "other captions", "vae": "another VAE"}
+            what = ", ".join(names.get(k, f"{k} {recorded[k]!r} (this run: {spec[k]!r})") for k in differ)
+            raise ValueError(f"the latent pool {path} was written with {what}: use a new work folder")
         return pool
     rng = np.random.default_rng([cfg.seed, 7])
     prompts, arrays = [], []
@@ -343,7 +364,7 @@ def _build_pool(cfg: TransformerConfig, vae, path: Path, log=print):
         for i in range(0, len(arrays), 256):
             d = vae.encode(to_tensor_batch(arrays[i:i + 256])).latent_dist
             means.append(d.mean); stds.append(d.std)
-    pool = {"prompts": prompts, "mean": torch.cat(means), "std": torch.cat(stds), "captions": captions}
+    pool = {"prompts": prompts, "mean": torch.cat(means), "std": torch.cat(stds), "spec": spec}
     _save_ckpt(path, pool)
     log(f"[transformer] latent pool: {len(prompts)} scenes, {len(set(prompts))} distinct prompts")
     return pool
