@@ -103,4 +103,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from fpo_diffusion.cli import run_cli
+
+    raise SystemExit(run_cli(main, prog="pretrain_shapes.py"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,23 +95,34 @@ def test_pretraining_resumes_bit_for_bit(tmp_path):
     other = torch.load(tmp_path / "c/work/transformer/ckpt.pt", weights_only=False)
     assert not _states_equal(ta["model"], other["model"])
     # a work folder's latent pool belongs to its captions: a re-run with others is refused, not silently reused
+    from fpo_diffusion.errors import OutputExistsError
     from fpo_diffusion.shapes.captions import CaptionStyle
 
-    with pytest.raises(ValueError, match="other captions"):
+    with pytest.raises(OutputExistsError, match="other captions"):
         P.train_transformer(P.TransformerConfig(**{**tr_cfg, "seed": 4, "captions": CaptionStyle(p_position=0.5)}),
                             tmp_path / "c" / "work", out_a, log=quiet)
     # as does every other setting the pool is made of: its seed, its size, the VAE that encoded it
     for change, words in (({"seed": 5}, "seed 4"), ({"pool_size": 25}, "pool_size 24")):
-        with pytest.raises(ValueError, match=words):
+        with pytest.raises(OutputExistsError, match=words):
             P.train_transformer(P.TransformerConfig(**{**tr_cfg, "seed": 4, **change}), tmp_path / "c" / "work",
                                 out_a, log=quiet)
     vae = M.load_vae(out_a)
     with torch.no_grad():
         next(vae.parameters()).add_(1e-3)
     vae.save_pretrained(tmp_path / "d" / "pipe" / "vae")
-    with pytest.raises(ValueError, match="another VAE"):
+    with pytest.raises(OutputExistsError, match="another VAE"):
         P.train_transformer(P.TransformerConfig(**{**tr_cfg, "seed": 4}), tmp_path / "c" / "work",
                             tmp_path / "d" / "pipe", log=quiet)
+    # the command line says so in one line, exit status 2, before any training
+    import subprocess
+    import sys
+
+    argv = ["--stage", "transformer", "--steps", "1", "--work-dir", str(tmp_path / "c" / "work"), "--out", str(out_a)]
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "launch" / "pretrain_shapes.py"), *argv],
+                          capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    assert err.count("\n") == 0 and "pool_size 24" in err and "new work folder" in err, err
 
 
 def test_null_t5_outputs_exact_zeros():

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fpo_diffusion.errors import OutputExistsError
 from fpo_diffusion.policies.sd3 import ZeroTokenBias
 
 from .render import render_array, to_tensor_batch
@@ -351,7 +352,8 @@ def _build_pool(cfg: TransformerConfig, vae, path: Path, log=print):
         if differ:
             names = {"captions": "other captions", "vae": "another VAE"}
             what = ", ".join(names.get(k, f"{k} {recorded[k]!r} (this run: {spec[k]!r})") for k in differ)
-            raise ValueError(f"the latent pool {path} was written with {what}: use a new work folder")
+            raise OutputExistsError(f"the latent pool {path} was written with {what}: use a new work folder "
+                                    "(--work-dir)")
         return pool
     rng = np.random.default_rng([cfg.seed, 7])
     prompts, arrays = [], []
