@@ -394,3 +394,24 @@ def test_pretraining_captions_do_not_depend_on_the_hash_seed():
     out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**__import__("os").environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2, 3)}
     assert len(out) == 1, out
+
+
+def test_exact_counts_fails_extra_copies_that_geneval_rules_ignore():
+    """GenEval's position rule reads one detection per class: an extra copy placed elsewhere passes it. The
+    reward's ``exact_counts`` option fails it, and leaves a scene with exactly the asked objects (and counting,
+    which already excludes ``count + 1``) as GenEval scores it."""
+    from fpo_diffusion.shapes.reward import ShapesReward, with_exact_counts
+
+    meta = S.position("cross", "left of", "frame")
+    clean = [Obj("cross", "red", (3, 0)), Obj("frame", "blue", (3, 3))]
+    extra = clean + [Obj("cross", "green", (0, 3)), Obj("frame", "pink", (0, 0))]  # a cross right of a frame too
+    assert _ok(clean, meta) and _ok(extra, meta)  # GenEval's rule: both right
+    count3 = S.counting("cross", 3)
+    assert with_exact_counts(count3) == count3  # counting keeps its own exclude clause
+    plain, exact = ShapesReward(), ShapesReward(exact_counts=True)
+    imgs = [render(clean), render(extra), render(extra[:3])]
+    scores = lambda r: r.score(imgs, [meta["prompt"]] * 3, [meta] * 3).tolist()  # noqa: E731
+    assert scores(plain) == [1.0, 1.0, 1.0]
+    assert scores(exact) == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="exact_counts"):
+        ShapesReward(exact_counts="yes")

@@ -15,6 +15,13 @@ Options:
   the frame, blobs and unrequested shapes therefore cost reward; the detector itself never
   credits paint (it is not an object).
 * ``thresholds``: GenEval ``rules.Thresholds`` (or a dict of its fields); official defaults.
+* ``exact_counts`` (default ``False``: GenEval's rules): every asked class must appear exactly as often as
+  asked, in every task, not only in counting. GenEval's position, two-object and colour-binding rules read
+  the best-scored detection of each class and ignore further copies; the exact detector scores every clean
+  object 1.0, so ties go to raster order, and a policy that draws extra copies can place one where the rule
+  looks (measured: position-only RL from a base that draws relations rose 0.52 -> 0.70 on test while the
+  share of images with extra copies went 0.03 -> 0.97; BENCHMARKS.md). ``True`` adds, for every asked
+  class without one, GenEval's counting exclude clause (``count + 1``): an extra copy fails the image.
 
 Range: strict ``[-paint_penalty, 1]`` (``[0, 1]`` by default); partial ``[-0.5, 1]`` by default.
 Every image needs its GenEval-format metadata (``include``/``exclude``/``tag``), as produced by
@@ -36,12 +43,24 @@ from .detector import analyse, detections, painted_share
 STRAY_SCALE = 144.0
 
 
+def with_exact_counts(meta: dict) -> dict:
+    """``meta`` with GenEval's counting exclude clause (``count + 1``) for every asked class that has none."""
+    asked: dict[str, int] = {}
+    for q in meta.get("include", []):
+        asked[q["class"]] = asked.get(q["class"], 0) + int(q["count"])
+    excluded = {q["class"] for q in meta.get("exclude", [])}
+    extra = [{"class": c, "count": n + 1} for c, n in asked.items() if c not in excluded]
+    return {**meta, "exclude": [*meta.get("exclude", []), *extra]} if extra else meta
+
+
 def shapes_score(image: Image.Image, meta: dict, mode: str = "strict", paint_penalty: float = 0.0,
-                 thresholds=None) -> tuple[float, dict]:
+                 thresholds=None, exact_counts: bool = False) -> tuple[float, dict]:
     """Score one image; returns ``(reward, info)`` with the rules' result and the stray-paint count."""
     from rewards.geneval.rules import Thresholds, evaluate, filter_detections
 
     thresholds = thresholds or Thresholds()
+    if exact_counts:
+        meta = with_exact_counts(meta)
     comps = analyse(image)
     dets = detections(comps)
     res = evaluate(dets, meta, image=image, thresholds=thresholds)
@@ -74,7 +93,8 @@ class ShapesReward(Reward):
     batch_size = 64
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int | None = None, *, mode: str = "strict",
-                 paint_penalty: float | None = None, thresholds: Any = None, **kwargs: Any):
+                 paint_penalty: float | None = None, thresholds: Any = None, exact_counts: bool = False,
+                 **kwargs: Any):
         super().__init__(device=device, batch_size=batch_size, **kwargs)
         from rewards.geneval.rules import Thresholds
 
@@ -86,6 +106,9 @@ class ShapesReward(Reward):
             thresholds = Thresholds(**thresholds)
         self.thresholds = thresholds or Thresholds()
         self.range = (-self.paint_penalty, 1.0)
+        if not isinstance(exact_counts, bool):
+            raise ValueError(f"reward 'shapes': exact_counts must be true or false, got {exact_counts!r}")
+        self.exact_counts = exact_counts
 
     @classmethod
     def check_metadata(cls, entry: dict, options: dict) -> str | None:
@@ -105,7 +128,7 @@ class ShapesReward(Reward):
         for img, p, m in zip(images, prompts, metadata):
             if not m or "include" not in m:
                 raise RewardError(f"reward 'shapes' needs GenEval metadata with 'include' for prompt {p!r}")
-            out.append(shapes_score(img, m, self.mode, self.paint_penalty, self.thresholds)[0])
+            out.append(shapes_score(img, m, self.mode, self.paint_penalty, self.thresholds, self.exact_counts)[0])
         return torch.tensor(out, dtype=torch.float32)
 
 
