@@ -18,8 +18,8 @@ Options:
 * ``exact_counts`` (default ``False``: GenEval's rules): every asked class must appear exactly as often as
   asked, in every task, not only in counting. GenEval's position, two-object and colour-binding rules read
   the best-scored detection of each class and ignore further copies; the exact detector scores every clean
-  object 1.0, so ties go to raster order, and a policy that draws extra copies can place one where the rule
-  looks (measured: position-only RL from a base that draws relations rose 0.52 -> 0.70 on test while the
+  object 1.0, so ties go to the official ``argsort`` order (the last copy in raster order), and a policy that
+  draws extra copies can place one where the rule looks (measured: position-only RL from a base that draws relations rose 0.52 -> 0.70 on test while the
   share of images with extra copies went 0.03 -> 0.97; BENCHMARKS.md). ``True`` adds, for every asked
   class without one, GenEval's counting exclude clause (``count + 1``): an extra copy fails the image.
 
