@@ -400,7 +400,8 @@ def test_exact_counts_fails_extra_copies_that_geneval_rules_ignore():
     """GenEval's position rule reads one detection per class: an extra copy placed elsewhere passes it. The
     reward's ``exact_counts`` option fails it, and leaves a scene with exactly the asked objects (and counting,
     which already excludes ``count + 1``) as GenEval scores it."""
-    from fpo_diffusion.shapes.reward import ShapesReward, with_exact_counts
+    from fpo_diffusion.shapes.reward import ShapesReward
+    from rewards.geneval.metadata import with_exact_counts
 
     meta = S.position("cross", "left of", "frame")
     clean = [Obj("cross", "red", (3, 0)), Obj("frame", "blue", (3, 3))]

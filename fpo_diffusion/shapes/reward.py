@@ -19,8 +19,9 @@ Options:
   asked, in every task, not only in counting. GenEval's position, two-object and colour-binding rules read
   the best-scored detection of each class and ignore further copies; the exact detector scores every clean
   object 1.0, so ties go to the official ``argsort`` order (the last copy in raster order), and a policy that
-  draws extra copies can place one where the rule looks (measured: position-only RL from a base that draws relations rose 0.52 -> 0.70 on test while the
-  share of images with extra copies went 0.03 -> 0.97; BENCHMARKS.md). ``True`` adds, for every asked
+  draws extra copies can place one where the rule looks (measured: position-only RL from a base that draws
+  relations rose 0.52 -> 0.70 on test while the share of images with extra copies went 0.03 -> 0.97;
+  BENCHMARKS.md). ``True`` adds, for every asked
   class without one, GenEval's counting exclude clause (``count + 1``): an extra copy fails the image.
 
 Range: strict ``[-paint_penalty, 1]`` (``[0, 1]`` by default); partial ``[-0.5, 1]`` by default.
@@ -36,21 +37,12 @@ import torch
 from PIL import Image
 
 from rewards.base import Reward, RewardError
+from rewards.geneval.metadata import with_exact_counts
 from rewards.registry import register_reward
 
 from .detector import analyse, detections, painted_share
 
 STRAY_SCALE = 144.0
-
-
-def with_exact_counts(meta: dict) -> dict:
-    """``meta`` with GenEval's counting exclude clause (``count + 1``) for every asked class that has none."""
-    asked: dict[str, int] = {}
-    for q in meta.get("include", []):
-        asked[q["class"]] = asked.get(q["class"], 0) + int(q["count"])
-    excluded = {q["class"] for q in meta.get("exclude", [])}
-    extra = [{"class": c, "count": n + 1} for c, n in asked.items() if c not in excluded]
-    return {**meta, "exclude": [*meta.get("exclude", []), *extra]} if extra else meta
 
 
 def shapes_score(image: Image.Image, meta: dict, mode: str = "strict", paint_penalty: float = 0.0,

@@ -116,5 +116,16 @@ def write_prompt_metadata(folder: str | Path, entry: dict) -> None:
     tmp.replace(path)
 
 
+def with_exact_counts(meta: dict) -> dict:
+    """``meta`` with GenEval's counting exclude clause (``count + 1``) for every asked class that has none: every
+    asked class exactly as often as asked (GenEval itself excludes extra copies only in counting)."""
+    asked: dict[str, int] = {}
+    for q in meta.get("include", []):
+        asked[q["class"]] = asked.get(q["class"], 0) + int(q["count"])
+    excluded = {q["class"] for q in meta.get("exclude", [])}
+    extra = [{"class": c, "count": n + 1} for c, n in asked.items() if c not in excluded]
+    return {**meta, "exclude": [*meta.get("exclude", []), *extra]} if extra else meta
+
+
 __all__ = ["TASKS", "GenEvalInputError", "validate_metadata", "parse_metadata_line", "load_metadata",
-           "read_prompt_metadata", "write_prompt_metadata"]
+           "read_prompt_metadata", "write_prompt_metadata", "with_exact_counts"]
