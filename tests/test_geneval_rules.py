@@ -155,6 +155,31 @@ def test_position_pass_and_fail():
     assert r.reason == "expected dog right of target, found  target"
 
 
+def test_geneval_reward_exact_counts_fails_extra_copies_that_the_rules_ignore():
+    """The reward's ``exact_counts`` option: GenEval reads the top detection per class outside counting, so a
+    second dog left of the bear (or a second, wrongly coloured bus) passes its rules; with ``exact_counts`` the
+    extra copy fails, a scene with exactly the asked objects still passes, and counting keeps its own clause."""
+    from rewards.geneval.reward import GenEvalReward
+
+    bear, right, left = det("teddy bear", (0, 0, 10, 10)), det("dog", (50, 0, 60, 10)), det("dog", (-50, 0, -40, 10), 0.9)
+    green_bus, red_bus, mw = det("bus", color="green"), det("bus", (20, 0, 30, 10), 0.9, color="red"), \
+        det("microwave", (40, 0, 50, 10), color="purple")
+    clock = [det("clock", (20 * i, 0, 20 * i + 10, 10), 0.95) for i in range(3)]
+    scenes = [(dets(bear, right), POS), (dets(bear, right, left), POS), (dets(green_bus, mw), ATTR),
+              (dets(green_bus, red_bus, mw), ATTR), (dets(*clock[:2]), COUNT), (dets(*clock), COUNT)]
+    images = [Image.new("RGB", (64, 64)) for _ in scenes]
+
+    def scores(**options):
+        found = iter([d for d, _ in scenes])
+        reward = GenEvalReward(detector=lambda ims: [next(found) for _ in ims], strict=True, **options)
+        return reward.score(images, [m["prompt"] for _, m in scenes], [m for _, m in scenes]).tolist()
+
+    assert scores() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert scores(exact_counts=True) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="exact_counts"):
+        GenEvalReward(detector=lambda ims: [], exact_counts="yes")
+
+
 def test_position_without_target():
     r = evaluate(dets(det("dog", (50, 0, 60, 10))), POS)
     assert not r.correct and r.clauses == [False, False]

@@ -4,7 +4,13 @@ Options: ``detector`` (a Mask2Former folder for ``Mask2FormerDetector``, or any 
 ``images -> list[Detections]`` such as the exact shapes detector), ``strict`` (True: 1/0
 correctness; False: the clause fraction, the share of include/exclude clauses that hold),
 ``clip_model`` / ``clip_pretrained`` for the colour classifier (loaded only when a colour
-clause meets a detection without ``Detection.color``), and the official thresholds.
+clause meets a detection without ``Detection.color``), the official thresholds, and
+``exact_counts`` (default ``False``: GenEval's rules). GenEval reads one detection per class
+outside counting, so an image with extra copies of the asked objects passes two_object, colors,
+color_attr and position; on the embedded shapes model RL learned to draw such copies where
+position's rule looks (BENCHMARKS.md, "Position learns, by drawing extra copies").
+``exact_counts: true`` adds counting's exclude clause (``count + 1``) to every asked class, so
+every asked class must appear exactly as often as asked.
 Every image needs its GenEval metadata (``include``/``exclude``/``tag``).
 """
 from __future__ import annotations
@@ -16,7 +22,7 @@ from PIL import Image
 
 from ..base import Reward, RewardError
 from ..registry import register_reward
-from .metadata import TASKS, validate_metadata
+from .metadata import TASKS, validate_metadata, with_exact_counts
 from .rules import Thresholds, evaluate
 
 
@@ -30,8 +36,12 @@ class GenEvalReward(Reward):
     def __init__(self, device: str | torch.device = "cpu", batch_size: int | None = None, *,
                  detector: str | Callable[[list[Image.Image]], list[dict]] | None = None, strict: bool = True,
                  clip_model: str = "ViT-L-14", clip_pretrained: str | None = "openai",
-                 thresholds: Thresholds | dict | None = None, color_fn: Callable | None = None, **kwargs: Any):
+                 thresholds: Thresholds | dict | None = None, color_fn: Callable | None = None,
+                 exact_counts: bool = False, **kwargs: Any):
         super().__init__(device=device, batch_size=batch_size, **kwargs)
+        if not isinstance(exact_counts, bool):
+            raise ValueError(f"reward 'geneval': exact_counts must be true or false, got {exact_counts!r}")
+        self.exact_counts = exact_counts
         if detector is None:
             raise ValueError("reward 'geneval' needs option 'detector' (a Mask2Former folder or a callable)")
         if isinstance(detector, str):
@@ -77,7 +87,7 @@ class GenEvalReward(Reward):
             raise RewardError(f"geneval detector returned {len(dets)} results for {len(images)} images")
         out = []
         for image, d, m in zip(images, dets, metadata):
-            r = evaluate(d, m, image=image, color_fn=_Lazy(self), thresholds=self.thresholds)
+            r = evaluate(d, with_exact_counts(m) if self.exact_counts else m, image=image, color_fn=_Lazy(self), thresholds=self.thresholds)
             out.append(float(r.correct) if self.strict else r.clause_fraction)
         return torch.tensor(out, dtype=torch.float32)
 
