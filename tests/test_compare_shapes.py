@@ -1,9 +1,11 @@
-"""eval/compare_shapes.py: before/after figures and the per-task table of a shapes run."""
+"""eval/compare_shapes.py: before/after figures and the per-task table of a shapes run; bench/sample_census.py:
+what the images of a report show."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +77,44 @@ def test_the_reward_panel_names_the_runs_reward_and_mode(tmp_path):
     assert reward_title(tmp_path) == "training reward (shapes, partial credit)"
     (tmp_path / "config.yaml").write_text("reward: {weights: {pickscore: 1.0, ocr: 0.5}, options: {}}\n")
     assert reward_title(tmp_path) == "training reward (pickscore, ocr)"
+
+
+def test_sample_census_tells_extra_copies_binding_and_palette_apart(tmp_path):
+    """bench/sample_census.py on a hand-made report: GenEval's rules pass a position image with an extra copy
+    and a color_attr image with a third object; the census counts them as right *with extra copies*, names the
+    colour-binding failure kinds and the colour a colors image was drawn in."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sample_census import census, main
+
+    from fpo_diffusion.shapes import scenes as S
+    from fpo_diffusion.shapes.render import Obj, render
+
+    images = [  # (metadata, objects drawn, correct under GenEval's rules)
+        (S.position("cross", "left of", "frame"), [Obj("cross", "red", (3, 0)), Obj("frame", "blue", (3, 3))], True),
+        (S.position("cross", "left of", "frame"), [Obj("cross", "red", (3, 0)), Obj("frame", "blue", (3, 3)),
+                                                   Obj("cross", "green", (0, 3))], True),
+        (S.color_attr("ring", "green", "star", "red"), [Obj("ring", "green", (0, 0)), Obj("star", "red", (3, 3))], True),
+        (S.color_attr("ring", "green", "star", "red"), [Obj("ring", "red", (0, 0)), Obj("star", "green", (3, 3))], False),
+        (S.color_attr("ring", "green", "star", "red"), [Obj("ring", "red", (0, 0)), Obj("star", "red", (3, 3))], False),
+        (S.color_attr("ring", "green", "star", "red"), [Obj("ring", "green", (0, 0))], False),
+        (S.colors("heart", "orange"), [Obj("heart", "yellow", (1, 1))], False),
+        (S.counting("moon", 2), [Obj("moon", "pink", (0, 0)), Obj("moon", "pink", (2, 2))], True),
+    ]
+    (tmp_path / "images").mkdir()
+    records = []
+    for i, (meta, objs, ok) in enumerate(images):
+        render(objs).save(tmp_path / "images" / f"{i}.png")
+        records.append({"tag": meta["tag"], "metadata": meta, "correct": ok, "file": f"images/{i}.png"})
+    (tmp_path / "report.json").write_text(json.dumps({"summary": {}, "records": records}))
+    c = census(tmp_path, "run")
+    assert c["tasks"]["position"] == {"objects per image": 2.5, "extra copies of the asked classes": 0.5,
+                                      "accuracy": 1.0, "right with only the asked objects": 0.5,
+                                      "right with extra copies": 0.5, "images": 2}
+    assert c["binding"] == {"both right": 0.25, "swapped": 0.25, "one colour on both": 0.25,
+                            "an asked object missing": 0.25}
+    assert c["colors_misread"] == {"orange -> yellow": 1, "of images": 1}
+    assert c["counting_palette"] == {"pink": 1.0}
+    assert main([str(tmp_path), "--out", str(tmp_path / "c.json")]) is None
+    assert json.loads((tmp_path / "c.json").read_text())[0]["binding"] == c["binding"]
+    with pytest.raises(SystemExit):  # nothing already written is overwritten
+        main([str(tmp_path), "--out", str(tmp_path / "c.json")])
