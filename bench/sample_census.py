@@ -6,7 +6,8 @@ A reward that rises is believed only after looking at the samples. This reads th
 * objects per image (any class), and the share of images with more copies of the asked classes than asked;
 * accuracy split into right with only the asked objects and right with extra copies (GenEval's rules read one
   detection per class outside counting, so extra copies can pass them: BENCHMARKS.md, "Position learns, by
-  drawing extra copies");
+  drawing extra copies"), and the accuracy under exact counts (the rule of the rewards' ``exact_counts`` option:
+  every asked class exactly as often as asked), with its standard error over images;
 * color_attr: how the two asked objects are coloured (both right, swapped, one colour on both, another colour, an
   asked object missing);
 * colors: the colour read on the asked object when it is not the asked one (``orange -> yellow``: palette drift);
@@ -21,13 +22,16 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 from pathlib import Path
 
 import _common  # noqa: F401  (the repository root on sys.path, offline hub)
 from PIL import Image
 
 from fpo_diffusion.shapes.detector import analyse
+from fpo_diffusion.shapes.reward import shapes_score
 
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 BINDING = ("both right", "swapped", "one colour on both", "another colour", "an asked object missing")
 
 
@@ -56,7 +60,10 @@ def census(report_dir: Path, label: str | None = None) -> dict:
     n_tag: collections.Counter = collections.Counter()
     for r in records:
         tag, meta = r["tag"], r["metadata"]
-        found = [(c.shape, c.color) for c in analyse(Image.open(report_dir / r["file"])) if c.shape is not None]
+        image = Image.open(report_dir / r["file"])
+        found = [(c.shape, c.color) for c in analyse(image) if c.shape is not None]
+        if shapes_score(image, meta)[0] != float(bool(r["correct"])):  # the report's own rules, re-applied
+            raise SystemExit(f"{report_dir}: {r['file']} scores differently from its report; not a shapes report?")
         asked = {q["class"] for q in meta["include"]}
         want = sum(int(q["count"]) for q in meta["include"])
         extra = sum(1 for cls, _ in found if cls in asked) > want
@@ -67,6 +74,7 @@ def census(report_dir: Path, label: str | None = None) -> dict:
         s["accuracy"] += bool(r["correct"])
         s["right with only the asked objects"] += bool(r["correct"]) and not extra
         s["right with extra copies"] += bool(r["correct"]) and extra
+        s["accuracy, exact counts"] += shapes_score(image, meta, exact_counts=True)[0]
         if tag == "color_attr" and len(meta["include"]) == 2:
             binding[_binding(meta, found)] += 1
         elif tag == "colors":
@@ -80,8 +88,17 @@ def census(report_dir: Path, label: str | None = None) -> dict:
     def shares(c: collections.Counter, n: int) -> dict[str, float]:
         return {k: round(v / n, 3) for k, v in c.most_common()} if n else {}
 
-    return {"report": str(report_dir), "label": label or report_dir.name,
-            "tasks": {t: {k: round(v / n_tag[t], 3) for k, v in s.items()} | {"images": n_tag[t]} for t, s in per.items()},
+    tasks = {t: {k: round(v / n_tag[t], 3) for k, v in s.items()} | {"images": n_tag[t]} for t, s in per.items()}
+    for t, s in tasks.items():
+        p = s["accuracy, exact counts"]
+        s["accuracy, exact counts: SE"] = round(math.sqrt(p * (1 - p) / s["images"]), 3)
+    if set(tasks) == set(TASKS):  # GenEval's overall: the mean of the six task accuracies
+        exact = [tasks[t]["accuracy, exact counts"] for t in TASKS]
+        se = [tasks[t]["accuracy, exact counts: SE"] for t in TASKS]
+        tasks["overall"] = {"accuracy": round(sum(tasks[t]["accuracy"] for t in TASKS) / len(TASKS), 3),
+                            "accuracy, exact counts": round(sum(exact) / len(TASKS), 3),
+                            "accuracy, exact counts: SE": round(math.sqrt(sum(x * x for x in se)) / len(TASKS), 3)}
+    return {"report": str(report_dir), "label": label or report_dir.name, "tasks": tasks,
             "binding": shares(binding, sum(binding.values())),
             "colors_misread": {k: v for k, v in misread.most_common()} | {"of images": n_tag["colors"]},
             "counting_palette": shares(palette, sum(palette.values()))}

@@ -94,6 +94,8 @@ def test_sample_census_tells_extra_copies_binding_and_palette_apart(tmp_path):
         (S.position("cross", "left of", "frame"), [Obj("cross", "red", (3, 0)), Obj("frame", "blue", (3, 3)),
                                                    Obj("cross", "green", (0, 3))], True),
         (S.color_attr("ring", "green", "star", "red"), [Obj("ring", "green", (0, 0)), Obj("star", "red", (3, 3))], True),
+        (S.color_attr("ring", "green", "star", "red"), [Obj("ring", "green", (0, 0)), Obj("star", "red", (3, 3)),
+                                                        Obj("star", "red", (0, 3))], True),
         (S.color_attr("ring", "green", "star", "red"), [Obj("ring", "red", (0, 0)), Obj("star", "green", (3, 3))], False),
         (S.color_attr("ring", "green", "star", "red"), [Obj("ring", "red", (0, 0)), Obj("star", "red", (3, 3))], False),
         (S.color_attr("ring", "green", "star", "red"), [Obj("ring", "green", (0, 0))], False),
@@ -109,9 +111,13 @@ def test_sample_census_tells_extra_copies_binding_and_palette_apart(tmp_path):
     c = census(tmp_path, "run")
     assert c["tasks"]["position"] == {"objects per image": 2.5, "extra copies of the asked classes": 0.5,
                                       "accuracy": 1.0, "right with only the asked objects": 0.5,
-                                      "right with extra copies": 0.5, "images": 2}
-    assert c["binding"] == {"both right": 0.25, "swapped": 0.25, "one colour on both": 0.25,
-                            "an asked object missing": 0.25}
+                                      "right with extra copies": 0.5, "accuracy, exact counts": 0.5,
+                                      "accuracy, exact counts: SE": 0.354, "images": 2}
+    assert c["tasks"]["color_attr"]["accuracy"] == 0.4 and c["tasks"]["color_attr"]["accuracy, exact counts"] == 0.2
+    assert c["tasks"]["counting"]["accuracy, exact counts"] == 1.0  # counting already excludes count + 1
+    assert "overall" not in c["tasks"]  # GenEval's overall needs all six tasks
+    assert c["binding"] == {"both right": 0.4, "swapped": 0.2, "one colour on both": 0.2,
+                            "an asked object missing": 0.2}
     assert c["colors_misread"] == {"orange -> yellow": 1, "of images": 1}
     assert c["counting_palette"] == {"pink": 1.0}
     assert main([str(tmp_path), "--out", str(tmp_path / "c.json")]) is None
