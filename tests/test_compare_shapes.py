@@ -124,3 +124,7 @@ def test_sample_census_tells_extra_copies_binding_and_palette_apart(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())[0]["binding"] == c["binding"]
     with pytest.raises(SystemExit):  # nothing already written is overwritten
         main([str(tmp_path), "--out", str(tmp_path / "c.json")])
+    records[0]["correct"] = False  # a report that does not match its images (not scored by these rules): refused
+    (tmp_path / "report.json").write_text(json.dumps({"summary": {}, "records": records}))
+    with pytest.raises(SystemExit, match="scores differently from its report"):
+        census(tmp_path)
