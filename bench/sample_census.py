@@ -28,8 +28,9 @@ from pathlib import Path
 import _common  # noqa: F401  (the repository root on sys.path, offline hub)
 from PIL import Image
 
-from fpo_diffusion.shapes.detector import analyse
-from fpo_diffusion.shapes.reward import shapes_score
+from fpo_diffusion.shapes.detector import analyse, detections
+from rewards.geneval.metadata import with_exact_counts
+from rewards.geneval.rules import evaluate
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 BINDING = ("both right", "swapped", "one colour on both", "another colour", "an asked object missing")
@@ -61,8 +62,10 @@ def census(report_dir: Path, label: str | None = None) -> dict:
     for r in records:
         tag, meta = r["tag"], r["metadata"]
         image = Image.open(report_dir / r["file"])
-        found = [(c.shape, c.color) for c in analyse(image) if c.shape is not None]
-        if shapes_score(image, meta)[0] != float(bool(r["correct"])):  # the report's own rules, re-applied
+        comps = analyse(image)  # once per image: the rules below and the census read the same components
+        dets = detections(comps)
+        found = [(c.shape, c.color) for c in comps if c.shape is not None]
+        if evaluate(dets, meta, image=image).correct != bool(r["correct"]):  # the report's own rules, re-applied
             raise SystemExit(f"{report_dir}: {r['file']} scores differently from its report; not a shapes report?")
         asked = {q["class"] for q in meta["include"]}
         want = sum(int(q["count"]) for q in meta["include"])
@@ -74,7 +77,7 @@ def census(report_dir: Path, label: str | None = None) -> dict:
         s["accuracy"] += bool(r["correct"])
         s["right with only the asked objects"] += bool(r["correct"]) and not extra
         s["right with extra copies"] += bool(r["correct"]) and extra
-        s["accuracy, exact counts"] += shapes_score(image, meta, exact_counts=True)[0]
+        s["accuracy, exact counts"] += evaluate(dets, with_exact_counts(meta), image=image).correct
         if tag == "color_attr" and len(meta["include"]) == 2:
             binding[_binding(meta, found)] += 1
         elif tag == "colors":

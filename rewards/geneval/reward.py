@@ -87,7 +87,8 @@ class GenEvalReward(Reward):
             raise RewardError(f"geneval detector returned {len(dets)} results for {len(images)} images")
         out = []
         for image, d, m in zip(images, dets, metadata):
-            r = evaluate(d, with_exact_counts(m) if self.exact_counts else m, image=image, color_fn=_Lazy(self), thresholds=self.thresholds)
+            meta = with_exact_counts(m) if self.exact_counts else m
+            r = evaluate(d, meta, image=image, color_fn=_Lazy(self), thresholds=self.thresholds)
             out.append(float(r.correct) if self.strict else r.clause_fraction)
         return torch.tensor(out, dtype=torch.float32)
 
