@@ -205,7 +205,12 @@ class FPOConfig(FPOSurrogate):
     fm_anchor_beta: float = 0.0
     """Weight of a flow-matching loss on samples drawn from the base model at the start (finite, >= 0; 0: off)."""
     fm_anchor_samples: int = 16
-    """Number of base-model samples (per rank) kept for the flow-matching anchor (>= 1)."""
+    """Number of base-model samples (per rank) drawn for the flow-matching anchor (>= 1; past one iteration's
+    share they come from the ``reference`` stream's next iterations' plans, so from more prompts)."""
+    fm_anchor_min_reward: float | None = None
+    """Keep for the anchor only the base-model samples whose reward (the run's ``reward``) is at least this
+    (finite; ``null``: keep all). With the strict shapes or GenEval reward, ``1.0`` anchors the policy to what
+    the base model already draws right (its colours, its correct counts) and not to its mistakes."""
 
     def __post_init__(self):
         _require("fpo.n_mc", self.n_mc, 1)
@@ -215,6 +220,9 @@ class FPOConfig(FPOSurrogate):
             _require(f"fpo.{name}", getattr(self, name), 0, math.inf, hi_open=True,
                      why="a negative weight pushes the policy away from what it anchors to")
         _require("fpo.fm_anchor_samples", self.fm_anchor_samples, 1)
+        if self.fm_anchor_min_reward is not None:
+            _require("fpo.fm_anchor_min_reward", self.fm_anchor_min_reward, -math.inf, math.inf, lo_open=True,
+                     hi_open=True)
         if isinstance(self.beta, str):
             if self.beta != "auto":
                 raise ConfigError(f"fpo.beta must be a finite number > 0 or auto, got {self.beta!r}")

@@ -7,6 +7,7 @@ ranks or batched.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
@@ -42,13 +43,14 @@ class Rollout:
 
 @dataclass
 class ReferenceSamples:
-    """Samples of the frozen base model (no rewards)."""
+    """Samples of the frozen base model (scored only when a threshold keeps the good ones)."""
 
     global_idx: torch.Tensor  # [n]
     prompt_idx: torch.Tensor  # [n]
     cond: Cond  # [n, ...]
     x0: torch.Tensor  # [n, *L]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    rewards: torch.Tensor | None = None  # [n] the run's reward on each, where they were scored
 
 
 class PromptConditions:
@@ -142,21 +144,53 @@ class RolloutDriver:
                        image_index=sorted(grid_pick), foreground_share=torch.tensor(fg, dtype=torch.float64))
 
     @torch.no_grad()
-    def reference_samples(self, n_samples: int | None = None, model: torch.nn.Module | None = None
-                          ) -> ReferenceSamples:
-        """Up to ``n_samples`` of this rank's samples of the frozen base model (adapter disabled) through
-        the stock pipeline, from the ``reference`` stream (iteration 0's plan of that seed). ``model``: the
-        prepared denoiser (an FSDP wrapper must run the forward; ``None``: the policy's own module)."""
-        global_idx, prompt_idx, items, cond = self._share(0, "reference", n_samples)
-        x0s = []
-        with self.policy.reference():
-            for chunk in self._batches(len(items), 0):
-                gens = [self.seeds.generator("reference", 0, int(g)) for g in global_idx[chunk]]
-                with self.autocast():
-                    x0 = self.stock_sample(cond_index(cond, chunk), gens, self.negative_batch(len(gens)), model=model)
-                faults.hit("rollout")
-                x0s.append(x0.float())
-        return ReferenceSamples(global_idx, prompt_idx, cond, torch.cat(x0s))
+    def reference_samples(self, n_samples: int | None = None, model: torch.nn.Module | None = None, *,
+                          reward=None, min_reward: float | None = None) -> ReferenceSamples:
+        """``n_samples`` of this rank's samples of the frozen base model (adapter disabled) through the stock
+        pipeline, from the ``reference`` stream: iteration 0's plan of that seed, then iteration 1's and on as
+        far as ``n_samples`` needs (``None``: iteration 0's share). ``model``: the prepared denoiser (an FSDP
+        wrapper must run the forward; ``None``: the policy's own module).
+
+        With ``min_reward`` the samples are scored by ``reward`` (a ``MultiReward``, the run's) and only those
+        scoring at least ``min_reward`` are kept (their rewards in ``rewards``): an anchor on what the base
+        model already does right. Raises ``ValueError`` when none is kept."""
+        if min_reward is not None and reward is None:
+            raise ValueError("reference_samples: min_reward needs the reward to score the samples with")
+        parts, left, it = [], n_samples, 0
+        while left is None or left > 0:
+            global_idx, prompt_idx, items, cond = self._share(it, "reference", left)
+            offset = it * self.cfg.train.prompts_per_iteration * self.cfg.train.group_size
+            x0s, futures = [], []
+            with self.policy.reference():
+                for chunk in self._batches(len(items), it):
+                    gens = [self.seeds.generator("reference", it, int(g)) for g in global_idx[chunk]]
+                    with self.autocast():
+                        x0 = self.stock_sample(cond_index(cond, chunk), gens, self.negative_batch(len(gens)),
+                                               model=model)
+                    faults.hit("rollout")
+                    x0s.append(x0.float())
+                    if min_reward is not None:
+                        ch = items[chunk]
+                        futures.append(reward.submit(to_pil(self.policy.decode(x0.float())), [i.prompt for i in ch],
+                                                     [i.metadata for i in ch]))
+            rewards = torch.cat([f.result()[0] for f in futures]) if futures else None
+            parts.append(ReferenceSamples(global_idx + offset, prompt_idx, cond, torch.cat(x0s), rewards=rewards))
+            left = None if left is None else left - len(global_idx)
+            if left is None:
+                break
+            it += 1
+        out = ReferenceSamples(torch.cat([p.global_idx for p in parts]), torch.cat([p.prompt_idx for p in parts]),
+                               cond_cat([p.cond for p in parts]), torch.cat([p.x0 for p in parts]),
+                               rewards=None if min_reward is None else torch.cat([p.rewards for p in parts]))
+        if min_reward is None:
+            return out
+        keep = torch.nonzero(torch.isfinite(out.rewards) & (out.rewards >= min_reward)).flatten()
+        if len(keep) == 0:
+            raise ValueError(f"none of the {len(out.x0)} base-model samples scores at least {min_reward} "
+                             f"(best {float(out.rewards.nan_to_num(-math.inf).max()):.4g}): lower the threshold "
+                             f"or draw more samples")
+        return ReferenceSamples(out.global_idx[keep], out.prompt_idx[keep], cond_index(out.cond, keep.to(self.device)),
+                                out.x0[keep], rewards=out.rewards[keep])
 
     @torch.no_grad()
     def images(self, prompts: list[str], seed: int, model: torch.nn.Module | None = None, first: int = 0) -> list:

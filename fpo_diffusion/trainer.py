@@ -167,7 +167,8 @@ class Trainer:
             **AlgorithmContext.settings_of(cfg), policy=self.policy, model=self.model, device=acc.device,
             autocast=acc.autocast, latent_shape=self.latent_shape, negative_cond=self.rollout_driver.negative_cond,
             seeds=SeedStreams(t.seed), stock_sample=self.rollout_driver.stock_sample,
-            reference_samples=functools.partial(self.rollout_driver.reference_samples, model=self.model),
+            reference_samples=functools.partial(self.rollout_driver.reference_samples, model=self.model,
+                                                reward=self.reward),
             rank_mean=lambda x: acc.reduce(x, reduction="mean")))
         if self.algorithm.state_dict():  # e.g. fpo.beta: auto, DiffusionNFT's old policy: in every checkpoint
             acc.register_for_checkpointing(self.algorithm)

@@ -32,9 +32,10 @@ StockSampler = Callable[..., torch.Tensor]
 ``sampling`` settings (``model``: the denoiser to run; ``None``: the policy's own, e.g. inside
 ``policy.reference()``)."""
 
-ReferenceSampler = Callable[[int], Samples]
-"""``(n) -> samples``: up to ``n`` samples of this rank from the frozen base model (adapter
-disabled), drawn from the ``reference`` seed stream, fixed for the whole run."""
+ReferenceSampler = Callable[..., Samples]
+"""``(n, *, min_reward=None) -> samples``: ``n`` samples of this rank from the frozen base model (adapter
+disabled), drawn from the ``reference`` seed stream, fixed for the whole run; with ``min_reward`` only those
+the run's reward scores at least that high."""
 
 RankMean = Callable[[torch.Tensor], torch.Tensor]
 """``(tensor) -> tensor``: the mean over the ranks (every rank calls it, every rank gets the same value)."""

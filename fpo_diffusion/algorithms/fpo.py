@@ -39,7 +39,11 @@ class FPO(Algorithm):
             # Samples of the frozen base model (adapter disabled), fixed for the whole run.
             if self.ctx.reference_samples is None:
                 raise ValueError("fpo.fm_anchor_beta > 0 needs a reference sampler in the algorithm context")
-            self.anchor = self.ctx.reference_samples(self.acfg.fm_anchor_samples)
+            f = self.acfg
+            if f.fm_anchor_min_reward is None:
+                self.anchor = self.ctx.reference_samples(f.fm_anchor_samples)
+            else:  # only what the base model already does right
+                self.anchor = self.ctx.reference_samples(f.fm_anchor_samples, min_reward=f.fm_anchor_min_reward)
 
     def cfm(self, x0, cond, t, eps, *, return_pred=False):
         with self.ctx.autocast():
@@ -95,6 +99,7 @@ class FPO(Algorithm):
             anc = self._anchor_loss(iteration, epoch, step, len(idx))
             loss = loss + f.fm_anchor_beta * anc
             stats["fm_anchor_loss"] = anc.detach()
+            stats["fm_anchor_samples"] = torch.tensor(float(len(self.anchor.x0)))
         return loss, stats
 
     def end_iteration(self, iteration, metrics):
