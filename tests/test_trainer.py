@@ -267,3 +267,31 @@ def test_sample_images_uses_fixed_noise_per_position(tmp_path):
     assert (px[0] != px[2]).any()  # same prompt, other position: another noise draw
     assert all((x == np.asarray(y, dtype=np.int16)).all() for x, y in zip(px, a.sample_images(prompts, seed=3)))
     assert any((x != np.asarray(y, dtype=np.int16)).any() for x, y in zip(px, a.sample_images(prompts, seed=4)))
+
+
+def test_reference_samples_past_one_plan_and_kept_by_reward(tmp_path):
+    """The anchor's base samples: past one iteration's share they come from the ``reference`` stream's next
+    plans (the first share unchanged); with ``fm_anchor_min_reward`` only those the run's reward scores at
+    least that high are kept, exactly the same latents as unfiltered; none kept is one clear error."""
+    import math
+
+    tr = _trainer(tmp_path / "run", "sd3", **{"fpo.fm_anchor_beta": 0.1, "fpo.fm_anchor_samples": 10})
+    drv = tr.rollout_driver
+    first = drv.reference_samples(None)  # iteration 0's share: 3 prompts x 2
+    more = drv.reference_samples(10, reward=tr.reward, min_reward=-math.inf)
+    assert len(first.x0) == 6 and len(more.x0) == 10 and more.rewards.shape == (10,)
+    assert torch.equal(more.x0[:6], first.x0) and torch.equal(more.global_idx[:6], first.global_idx)
+    assert len(set(more.global_idx.tolist())) == 10 and not torch.equal(more.x0[6:8], first.x0[:2])
+    thr = float(more.rewards.median())
+    kept = drv.reference_samples(10, reward=tr.reward, min_reward=thr)
+    mask = more.rewards >= thr
+    assert 0 < int(mask.sum()) < 10 and bool((kept.rewards >= thr).all())
+    assert torch.equal(kept.x0, more.x0[mask]) and torch.equal(kept.global_idx, more.global_idx[mask])
+    assert torch.equal(kept.cond["prompt_embeds"], more.cond["prompt_embeds"][mask])
+    with pytest.raises(ValueError, match="none of the 10 base-model samples scores at least"):
+        drv.reference_samples(10, reward=tr.reward, min_reward=float(more.rewards.max()) + 1)
+    # through the config: the algorithm's anchor holds only the kept samples
+    tr2 = _trainer(tmp_path / "run2", "sd3", **{"fpo.fm_anchor_beta": 0.1, "fpo.fm_anchor_samples": 10,
+                                                "fpo.fm_anchor_min_reward": thr})
+    tr2.algorithm.setup()
+    assert torch.equal(tr2.algorithm.anchor.x0, kept.x0)
