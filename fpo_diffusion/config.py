@@ -211,6 +211,11 @@ class FPOConfig(FPOSurrogate):
     """Keep for the anchor only the base-model samples whose reward (the run's ``reward``) is at least this
     (finite; ``null``: keep all). With the strict shapes or GenEval reward, ``1.0`` anchors the policy to what
     the base model already draws right (its colours, its correct counts) and not to its mistakes."""
+    fm_anchor_guidance_scale: float | None = None
+    """CFG scale the anchor's base samples are drawn with (finite, >= 0; ``null``: ``sampling.guidance_scale``).
+    The anchor fits the conditional prediction to them, so samples drawn with guidance pull the conditional model
+    toward the guided distribution, which guidance then amplifies again; ``1.0`` anchors it to its own
+    unguided distribution."""
 
     def __post_init__(self):
         _require("fpo.n_mc", self.n_mc, 1)
@@ -220,6 +225,8 @@ class FPOConfig(FPOSurrogate):
             _require(f"fpo.{name}", getattr(self, name), 0, math.inf, hi_open=True,
                      why="a negative weight pushes the policy away from what it anchors to")
         _require("fpo.fm_anchor_samples", self.fm_anchor_samples, 1)
+        if self.fm_anchor_guidance_scale is not None:
+            _require("fpo.fm_anchor_guidance_scale", self.fm_anchor_guidance_scale, 0, math.inf, hi_open=True)
         if self.fm_anchor_min_reward is not None:
             _require("fpo.fm_anchor_min_reward", self.fm_anchor_min_reward, -math.inf, math.inf, lo_open=True,
                      hi_open=True)

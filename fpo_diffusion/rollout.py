@@ -7,6 +7,7 @@ ranks or batched.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -145,7 +146,8 @@ class RolloutDriver:
 
     @torch.no_grad()
     def reference_samples(self, n_samples: int | None = None, model: torch.nn.Module | None = None, *,
-                          reward=None, min_reward: float | None = None) -> ReferenceSamples:
+                          reward=None, min_reward: float | None = None,
+                          guidance_scale: float | None = None) -> ReferenceSamples:
         """``n_samples`` of this rank's samples of the frozen base model (adapter disabled) through the stock
         pipeline, from the ``reference`` stream: iteration 0's plan of that seed, then iteration 1's and on as
         far as ``n_samples`` needs (``None``: iteration 0's share). ``model``: the prepared denoiser (an FSDP
@@ -153,9 +155,16 @@ class RolloutDriver:
 
         With ``min_reward`` the samples are scored by ``reward`` (a ``MultiReward``, the run's) and only those
         scoring at least ``min_reward`` are kept (their rewards in ``rewards``): an anchor on what the base
-        model already does right. Raises ``ValueError`` when none is kept."""
+        model already does right. Raises ``ValueError`` when none is kept. ``guidance_scale``: the CFG scale
+        to draw them with (``None``: the run's ``sampling.guidance_scale``)."""
         if min_reward is not None and reward is None:
             raise ValueError("reference_samples: min_reward needs the reward to score the samples with")
+        stock_sample, negative = self.stock_sample, self.negative_batch
+        if guidance_scale is not None:
+            s = dataclasses.replace(self.cfg.sampling, guidance_scale=guidance_scale)
+            stock_sample = stock_sampler(self.policy, s)
+            neg = self.conditions([s.negative_prompt]) if guidance_scale > 1 else None
+            negative = lambda n: None if neg is None else {k: v.expand(n, *v.shape[1:]) for k, v in neg.items()}
         parts, left, it = [], n_samples, 0
         while left is None or left > 0:
             global_idx, prompt_idx, items, cond = self._share(it, "reference", left)
@@ -165,8 +174,7 @@ class RolloutDriver:
                 for chunk in self._batches(len(items), it):
                     gens = [self.seeds.generator("reference", it, int(g)) for g in global_idx[chunk]]
                     with self.autocast():
-                        x0 = self.stock_sample(cond_index(cond, chunk), gens, self.negative_batch(len(gens)),
-                                               model=model)
+                        x0 = stock_sample(cond_index(cond, chunk), gens, negative(len(gens)), model=model)
                     faults.hit("rollout")
                     x0s.append(x0.float())
                     if min_reward is not None:

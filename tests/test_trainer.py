@@ -290,8 +290,15 @@ def test_reference_samples_past_one_plan_and_kept_by_reward(tmp_path):
     assert torch.equal(kept.cond["prompt_embeds"], more.cond["prompt_embeds"][mask])
     with pytest.raises(ValueError, match="none of the 10 base-model samples scores at least"):
         drv.reference_samples(10, reward=tr.reward, min_reward=float(more.rewards.max()) + 1)
+    # the CFG scale they are drawn at: the run's by default, another on request
+    gs = tr.cfg.sampling.guidance_scale
+    assert gs > 1 and torch.equal(drv.reference_samples(None, guidance_scale=gs).x0, first.x0)
+    assert not torch.allclose(drv.reference_samples(None, guidance_scale=1.0).x0, first.x0)
     # through the config: the algorithm's anchor holds only the kept samples
     tr2 = _trainer(tmp_path / "run2", "sd3", **{"fpo.fm_anchor_beta": 0.1, "fpo.fm_anchor_samples": 10,
                                                 "fpo.fm_anchor_min_reward": thr})
     tr2.algorithm.setup()
     assert torch.equal(tr2.algorithm.anchor.x0, kept.x0)
+    tr3 = _trainer(tmp_path / "run3", "sd3", **{"fpo.fm_anchor_beta": 0.1, "fpo.fm_anchor_samples": 10,
+                                                "fpo.fm_anchor_guidance_scale": 1.0})
+    assert torch.equal(tr3.algorithm.anchor.x0, drv.reference_samples(10, guidance_scale=1.0).x0)

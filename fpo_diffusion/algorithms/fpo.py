@@ -39,11 +39,12 @@ class FPO(Algorithm):
             # Samples of the frozen base model (adapter disabled), fixed for the whole run.
             if self.ctx.reference_samples is None:
                 raise ValueError("fpo.fm_anchor_beta > 0 needs a reference sampler in the algorithm context")
-            f = self.acfg
-            if f.fm_anchor_min_reward is None:
-                self.anchor = self.ctx.reference_samples(f.fm_anchor_samples)
-            else:  # only what the base model already does right
-                self.anchor = self.ctx.reference_samples(f.fm_anchor_samples, min_reward=f.fm_anchor_min_reward)
+            f, kw = self.acfg, {}
+            if f.fm_anchor_min_reward is not None:  # only what the base model already does right
+                kw["min_reward"] = f.fm_anchor_min_reward
+            if f.fm_anchor_guidance_scale is not None:
+                kw["guidance_scale"] = f.fm_anchor_guidance_scale
+            self.anchor = self.ctx.reference_samples(f.fm_anchor_samples, **kw)
 
     def cfm(self, x0, cond, t, eps, *, return_pred=False):
         with self.ctx.autocast():
