@@ -73,6 +73,11 @@ SampleFn = Callable[[Cond, list[torch.Generator], "Cond | None", int], tuple[tor
 """``(cond, generators, negative_cond, iteration) -> (x0, extras)``: an algorithm's ``sample``."""
 
 
+def _repeat_rows(cond: Cond | None, n: int) -> Cond | None:
+    """A one-row condition repeated for ``n`` rows (``None`` stays ``None``)."""
+    return None if cond is None else {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
 class RolloutDriver:
     """A rank's rollouts of a run: which samples it draws, their conditions, the sampling itself."""
 
@@ -88,9 +93,7 @@ class RolloutDriver:
 
     def negative_batch(self, n: int) -> Cond | None:
         """The negative-prompt condition repeated for ``n`` rows (``None`` without CFG)."""
-        if self.negative_cond is None:
-            return None
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self.negative_cond.items()}
+        return _repeat_rows(self.negative_cond, n)
 
     def _share(self, iteration: int, stream: str, n_samples: int | None = None):
         """This rank's ``(global_idx, prompt_idx, items, cond)`` of the plan seeded by ``stream``."""
@@ -151,42 +154,25 @@ class RolloutDriver:
         """``n_samples`` of this rank's samples of the frozen base model (adapter disabled) through the stock
         pipeline, from the ``reference`` stream: iteration 0's plan of that seed, then iteration 1's and on as
         far as ``n_samples`` needs (``None``: iteration 0's share). ``model``: the prepared denoiser (an FSDP
-        wrapper must run the forward; ``None``: the policy's own module).
+        wrapper must run the forward; ``None``: the policy's own module). ``guidance_scale``: the CFG scale to
+        draw them with (``None``: the run's ``sampling.guidance_scale``).
 
         With ``min_reward`` the samples are scored by ``reward`` (a ``MultiReward``, the run's) and only those
         scoring at least ``min_reward`` are kept (their rewards in ``rewards``): an anchor on what the base
-        model already does right. Raises ``ValueError`` when none is kept. ``guidance_scale``: the CFG scale
-        to draw them with (``None``: the run's ``sampling.guidance_scale``)."""
+        model already does right. Raises ``ValueError`` when none is kept."""
         if min_reward is not None and reward is None:
             raise ValueError("reference_samples: min_reward needs the reward to score the samples with")
-        stock_sample, negative = self.stock_sample, self.negative_batch
-        if guidance_scale is not None:
+        sample, negative_cond = self.stock_sample, self.negative_cond
+        if guidance_scale is not None:  # its own sampler and negative condition (none without CFG)
             s = dataclasses.replace(self.cfg.sampling, guidance_scale=guidance_scale)
-            stock_sample = stock_sampler(self.policy, s)
-            neg = self.conditions([s.negative_prompt]) if guidance_scale > 1 else None
-            negative = lambda n: None if neg is None else {k: v.expand(n, *v.shape[1:]) for k, v in neg.items()}
-        parts, left, it = [], n_samples, 0
-        while left is None or left > 0:
-            global_idx, prompt_idx, items, cond = self._share(it, "reference", left)
-            offset = it * self.cfg.train.prompts_per_iteration * self.cfg.train.group_size
-            x0s, futures = [], []
-            with self.policy.reference():
-                for chunk in self._batches(len(items), it):
-                    gens = [self.seeds.generator("reference", it, int(g)) for g in global_idx[chunk]]
-                    with self.autocast():
-                        x0 = stock_sample(cond_index(cond, chunk), gens, negative(len(gens)), model=model)
-                    faults.hit("rollout")
-                    x0s.append(x0.float())
-                    if min_reward is not None:
-                        ch = items[chunk]
-                        futures.append(reward.submit(to_pil(self.policy.decode(x0.float())), [i.prompt for i in ch],
-                                                     [i.metadata for i in ch]))
-            rewards = torch.cat([f.result()[0] for f in futures]) if futures else None
-            parts.append(ReferenceSamples(global_idx + offset, prompt_idx, cond, torch.cat(x0s), rewards=rewards))
-            left = None if left is None else left - len(global_idx)
-            if left is None:
-                break
-            it += 1
+            sample = stock_sampler(self.policy, s)
+            negative_cond = self.conditions([s.negative_prompt]) if guidance_scale > 1 else None
+        parts, drawn, it = [], 0, 0
+        while not parts or (n_samples is not None and drawn < n_samples):
+            left = None if n_samples is None else n_samples - drawn
+            parts.append(self._reference_share(it, left, sample, negative_cond, model,
+                                               reward if min_reward is not None else None))
+            drawn, it = drawn + len(parts[-1].x0), it + 1
         out = ReferenceSamples(torch.cat([p.global_idx for p in parts]), torch.cat([p.prompt_idx for p in parts]),
                                cond_cat([p.cond for p in parts]), torch.cat([p.x0 for p in parts]),
                                rewards=None if min_reward is None else torch.cat([p.rewards for p in parts]))
@@ -199,6 +185,27 @@ class RolloutDriver:
                              f"or draw more samples")
         return ReferenceSamples(out.global_idx[keep], out.prompt_idx[keep], cond_index(out.cond, keep.to(self.device)),
                                 out.x0[keep], rewards=out.rewards[keep])
+
+    def _reference_share(self, iteration: int, n_samples: int | None, sample, negative_cond: Cond | None,
+                         model: torch.nn.Module | None, reward) -> ReferenceSamples:
+        """Up to ``n_samples`` of this rank's share of the ``reference`` stream's plan of ``iteration`` (global
+        indices offset past the earlier iterations' plans), scored by ``reward`` unless it is ``None``."""
+        global_idx, prompt_idx, items, cond = self._share(iteration, "reference", n_samples)
+        x0s, futures = [], []
+        with self.policy.reference():
+            for chunk in self._batches(len(items), iteration):
+                gens = [self.seeds.generator("reference", iteration, int(g)) for g in global_idx[chunk]]
+                with self.autocast():
+                    x0 = sample(cond_index(cond, chunk), gens, _repeat_rows(negative_cond, len(gens)),
+                                model=model).float()
+                faults.hit("rollout")
+                x0s.append(x0)
+                if reward is not None:
+                    futures.append(reward.submit(to_pil(self.policy.decode(x0)), [i.prompt for i in items[chunk]],
+                                                 [i.metadata for i in items[chunk]]))
+        plan = self.cfg.train.prompts_per_iteration * self.cfg.train.group_size
+        return ReferenceSamples(global_idx + iteration * plan, prompt_idx, cond, torch.cat(x0s),
+                                rewards=torch.cat([f.result()[0] for f in futures]) if reward is not None else None)
 
     @torch.no_grad()
     def images(self, prompts: list[str], seed: int, model: torch.nn.Module | None = None, first: int = 0) -> list:
