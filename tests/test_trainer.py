@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from fpo_diffusion.advantages import group_advantages
+from fpo_diffusion.config import ConfigError
 from fpo_diffusion.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,6 +300,9 @@ def test_reference_samples_past_one_plan_and_kept_by_reward(tmp_path):
                                                 "fpo.fm_anchor_min_reward": thr})
     tr2.algorithm.setup()
     assert torch.equal(tr2.algorithm.anchor.x0, kept.x0)
+    with pytest.raises(ConfigError, match=r"^fpo.fm_anchor_min_reward=.*: none of the 10 base-model samples"):
+        _trainer(tmp_path / "run4", "sd3", **{"fpo.fm_anchor_beta": 0.1, "fpo.fm_anchor_samples": 10,
+                                              "fpo.fm_anchor_min_reward": float(more.rewards.max()) + 1})
     tr3 = _trainer(tmp_path / "run3", "sd3", **{"fpo.fm_anchor_beta": 0.1, "fpo.fm_anchor_samples": 10,
                                                 "fpo.fm_anchor_guidance_scale": 1.0})
     assert torch.equal(tr3.algorithm.anchor.x0, drv.reference_samples(10, guidance_scale=1.0).x0)

@@ -16,6 +16,7 @@ import math
 import torch
 
 from ..beta_control import BetaState, update_beta
+from ..config import ConfigError
 from ..fpo import fpo_loss, kl_penalty
 from ..policies.base import batch_slices, cond_index
 from .base import Algorithm
@@ -44,7 +45,10 @@ class FPO(Algorithm):
                 kw["min_reward"] = f.fm_anchor_min_reward
             if f.fm_anchor_guidance_scale is not None:
                 kw["guidance_scale"] = f.fm_anchor_guidance_scale
-            self.anchor = self.ctx.reference_samples(f.fm_anchor_samples, **kw)
+            try:
+                self.anchor = self.ctx.reference_samples(f.fm_anchor_samples, **kw)
+            except ValueError as e:  # e.g. no base sample meets fm_anchor_min_reward: the user's setting
+                raise ConfigError(f"fpo.fm_anchor_min_reward={f.fm_anchor_min_reward}: {e}") from None
 
     def cfm(self, x0, cond, t, eps, *, return_pred=False):
         with self.ctx.autocast():
