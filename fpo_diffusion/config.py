@@ -211,6 +211,9 @@ class FPOConfig(FPOSurrogate):
     """Keep for the anchor only the base-model samples whose reward (the run's ``reward``) is at least this
     (finite; ``null``: keep all). With the strict shapes or GenEval reward, ``1.0`` anchors the policy to what
     the base model already draws right (its colours, its correct counts) and not to its mistakes."""
+    fm_anchor_tags: list[str] | None = None
+    """Keep for the anchor only the base-model samples of prompts whose metadata ``tag`` is one of these (e.g.
+    ``[colors, color_attr]``: an anchor on the colour tasks alone; ``null``: every prompt's)."""
     fm_anchor_guidance_scale: float | None = None
     """CFG scale the anchor's base samples are drawn with (finite, >= 0; ``null``: ``sampling.guidance_scale``).
     The anchor fits the conditional prediction to them, so samples drawn with guidance pull the conditional model
@@ -225,6 +228,7 @@ class FPOConfig(FPOSurrogate):
             _require(f"fpo.{name}", getattr(self, name), 0, math.inf, hi_open=True,
                      why="a negative weight pushes the policy away from what it anchors to")
         _require("fpo.fm_anchor_samples", self.fm_anchor_samples, 1)
+        _check_tags("fpo.fm_anchor_tags", self.fm_anchor_tags)
         if self.fm_anchor_guidance_scale is not None:
             _require("fpo.fm_anchor_guidance_scale", self.fm_anchor_guidance_scale, 0, math.inf, hi_open=True)
         if self.fm_anchor_min_reward is not None:

@@ -149,7 +149,7 @@ class RolloutDriver:
 
     @torch.no_grad()
     def reference_samples(self, n_samples: int | None = None, model: torch.nn.Module | None = None, *,
-                          reward=None, min_reward: float | None = None,
+                          reward=None, min_reward: float | None = None, tags: list[str] | None = None,
                           guidance_scale: float | None = None) -> ReferenceSamples:
         """``n_samples`` of this rank's samples of the frozen base model (adapter disabled) through the stock
         pipeline, from the ``reference`` stream: iteration 0's plan of that seed, then iteration 1's and on as
@@ -159,7 +159,8 @@ class RolloutDriver:
 
         With ``min_reward`` the samples are scored by ``reward`` (a ``MultiReward``, the run's) and only those
         scoring at least ``min_reward`` are kept (their rewards in ``rewards``): an anchor on what the base
-        model already does right. Raises ``ValueError`` when none is kept."""
+        model already does right. With ``tags`` only the samples of prompts whose metadata ``tag`` is one of
+        them are kept. Raises ``ValueError`` when none is kept."""
         if min_reward is not None and reward is None:
             raise ValueError("reference_samples: min_reward needs the reward to score the samples with")
         sample, negative_cond = self.stock_sample, self.negative_cond
@@ -176,15 +177,25 @@ class RolloutDriver:
         out = ReferenceSamples(torch.cat([p.global_idx for p in parts]), torch.cat([p.prompt_idx for p in parts]),
                                cond_cat([p.cond for p in parts]), torch.cat([p.x0 for p in parts]),
                                rewards=None if min_reward is None else torch.cat([p.rewards for p in parts]))
-        if min_reward is None:
+        if min_reward is None and tags is None:
             return out
-        keep = torch.nonzero(torch.isfinite(out.rewards) & (out.rewards >= min_reward)).flatten()
-        if len(keep) == 0:
-            raise ValueError(f"none of the {len(out.x0)} base-model samples scores at least {min_reward} "
-                             f"(best {float(out.rewards.nan_to_num(-math.inf).max()):.4g}): lower the threshold "
-                             f"or draw more samples")
+        mask = torch.ones(len(out.x0), dtype=torch.bool)
+        if tags is not None:
+            mask &= torch.tensor([self.prompts[int(i)].metadata.get("tag") in tags for i in out.prompt_idx])
+            if not mask.any():
+                raise ValueError(f"none of the {len(out.x0)} base-model samples has a prompt tagged "
+                                 f"{' or '.join(tags)}: draw more samples")
+        if min_reward is not None:
+            ok = torch.isfinite(out.rewards) & (out.rewards >= min_reward)
+            if not (mask & ok).any():
+                best = float(out.rewards[mask].nan_to_num(-math.inf).max())
+                raise ValueError(f"none of the {int(mask.sum())} base-model samples{' so tagged' if tags else ''} "
+                                 f"scores at least {min_reward} (best {best:.4g}): lower the threshold or draw "
+                                 f"more samples")
+            mask &= ok
+        keep = torch.nonzero(mask).flatten()
         return ReferenceSamples(out.global_idx[keep], out.prompt_idx[keep], cond_index(out.cond, keep.to(self.device)),
-                                out.x0[keep], rewards=out.rewards[keep])
+                                out.x0[keep], rewards=None if out.rewards is None else out.rewards[keep])
 
     def _reference_share(self, iteration: int, n_samples: int | None, sample, negative_cond: Cond | None,
                          model: torch.nn.Module | None, reward) -> ReferenceSamples:

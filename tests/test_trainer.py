@@ -300,9 +300,27 @@ def test_reference_samples_past_one_plan_and_kept_by_reward(tmp_path):
                                                 "fpo.fm_anchor_min_reward": thr})
     tr2.algorithm.setup()
     assert torch.equal(tr2.algorithm.anchor.x0, kept.x0)
-    with pytest.raises(ConfigError, match=r"^fpo.fm_anchor_min_reward=.*: none of the 10 base-model samples"):
+    # by the task of the prompt (its metadata tag): only those tagged so, with or without the reward's threshold
+    for i, item in enumerate(drv.prompts):
+        item.metadata["tag"] = "odd" if i % 2 else "even"
+    odd = torch.tensor([int(i) % 2 == 1 for i in more.prompt_idx])
+    assert 0 < int(odd.sum()) < 10
+    tagged = drv.reference_samples(10, tags=["odd"])
+    assert torch.equal(tagged.x0, more.x0[odd]) and tagged.rewards is None
+    both = drv.reference_samples(10, reward=tr.reward, min_reward=thr, tags=["odd", "none"])
+    assert torch.equal(both.x0, more.x0[odd & mask])
+    with pytest.raises(ValueError, match="none of the 10 base-model samples has a prompt tagged position"):
+        drv.reference_samples(10, tags=["position"])
+    with pytest.raises(ConfigError, match=r"^fpo.fm_anchor_samples=10, fm_anchor_min_reward=.*: none of the 10 "
+                                          r"base-model samples scores at least"):
         _trainer(tmp_path / "run4", "sd3", **{"fpo.fm_anchor_beta": 0.1, "fpo.fm_anchor_samples": 10,
                                               "fpo.fm_anchor_min_reward": float(more.rewards.max()) + 1})
+    with pytest.raises(ConfigError, match=r"^fpo.fm_anchor_samples=10, .*fm_anchor_tags=\['nowhere'\]: none of "
+                                          r"the 10 base-model samples has a prompt tagged nowhere"):
+        _trainer(tmp_path / "run5", "sd3", **{"fpo.fm_anchor_beta": 0.1, "fpo.fm_anchor_samples": 10,
+                                              "fpo.fm_anchor_tags": "[nowhere]"})
+    with pytest.raises(ConfigError, match=r"^fpo.fm_anchor_tags must be a non-empty list"):
+        load_config(None, ["fpo.fm_anchor_tags=[]"])
     tr3 = _trainer(tmp_path / "run3", "sd3", **{"fpo.fm_anchor_beta": 0.1, "fpo.fm_anchor_samples": 10,
                                                 "fpo.fm_anchor_guidance_scale": 1.0})
     assert torch.equal(tr3.algorithm.anchor.x0, drv.reference_samples(10, guidance_scale=1.0).x0)

@@ -33,9 +33,10 @@ StockSampler = Callable[..., torch.Tensor]
 ``policy.reference()``)."""
 
 ReferenceSampler = Callable[..., Samples]
-"""``(n, *, min_reward=None, guidance_scale=None) -> samples``: ``n`` samples of this rank from the frozen base
-model (adapter disabled), drawn from the ``reference`` seed stream (at ``guidance_scale``, by default the run's),
-fixed for the whole run; with ``min_reward`` only those the run's reward scores at least that high."""
+"""``(n, *, min_reward=None, tags=None, guidance_scale=None) -> samples``: ``n`` samples of this rank from the
+frozen base model (adapter disabled), drawn from the ``reference`` seed stream (at ``guidance_scale``, by default
+the run's), fixed for the whole run; with ``min_reward`` only those the run's reward scores at least that high,
+with ``tags`` only those of prompts with one of these metadata tags."""
 
 RankMean = Callable[[torch.Tensor], torch.Tensor]
 """``(tensor) -> tensor``: the mean over the ranks (every rank calls it, every rank gets the same value)."""

@@ -43,12 +43,15 @@ class FPO(Algorithm):
             f, kw = self.acfg, {}
             if f.fm_anchor_min_reward is not None:  # only what the base model already does right
                 kw["min_reward"] = f.fm_anchor_min_reward
+            if f.fm_anchor_tags is not None:  # only the samples of these tasks' prompts
+                kw["tags"] = f.fm_anchor_tags
             if f.fm_anchor_guidance_scale is not None:
                 kw["guidance_scale"] = f.fm_anchor_guidance_scale
             try:
                 self.anchor = self.ctx.reference_samples(f.fm_anchor_samples, **kw)
-            except ValueError as e:  # e.g. no base sample meets fm_anchor_min_reward: the user's setting
-                raise ConfigError(f"fpo.fm_anchor_min_reward={f.fm_anchor_min_reward}: {e}") from None
+            except ValueError as e:  # no base sample meets fm_anchor_min_reward / fm_anchor_tags: the user's setting
+                raise ConfigError(f"fpo.fm_anchor_samples={f.fm_anchor_samples}, fm_anchor_min_reward="
+                                  f"{f.fm_anchor_min_reward}, fm_anchor_tags={f.fm_anchor_tags}: {e}") from None
 
     def cfm(self, x0, cond, t, eps, *, return_pred=False):
         with self.ctx.autocast():
