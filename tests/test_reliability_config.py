@@ -142,10 +142,18 @@ def _numeric(tp) -> type | None:
     return args[0] if len(args) == 1 and args[0] in (int, float) else None
 
 
-#: Numeric fields where any finite number means something.
-ANY_FINITE = {"fpo.time_sampling.logit_mean"}
+#: Numeric fields where any finite number means something (a reward threshold: rewards may be negative).
+ANY_FINITE = {"fpo.time_sampling.logit_mean", "fpo.fm_anchor_min_reward"}
 #: Float fields where ``.inf`` is a documented setting.
 INF_ALLOWED = {"advantage.clip": "no clip", "log.collapse_ratio": "never warn", "fpo.delta": "no clamp"}
+
+
+@pytest.mark.parametrize("name", sorted(ANY_FINITE))
+def test_a_field_where_any_finite_number_means_something_refuses_a_non_finite_one(name):
+    load_config(None, [f"{name}=-1000000000"])
+    for bad in (".nan", "-.inf", ".inf"):
+        with pytest.raises(ConfigError, match=name.split(".")[-1]):
+            load_config(None, [f"{name}={bad}"])
 
 
 @pytest.mark.parametrize("name,tp", [(n, t) for n, t in _fields(Config) if _numeric(t) and n not in ANY_FINITE])
