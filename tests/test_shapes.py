@@ -416,3 +416,45 @@ def test_exact_counts_fails_extra_copies_that_geneval_rules_ignore():
     assert scores(exact) == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="exact_counts"):
         ShapesReward(exact_counts="yes")
+
+
+def test_color_weight_grades_how_surely_each_asked_object_is_its_colour():
+    """The reward's ``color_weight`` option: ``w * (c - 1)`` with ``c`` the mean colour confidence of the objects the
+    colour clauses read. A clean render is sure (1.0); an orange pushed toward yellow, still orange to the detector
+    (strict 1), loses a little; half way it is 0.5; a missing object counts 0; a prompt that asks no colour is
+    untouched."""
+    from fpo_diffusion.shapes.detector import color_confidence
+    from fpo_diffusion.shapes.reward import ShapesReward, shapes_score
+    from fpo_diffusion.shapes.world import PALETTE
+
+    orange, yellow = np.array(PALETTE["orange"], float), np.array(PALETTE["yellow"], float)
+    assert color_confidence(np.tile(orange, (5, 1)), "orange") == 1.0
+    assert color_confidence(np.tile(yellow, (5, 1)), "orange") == 0.0
+    assert color_confidence(np.tile((orange + yellow) / 2, (5, 1)), "orange") == pytest.approx(0.5)
+
+    def recolour(img, rgb):
+        a = np.asarray(img).copy()
+        a[(a == np.array(PALETTE["orange"], np.uint8)).all(-1)] = np.round(rgb).astype(np.uint8)
+        return Image.fromarray(a)
+
+    meta = S.colors("cross", "orange")
+    clean = render([Obj("cross", "orange", (1, 1))])
+    drifted = recolour(clean, orange + 0.3 * (yellow - orange))
+    assert analyse(drifted)[0].color == "orange"  # still right by the verdict
+    plain, graded = ShapesReward(), ShapesReward(color_weight=0.2)
+    imgs = [clean, drifted, render([Obj("cross", "red", (1, 1))]), render([])]
+    s_plain = plain.score(imgs, [meta["prompt"]] * 4, [meta] * 4).tolist()
+    s_graded = graded.score(imgs, [meta["prompt"]] * 4, [meta] * 4).tolist()
+    assert s_plain == [1.0, 1.0, 0.0, 0.0]
+    c = shapes_score(drifted, meta)[1]["color_confidence"]
+    assert 0.6 < c < 0.9
+    assert s_graded[0] == 1.0 and s_graded[1] == pytest.approx(1.0 - 0.2 * (1 - c))
+    assert s_graded[2] < 0.0 and s_graded[3] == pytest.approx(-0.2)  # another colour; nothing drawn: confidence 0
+    assert graded.range == (-0.2, 1.0)
+    count = S.counting("cross", 2)  # asks no colour: untouched
+    two = render([Obj("cross", "orange", (0, 0)), Obj("cross", "blue", (3, 3))])
+    assert graded.score([two], [count["prompt"]], [count]).tolist() == plain.score([two], [count["prompt"]], [count]).tolist() == [1.0]
+    assert shapes_score(two, count)[1]["color_confidence"] is None
+    for bad in (-0.1, 1.5, "0.2", True, float("nan")):
+        with pytest.raises(ValueError, match="color_weight"):
+            ShapesReward(color_weight=bad)

@@ -17,6 +17,7 @@ Per image:
    the median is within :data:`COLOR_TOL` of it and at least :data:`COLOR_PURITY` of the
    component's pixels are nearest to that same colour; otherwise ``"mixed"`` (which never
    matches a colour clause). ``Detection.color`` is set, so the rules need no CLIP.
+   :func:`color_confidence` grades it: how near the median is to the asked colour against the next one.
 
 Exact on clean renders (tests), tolerant of generation noise in colour and edges (median
 colour, IoU rather than equality), never fooled by wrong shapes or paint.
@@ -123,6 +124,23 @@ def _color(pixels: np.ndarray) -> str:
     return _NAMES[k]
 
 
+def color_confidence(pixels: np.ndarray, name: str) -> float:
+    """How surely ``pixels`` (``[N, 3]`` RGB) are palette colour ``name``, in ``[0, 1]``: with ``d`` the distance of
+    their per-channel median to ``name`` and ``o`` its distance to the nearest *other* palette colour,
+    ``0.5 + 0.5 * (o - d) / (o + d)``. 1.0 for a clean render, 0.5 half way to another colour, 0 on it. The
+    dense counterpart of :func:`_color`'s verdict (as a real detector's colour probability is of its label)."""
+    med = np.median(np.asarray(pixels, dtype=np.float64).reshape(-1, 3), axis=0)
+    d = np.linalg.norm(_RGB - med, axis=-1)
+    k = _NAMES.index(name)
+    mine, other = d[k], np.delete(d, k).min()
+    return float(0.5 + 0.5 * (other - mine) / max(other + mine, 1e-9))
+
+
+def object_color_confidence(image, mask: np.ndarray, name: str) -> float:
+    """:func:`color_confidence` of the pixels of ``image`` under ``mask`` (a component's, canvas-sized)."""
+    return color_confidence(_to_array(image)[mask], name)
+
+
 def analyse(image) -> list[Component]:
     """Every foreground component of ``image`` with the detector's verdict."""
     a = _to_array(image)
@@ -181,4 +199,4 @@ def painted_share(image) -> float:
     return float(foreground(image).mean())
 
 
-__all__ = ["ShapesDetector", "Component", "analyse", "detections", "foreground", "painted_share"]
+__all__ = ["ShapesDetector", "Component", "analyse", "color_confidence", "detections", "object_color_confidence", "foreground", "painted_share"]

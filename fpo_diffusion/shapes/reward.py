@@ -14,6 +14,13 @@ Options:
   to a detected object of an asked-for shape (144 = one full square object). Paint spread over
   the frame, blobs and unrequested shapes therefore cost reward; the detector itself never
   credits paint (it is not an object).
+* ``color_weight`` (default 0.0: off): weight ``w`` of a dense colour term, ``w * (c - 1)`` added to the reward,
+  where ``c`` is the mean :func:`~fpo_diffusion.shapes.detector.color_confidence` of the objects the rules read
+  for each clause that asks a colour (a missing object counts 0; prompts that ask no colour are untouched). A
+  real detector's colour label comes with a probability; the exact detector's verdict is 0/1 and nearly always
+  right on the colour tasks, so their groups are all-correct (zero advantage) and give no gradient while the
+  palette drifts (measured: orange drawn yellow as counting is learned; BENCHMARKS.md). The term grades how
+  surely each object is its colour, so those groups keep a signal. Range ``[0, 1]``.
 * ``thresholds``: GenEval ``rules.Thresholds`` (or a dict of its fields); official defaults.
 * ``exact_counts`` (default ``False``: GenEval's rules): every asked class must appear exactly as often as
   asked, in every task, not only in counting. GenEval's position, two-object and colour-binding rules read
@@ -24,7 +31,7 @@ Options:
   BENCHMARKS.md). ``True`` adds, for every asked
   class without one, GenEval's counting exclude clause (``count + 1``): an extra copy fails the image.
 
-Range: strict ``[-paint_penalty, 1]`` (``[0, 1]`` by default); partial ``[-0.5, 1]`` by default.
+Range: strict ``[-paint_penalty - color_weight, 1]`` (``[0, 1]`` by default); partial ``[-0.5, 1]`` by default.
 Every image needs its GenEval-format metadata (``include``/``exclude``/``tag``), as produced by
 ``fpo_diffusion.shapes.scenes``. Part of the shapes world: it registers itself in the reward
 registry through the ``fpo_diffusion.rewards`` entry point (``rewards`` never imports it).
@@ -40,13 +47,13 @@ from rewards.base import Reward, RewardError
 from rewards.geneval.metadata import with_exact_counts
 from rewards.registry import register_reward
 
-from .detector import analyse, detections, painted_share
+from .detector import analyse, detections, object_color_confidence, painted_share
 
 STRAY_SCALE = 144.0
 
 
 def shapes_score(image: Image.Image, meta: dict, mode: str = "strict", paint_penalty: float = 0.0,
-                 thresholds=None, exact_counts: bool = False) -> tuple[float, dict]:
+                 thresholds=None, exact_counts: bool = False, color_weight: float = 0.0) -> tuple[float, dict]:
     """Score one image; returns ``(reward, info)`` with the rules' result and the stray-paint count."""
     from rewards.geneval.rules import Thresholds, evaluate, filter_detections
 
@@ -73,8 +80,17 @@ def shapes_score(image: Image.Image, meta: dict, mode: str = "strict", paint_pen
     wanted = sum(c.area for c in comps if c.shape in asked and any(c.mask is d.mask for d in kept.get(c.shape, [])))
     stray = float(fg - wanted)
     r -= paint_penalty * min(1.0, stray / STRAY_SCALE)
+    confs = []  # the colour confidence of every object a colour clause asks for (the ones the rules read)
+    for q in meta.get("include", []):
+        if "color" in q:
+            found = kept.get(q["class"], [])[:int(q["count"])]
+            confs += [object_color_confidence(image, d.mask, q["color"]) for d in found]
+            confs += [0.0] * (int(q["count"]) - len(found))
+    color_conf = sum(confs) / len(confs) if confs else None
+    if color_weight and color_conf is not None:
+        r += color_weight * (color_conf - 1.0)
     return float(r), {"correct": res.correct, "reason": res.reason, "clauses": res.clauses, "stray_px": stray,
-                      "painted_share": painted_share(image)}
+                      "painted_share": painted_share(image), "color_confidence": color_conf}
 
 
 @register_reward("shapes")
@@ -86,7 +102,7 @@ class ShapesReward(Reward):
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int | None = None, *, mode: str = "strict",
                  paint_penalty: float | None = None, thresholds: Any = None, exact_counts: bool = False,
-                 **kwargs: Any):
+                 color_weight: float = 0.0, **kwargs: Any):
         super().__init__(device=device, batch_size=batch_size, **kwargs)
         from rewards.geneval.rules import Thresholds
 
@@ -97,7 +113,10 @@ class ShapesReward(Reward):
         if isinstance(thresholds, dict):
             thresholds = Thresholds(**thresholds)
         self.thresholds = thresholds or Thresholds()
-        self.range = (-self.paint_penalty, 1.0)
+        if isinstance(color_weight, bool) or not isinstance(color_weight, (int, float)) or not 0 <= color_weight <= 1:
+            raise ValueError(f"reward 'shapes': color_weight must be a number in [0, 1], got {color_weight!r}")
+        self.color_weight = float(color_weight)
+        self.range = (-self.paint_penalty - self.color_weight, 1.0)
         if not isinstance(exact_counts, bool):
             raise ValueError(f"reward 'shapes': exact_counts must be true or false, got {exact_counts!r}")
         self.exact_counts = exact_counts
@@ -120,7 +139,8 @@ class ShapesReward(Reward):
         for img, p, m in zip(images, prompts, metadata):
             if not m or "include" not in m:
                 raise RewardError(f"reward 'shapes' needs GenEval metadata with 'include' for prompt {p!r}")
-            out.append(shapes_score(img, m, self.mode, self.paint_penalty, self.thresholds, self.exact_counts)[0])
+            out.append(shapes_score(img, m, self.mode, self.paint_penalty, self.thresholds, self.exact_counts,
+                                    self.color_weight)[0])
         return torch.tensor(out, dtype=torch.float32)
 
 
