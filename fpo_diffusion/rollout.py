@@ -159,8 +159,9 @@ class RolloutDriver:
 
         With ``min_reward`` the samples are scored by ``reward`` (a ``MultiReward``, the run's) and only those
         scoring at least ``min_reward`` are kept (their rewards in ``rewards``): an anchor on what the base
-        model already does right. With ``tags`` only the samples of prompts whose metadata ``tag`` is one of
-        them are kept. Raises ``ValueError`` when none is kept."""
+        model already does right. With ``tags`` only the rows of prompts whose metadata ``tag`` is one of them
+        are drawn (``n_samples`` counts every row of the plans walked: the kept ones are the same latents as an
+        unfiltered draw's, without paying for the others). Raises ``ValueError`` when none is kept."""
         if min_reward is not None and reward is None:
             raise ValueError("reference_samples: min_reward needs the reward to score the samples with")
         sample, negative_cond = self.stock_sample, self.negative_cond
@@ -169,39 +170,46 @@ class RolloutDriver:
             sample = stock_sampler(self.policy, s)
             negative_cond = self.conditions([s.negative_prompt]) if guidance_scale > 1 else None
         parts, drawn, it = [], 0, 0
-        while not parts or (n_samples is not None and drawn < n_samples):
+        while it == 0 or (n_samples is not None and drawn < n_samples):
             left = None if n_samples is None else n_samples - drawn
-            parts.append(self._reference_share(it, left, sample, negative_cond, model,
-                                               reward if min_reward is not None else None))
-            drawn, it = drawn + len(parts[-1].x0), it + 1
+            part, planned = self._reference_share(it, left, sample, negative_cond, model,
+                                                  reward if min_reward is not None else None, tags)
+            parts += [part] if part is not None else []
+            drawn, it = drawn + planned, it + 1
+        if not parts:
+            raise ValueError(f"none of the {drawn} base-model samples has a prompt tagged "
+                             f"{' or '.join(tags)}: draw more samples")
         out = ReferenceSamples(torch.cat([p.global_idx for p in parts]), torch.cat([p.prompt_idx for p in parts]),
                                cond_cat([p.cond for p in parts]), torch.cat([p.x0 for p in parts]),
                                rewards=None if min_reward is None else torch.cat([p.rewards for p in parts]))
-        if min_reward is None and tags is None:
+        if min_reward is None:
             return out
-        mask = torch.ones(len(out.x0), dtype=torch.bool)
-        if tags is not None:
-            mask &= torch.tensor([self.prompts[int(i)].metadata.get("tag") in tags for i in out.prompt_idx])
-            if not mask.any():
-                raise ValueError(f"none of the {len(out.x0)} base-model samples has a prompt tagged "
-                                 f"{' or '.join(tags)}: draw more samples")
-        if min_reward is not None:
-            ok = torch.isfinite(out.rewards) & (out.rewards >= min_reward)
-            if not (mask & ok).any():
-                best = float(out.rewards[mask].nan_to_num(-math.inf).max())
-                raise ValueError(f"none of the {int(mask.sum())} base-model samples{' so tagged' if tags else ''} "
-                                 f"scores at least {min_reward} (best {best:.4g}): lower the threshold or draw "
-                                 f"more samples")
-            mask &= ok
+        mask = torch.isfinite(out.rewards) & (out.rewards >= min_reward)
+        if not mask.any():
+            best = float(out.rewards.nan_to_num(-math.inf).max())
+            raise ValueError(f"none of the {len(out.x0)} base-model samples{' so tagged' if tags else ''} "
+                             f"scores at least {min_reward} (best {best:.4g}): lower the threshold or draw "
+                             f"more samples")
         keep = torch.nonzero(mask).flatten()
         return ReferenceSamples(out.global_idx[keep], out.prompt_idx[keep], cond_index(out.cond, keep.to(self.device)),
                                 out.x0[keep], rewards=None if out.rewards is None else out.rewards[keep])
 
     def _reference_share(self, iteration: int, n_samples: int | None, sample, negative_cond: Cond | None,
-                         model: torch.nn.Module | None, reward) -> ReferenceSamples:
-        """Up to ``n_samples`` of this rank's share of the ``reference`` stream's plan of ``iteration`` (global
-        indices offset past the earlier iterations' plans), scored by ``reward`` unless it is ``None``."""
+                         model: torch.nn.Module | None, reward, tags: list[str] | None
+                         ) -> tuple[ReferenceSamples | None, int]:
+        """``(samples, planned)``: up to ``n_samples`` of this rank's share of the ``reference`` stream's plan of
+        ``iteration`` (``planned`` of them; global indices offset past the earlier iterations' plans), scored by
+        ``reward`` unless it is ``None``. With ``tags`` only the rows of prompts so tagged are drawn (each from its
+        own generator, so the same latents as unfiltered; ``None`` when there is none)."""
         global_idx, prompt_idx, items, cond = self._share(iteration, "reference", n_samples)
+        planned = len(items)
+        if tags is not None:
+            keep = [i for i, item in enumerate(items) if item.metadata.get("tag") in tags]
+            if not keep:
+                return None, planned
+            rows = torch.tensor(keep, dtype=torch.long)
+            global_idx, prompt_idx, items = global_idx[rows], prompt_idx[rows], [items[i] for i in keep]
+            cond = cond_index(cond, rows.to(self.device))
         x0s, futures = [], []
         with self.policy.reference():
             for chunk in self._batches(len(items), iteration):
@@ -216,7 +224,8 @@ class RolloutDriver:
                                                  [i.metadata for i in items[chunk]]))
         plan = self.cfg.train.prompts_per_iteration * self.cfg.train.group_size
         return ReferenceSamples(global_idx + iteration * plan, prompt_idx, cond, torch.cat(x0s),
-                                rewards=torch.cat([f.result()[0] for f in futures]) if reward is not None else None)
+                                rewards=torch.cat([f.result()[0] for f in futures]) if reward is not None else None
+                                ), planned
 
     @torch.no_grad()
     def images(self, prompts: list[str], seed: int, model: torch.nn.Module | None = None, first: int = 0) -> list:

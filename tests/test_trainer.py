@@ -305,8 +305,12 @@ def test_reference_samples_past_one_plan_and_kept_by_reward(tmp_path):
         item.metadata["tag"] = "odd" if i % 2 else "even"
     odd = torch.tensor([int(i) % 2 == 1 for i in more.prompt_idx])
     assert 0 < int(odd.sum()) < 10
+    drawn, stock = [], drv.stock_sample
+    drv.stock_sample = lambda cond, gens, *a, **k: (drawn.append(len(gens)), stock(cond, gens, *a, **k))[1]
     tagged = drv.reference_samples(10, tags=["odd"])
+    drv.stock_sample = stock
     assert torch.equal(tagged.x0, more.x0[odd]) and tagged.rewards is None
+    assert sum(drawn) == int(odd.sum())  # only the tagged rows are drawn: the others cost nothing
     both = drv.reference_samples(10, reward=tr.reward, min_reward=thr, tags=["odd", "none"])
     assert torch.equal(both.x0, more.x0[odd & mask])
     with pytest.raises(ValueError, match="none of the 10 base-model samples has a prompt tagged position"):
