@@ -11,6 +11,9 @@ A reward that rises is believed only after looking at the samples. This reads th
 * color_attr: how the two asked objects are coloured (both right, swapped, one colour on both, another colour, an
   asked object missing);
 * colors: the colour read on the asked object when it is not the asked one (``orange -> yellow``: palette drift);
+* colors and color_attr: the mean colour confidence of the asked objects in the right images (the shapes reward's
+  ``color_confidence``: 1.0 for a clean render, 0.5 half way to another colour): a palette drifting before the
+  verdicts fail;
 * counting: the palette of the objects drawn (counting prompts name no colour).
 
     python bench/sample_census.py BASE_REPORT_DIR RUN_REPORT_DIR [...] [--labels base run] [--out census.json]
@@ -29,6 +32,7 @@ import _common  # noqa: F401  (the repository root on sys.path, offline hub)
 from PIL import Image
 
 from fpo_diffusion.shapes.detector import analyse, detections
+from fpo_diffusion.shapes.reward import shapes_score
 from rewards.geneval.metadata import with_exact_counts
 from rewards.geneval.rules import evaluate
 
@@ -59,6 +63,7 @@ def census(report_dir: Path, label: str | None = None) -> dict:
     misread: collections.Counter = collections.Counter()
     palette: collections.Counter = collections.Counter()
     n_tag: collections.Counter = collections.Counter()
+    conf: dict[str, list[float]] = collections.defaultdict(list)  # colour confidence of right colour images
     for r in records:
         tag, meta = r["tag"], r["metadata"]
         image = Image.open(report_dir / r["file"])
@@ -87,11 +92,15 @@ def census(report_dir: Path, label: str | None = None) -> dict:
                 misread[f"{q['color']} -> {'/'.join(got) or 'none'}"] += 1
         elif tag == "counting":
             palette.update(col for _, col in found)
+        if tag in ("colors", "color_attr") and r["correct"]:
+            conf[tag].append(shapes_score(image, meta)[1]["color_confidence"])
 
     def shares(c: collections.Counter, n: int) -> dict[str, float]:
         return {k: round(v / n, 3) for k, v in c.most_common()} if n else {}
 
     tasks = {t: {k: round(v / n_tag[t], 3) for k, v in s.items()} | {"images": n_tag[t]} for t, s in per.items()}
+    for t, v in conf.items():
+        tasks[t]["colour confidence, right images"] = round(sum(v) / len(v), 3)
     for t, s in tasks.items():
         p = s["accuracy, exact counts"]
         s["accuracy, exact counts: SE"] = round(math.sqrt(p * (1 - p) / s["images"]), 3)

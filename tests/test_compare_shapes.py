@@ -119,6 +119,8 @@ def test_sample_census_tells_extra_copies_binding_and_palette_apart(tmp_path):
     assert c["binding"] == {"both right": 0.4, "swapped": 0.2, "one colour on both": 0.2,
                             "an asked object missing": 0.2}
     assert c["colors_misread"] == {"orange -> yellow": 1, "of images": 1}
+    assert c["tasks"]["color_attr"]["colour confidence, right images"] == 1.0  # clean renders
+    assert "colour confidence, right images" not in c["tasks"]["colors"]  # no right colors image
     assert c["counting_palette"] == {"pink": 1.0}
     assert main([str(tmp_path), "--out", str(tmp_path / "c.json")]) is None
     assert json.loads((tmp_path / "c.json").read_text())[0]["binding"] == c["binding"]
