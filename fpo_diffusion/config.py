@@ -670,6 +670,10 @@ class EvalConfig:
     on any number of ranks."""
     grid_prompts: int = 8
     """Prompts (rows) in the logged evaluation grid (>= 0; 0: no grid)."""
+    reward_options: dict[str, dict] | None = None
+    """``{reward name: {option: value}}`` merged over ``reward.options`` for the evaluation's reward only (each
+    name one of ``reward.weights``): score the evaluation by another reading than training's, e.g. train with a
+    shaped reward and evaluate the strict rule (``{shapes: {color_weight: 0.0}}``). ``None``: the training reward."""
     at_start: bool = True
     """Also evaluate the starting policy before the first iteration (logged at iteration ``-1``, as Flow-GRPO
     evaluates at step 0), so every curve starts from the base model's score under the same noise; not on resume."""
@@ -732,6 +736,19 @@ class Config:
     def __post_init__(self):
         _nonempty("output_dir", self.output_dir, "an empty output_dir would write the run into the current directory")
         _choice("algorithm", self.algorithm, ALGORITHMS)
+        for name, opts in (self.eval.reward_options or {}).items():
+            if name not in self.reward.weights:
+                raise ConfigError(f"eval.reward_options names reward {name!r}, which reward.weights does not "
+                                  f"({', '.join(self.reward.weights)})")
+            if not isinstance(opts, dict):
+                raise ConfigError(f"eval.reward_options.{name} must be a mapping of options, got {opts!r}")
+
+    def eval_reward_options(self) -> dict[str, dict]:
+        """``reward.options`` with ``eval.reward_options`` merged over them, reward by reward."""
+        out = {k: dict(v) for k, v in self.reward.options.items()}
+        for name, opts in (self.eval.reward_options or {}).items():
+            out[name] = {**out.get(name, {}), **opts}
+        return out
 
 
 ALGORITHMS = ("fpo", "flow_grpo", "ddpo", "diffusion_nft", "awm")

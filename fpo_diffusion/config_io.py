@@ -296,6 +296,8 @@ def config_warnings(cfg: Config) -> list[str]:
             and (e.tags is None or cfg.prompts.tags is None or set(e.tags) & set(cfg.prompts.tags)):
         out.append(f"warning: eval.prompts is the training prompt source ({e.prompts}): its eval/* scores are not "
                    f"held-out; use prompts the run does not train on (e.g. a validation split)")
+    if e.reward_options and not e.every:
+        out.append("warning: eval.reward_options is set but eval.every=0: there is no periodic evaluation to score")
     return out
 
 

@@ -154,8 +154,10 @@ class Trainer:
                                             progress=False)  # one bar, the iterations' (no nested per-rollout bar)
         from .periodic_eval import PeriodicEval
 
+        eval_reward = self.reward if not cfg.eval.reward_options else MultiReward(
+            cfg.reward.weights, cfg.eval_reward_options(), device=acc.device, nonfinite="keep")
         self.periodic_eval = PeriodicEval(cfg.eval, cfg.train.iterations, driver=self.rollout_driver,
-                                          reward=self.reward, accelerator=acc, items=eval_prompts) if cfg.eval.every else None
+                                          reward=eval_reward, accelerator=acc, items=eval_prompts) if cfg.eval.every else None
         check_image_size(cfg.sampling.height, cfg.sampling.width, self.policy)
         self.latent_shape = tuple(self.policy.latent_shape(cfg.sampling.height, cfg.sampling.width))
         one_cond = self.rollout_driver.conditions([self.prompts[0].prompt])

@@ -77,6 +77,32 @@ def test_eval_tags_evaluate_only_those_tasks(tmp_path):
     assert tr.periodic_eval.n == 2 and set(k for k in out if k.startswith("eval/task/")) == {"eval/task/counting"}
 
 
+def test_eval_reward_options_score_the_evaluation_by_another_reading(tmp_path):
+    """``eval.reward_options`` merges over ``reward.options`` for the evaluation's reward only: the same images
+    scored another way, the training reward untouched; a name outside ``reward.weights`` is one config error."""
+    from fpo_diffusion.trainer import Trainer
+
+    train = {"reward.weights": "{jpeg_compressibility: 1.0}", "reward.options": "{jpeg_compressibility: {quality: 95}}"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = Trainer(_cfg(tmp_path / "a", **train))
+    other = Trainer(_cfg(tmp_path / "b", **train, **{"eval.reward_options": "{jpeg_compressibility: {quality: 10}}"}))
+    assert plain.periodic_eval.reward is plain.reward
+    assert other.reward.options == {"jpeg_compressibility": {"quality": 95}}
+    assert other.periodic_eval.reward.options == {"jpeg_compressibility": {"quality": 10}}
+    a, b = plain.periodic_eval.run(plain.model, 0)[0], other.periodic_eval.run(other.model, 0)[0]
+    assert a["eval/reward/mean"] != pytest.approx(b["eval/reward/mean"], rel=1e-3)
+    with pytest.raises(ConfigError, match=r"^eval.reward_options names reward 'brightness', which reward.weights does "
+                                          r"not \(jpeg_compressibility\)$"):
+        _cfg(tmp_path, **train, **{"eval.reward_options": "{brightness: {}}"})
+    from fpo_diffusion.config_io import config_warnings
+
+    assert config_warnings(load_config(None, ["eval.reward_options={shapes: {color_weight: 0.0}}"])) == [
+        "warning: eval.reward_options is set but eval.every=0: there is no periodic evaluation to score"]
+    with pytest.raises(ConfigError, match="^eval.reward_options: expected dict"):
+        _cfg(tmp_path, **train, **{"eval.reward_options": "{jpeg_compressibility: 3}"})
+
+
 def test_progress_line_and_last_line(tmp_path):
     m = {"reward/mean": 0.41234, "fpo/log_ratio_std": 3.1e-4, "fpo/ratio_min": 0.99971, "fpo/ratio_max": 1.00068,
          "fpo/clip_frac": 0.0, "perf/rollout_s": 1.85, "perf/update_s": 1.44, "eval/reward/mean": 0.5}
