@@ -32,9 +32,9 @@ import _common  # noqa: F401  (the repository root on sys.path, offline hub)
 from PIL import Image
 
 from fpo_diffusion.shapes.detector import analyse, detections
-from fpo_diffusion.shapes.reward import shapes_score
+from fpo_diffusion.shapes.reward import color_clause_confidence
 from rewards.geneval.metadata import with_exact_counts
-from rewards.geneval.rules import evaluate
+from rewards.geneval.rules import Thresholds, evaluate, filter_detections
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 BINDING = ("both right", "swapped", "one colour on both", "another colour", "an asked object missing")
@@ -93,7 +93,7 @@ def census(report_dir: Path, label: str | None = None) -> dict:
         elif tag == "counting":
             palette.update(col for _, col in found)
         if tag in ("colors", "color_attr") and r["correct"]:
-            conf[tag].append(shapes_score(image, meta)[1]["color_confidence"])
+            conf[tag].append(color_clause_confidence(comps, filter_detections(dets, meta.get("tag"), Thresholds()), meta))
 
     def shares(c: collections.Counter, n: int) -> dict[str, float]:
         return {k: round(v / n, 3) for k, v in c.most_common()} if n else {}

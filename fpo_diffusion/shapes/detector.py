@@ -58,6 +58,8 @@ class Component:
     margin: float
     score: float
     color: str
+    median_rgb: np.ndarray
+    """Per-channel median colour of the component's pixels (what ``color`` and :func:`color_confidence` read)."""
     is_paint: bool
 
 
@@ -112,33 +114,30 @@ def _match(comp: np.ndarray, box: tuple[int, int, int, int]) -> dict[str, float]
     return best
 
 
-def _color(pixels: np.ndarray) -> str:
+def _color(pixels: np.ndarray) -> tuple[str, np.ndarray]:
+    """``(colour name or "mixed", per-channel median)`` of ``pixels``."""
     med = np.median(pixels, axis=0)
     d = np.linalg.norm(_RGB - med, axis=-1)
     k = int(d.argmin())
     if d[k] > COLOR_TOL:
-        return "mixed"
+        return "mixed", med
     nearest = np.linalg.norm(pixels[:, None, :] - _RGB[None], axis=-1).argmin(-1)
     if (nearest == k).mean() < COLOR_PURITY:
-        return "mixed"
-    return _NAMES[k]
+        return "mixed", med
+    return _NAMES[k], med
 
 
 def color_confidence(pixels: np.ndarray, name: str) -> float:
     """How surely ``pixels`` (``[N, 3]`` RGB) are palette colour ``name``, in ``[0, 1]``: with ``d`` the distance of
     their per-channel median to ``name`` and ``o`` its distance to the nearest *other* palette colour,
     ``0.5 + 0.5 * (o - d) / (o + d)``. 1.0 for a clean render, 0.5 half way to another colour, 0 on it. The
-    dense counterpart of :func:`_color`'s verdict (as a real detector's colour probability is of its label)."""
+    dense counterpart of :func:`_color`'s verdict (as a real detector's colour probability is of its label). A
+    component's ``median_rgb`` is such a median already (one row)."""
     med = np.median(np.asarray(pixels, dtype=np.float64).reshape(-1, 3), axis=0)
     d = np.linalg.norm(_RGB - med, axis=-1)
     k = _NAMES.index(name)
     mine, other = d[k], np.delete(d, k).min()
     return float(0.5 + 0.5 * (other - mine) / max(other + mine, 1e-9))
-
-
-def object_color_confidence(image, mask: np.ndarray, name: str) -> float:
-    """:func:`color_confidence` of the pixels of ``image`` under ``mask`` (a component's, canvas-sized)."""
-    return color_confidence(_to_array(image)[mask], name)
 
 
 def analyse(image) -> list[Component]:
@@ -156,15 +155,15 @@ def analyse(image) -> list[Component]:
             continue
         y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
         box = (x0, y0, x1, y1)
-        color = _color(a[m])
+        color, med = _color(a[m])
         if (x1 - x0) > MAX_SIDE or (y1 - y0) > MAX_SIDE or area > MAX_AREA:
-            out.append(Component(m, box, area, None, 0.0, 0.0, 0.0, color, True))
+            out.append(Component(m, box, area, None, 0.0, 0.0, 0.0, color, med, True))
             continue
         ious = _match(m, box)
         order = sorted(ious, key=ious.get, reverse=True)
         iou, margin = ious[order[0]], ious[order[0]] - ious[order[1]]
         score = float(np.clip((iou - 0.6) / 0.3, 0, 1) * np.clip(margin / 0.1, 0, 1))
-        out.append(Component(m, box, area, order[0] if score > 0 else None, iou, margin, score, color, score <= 0))
+        out.append(Component(m, box, area, order[0] if score > 0 else None, iou, margin, score, color, med, score <= 0))
     return out
 
 
@@ -199,4 +198,4 @@ def painted_share(image) -> float:
     return float(foreground(image).mean())
 
 
-__all__ = ["ShapesDetector", "Component", "analyse", "color_confidence", "detections", "object_color_confidence", "foreground", "painted_share"]
+__all__ = ["ShapesDetector", "Component", "analyse", "color_confidence", "detections", "foreground", "painted_share"]

@@ -47,9 +47,23 @@ from rewards.base import Reward, RewardError
 from rewards.geneval.metadata import with_exact_counts
 from rewards.registry import register_reward
 
-from .detector import analyse, detections, object_color_confidence, painted_share
+from .detector import Component, analyse, color_confidence, detections, painted_share
 
 STRAY_SCALE = 144.0
+
+
+def color_clause_confidence(comps: list[Component], kept: dict, meta: dict) -> float | None:
+    """The mean :func:`~fpo_diffusion.shapes.detector.color_confidence` of the objects the colour clauses of
+    ``meta`` read (``kept``: the rules' filtered detections of ``comps``; the first ``count`` of the class, a missing
+    one counting 0); ``None`` when no clause asks a colour."""
+    median = {id(c.mask): c.median_rgb for c in comps}
+    confs = []
+    for q in meta.get("include", []):
+        if "color" in q:
+            found = kept.get(q["class"], [])[:int(q["count"])]
+            confs += [color_confidence(median[id(d.mask)], q["color"]) for d in found]
+            confs += [0.0] * (int(q["count"]) - len(found))
+    return sum(confs) / len(confs) if confs else None
 
 
 def shapes_score(image: Image.Image, meta: dict, mode: str = "strict", paint_penalty: float = 0.0,
@@ -80,13 +94,7 @@ def shapes_score(image: Image.Image, meta: dict, mode: str = "strict", paint_pen
     wanted = sum(c.area for c in comps if c.shape in asked and any(c.mask is d.mask for d in kept.get(c.shape, [])))
     stray = float(fg - wanted)
     r -= paint_penalty * min(1.0, stray / STRAY_SCALE)
-    confs = []  # the colour confidence of every object a colour clause asks for (the ones the rules read)
-    for q in meta.get("include", []):
-        if "color" in q:
-            found = kept.get(q["class"], [])[:int(q["count"])]
-            confs += [object_color_confidence(image, d.mask, q["color"]) for d in found]
-            confs += [0.0] * (int(q["count"]) - len(found))
-    color_conf = sum(confs) / len(confs) if confs else None
+    color_conf = color_clause_confidence(comps, kept, meta)
     if color_weight and color_conf is not None:
         r += color_weight * (color_conf - 1.0)
     return float(r), {"correct": res.correct, "reason": res.reason, "clauses": res.clauses, "stray_px": stray,
@@ -144,4 +152,4 @@ class ShapesReward(Reward):
         return torch.tensor(out, dtype=torch.float32)
 
 
-__all__ = ["ShapesReward", "shapes_score"]
+__all__ = ["ShapesReward", "color_clause_confidence", "shapes_score"]
