@@ -160,8 +160,8 @@ class RolloutDriver:
         With ``min_reward`` the samples are scored by ``reward`` (a ``MultiReward``, the run's) and only those
         scoring at least ``min_reward`` are kept (their rewards in ``rewards``): an anchor on what the base
         model already does right. With ``tags`` only the rows of prompts whose metadata ``tag`` is one of them
-        are drawn (``n_samples`` counts every row of the plans walked: the kept ones are the same latents as an
-        unfiltered draw's, without paying for the others). Raises ``ValueError`` when none is kept."""
+        are drawn (``n_samples`` counts every row of the plans walked: the kept ones are the same draws as an
+        unfiltered call's, equal up to the float rounding of a smaller batch, without paying for the others). Raises ``ValueError`` when none is kept."""
         if min_reward is not None and reward is None:
             raise ValueError("reference_samples: min_reward needs the reward to score the samples with")
         sample, negative_cond = self.stock_sample, self.negative_cond
@@ -200,7 +200,7 @@ class RolloutDriver:
         """``(samples, planned)``: up to ``n_samples`` of this rank's share of the ``reference`` stream's plan of
         ``iteration`` (``planned`` of them; global indices offset past the earlier iterations' plans), scored by
         ``reward`` unless it is ``None``. With ``tags`` only the rows of prompts so tagged are drawn (each from its
-        own generator, so the same latents as unfiltered; ``None`` when there is none)."""
+        own generator, so the same draws as unfiltered; ``None`` when there is none)."""
         global_idx, prompt_idx, items, cond = self._share(iteration, "reference", n_samples)
         planned = len(items)
         if tags is not None:

@@ -309,10 +309,14 @@ def test_reference_samples_past_one_plan_and_kept_by_reward(tmp_path):
     drv.stock_sample = lambda cond, gens, *a, **k: (drawn.append(len(gens)), stock(cond, gens, *a, **k))[1]
     tagged = drv.reference_samples(10, tags=["odd"])
     drv.stock_sample = stock
-    assert torch.equal(tagged.x0, more.x0[odd]) and tagged.rewards is None
+    # the same draws as the unfiltered ones (each row's own generator); a smaller batch may round differently in
+    # the last bits on some CPUs (1.9e-6 of values up to 3.8 seen), so equal up to float32 rounding
+    assert torch.equal(tagged.global_idx, more.global_idx[odd]) and tagged.rewards is None
+    torch.testing.assert_close(tagged.x0, more.x0[odd], rtol=0, atol=1e-4)
     assert sum(drawn) == int(odd.sum())  # only the tagged rows are drawn: the others cost nothing
     both = drv.reference_samples(10, reward=tr.reward, min_reward=thr, tags=["odd", "none"])
-    assert torch.equal(both.x0, more.x0[odd & mask])
+    assert torch.equal(both.global_idx, more.global_idx[odd & mask])
+    torch.testing.assert_close(both.x0, more.x0[odd & mask], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="none of the 10 base-model samples has a prompt tagged position"):
         drv.reference_samples(10, tags=["position"])
     with pytest.raises(ConfigError, match=r"^fpo.fm_anchor_samples=10, fm_anchor_min_reward=.*: none of the 10 "
