@@ -161,7 +161,8 @@ class RolloutDriver:
         scoring at least ``min_reward`` are kept (their rewards in ``rewards``): an anchor on what the base
         model already does right. With ``tags`` only the rows of prompts whose metadata ``tag`` is one of them
         are drawn (``n_samples`` counts every row of the plans walked: the kept ones are the same draws as an
-        unfiltered call's, equal up to the float rounding of a smaller batch, without paying for the others). Raises ``ValueError`` when none is kept."""
+        unfiltered call's, equal up to the float rounding of a smaller batch, without paying for the others).
+        Raises ``ValueError`` when none is kept."""
         if min_reward is not None and reward is None:
             raise ValueError("reference_samples: min_reward needs the reward to score the samples with")
         sample, negative_cond = self.stock_sample, self.negative_cond
