@@ -202,6 +202,13 @@ class FPOConfig(FPOSurrogate):
     in the advantage-weighted sum, since a group's advantages sum to zero. Off by default."""
     kl_beta: float = 0.05
     """Weight of the KL anchor ``mean (v_theta - v_ref)^2`` to the frozen base model (adapter off; finite, >= 0)."""
+    guided_loss: bool = False
+    """Compute the CFM losses of the ratio (and the KL anchor's predictions) on the CFG-combined prediction
+    ``v_u + w (v_c - v_u)`` at ``sampling.guidance_scale`` ``w``, the velocity the rollouts follow, the
+    unconditional branch without grad (Flow-GRPO's official training forward), instead of on the conditional
+    prediction alone. Costs one more forward (no grad) per loss; no effect when ``w <= 1``. With the conditional
+    loss, raising the likelihood of guided samples pulls the conditional model toward the guided distribution,
+    which guidance amplifies again (``docs/every_task/session12``)."""
     fm_anchor_beta: float = 0.0
     """Weight of a flow-matching loss on samples drawn from the base model at the start (finite, >= 0; 0: off)."""
     fm_anchor_samples: int = 16

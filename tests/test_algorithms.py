@@ -279,6 +279,48 @@ def test_fpo_flow_matching_anchor_adds_its_beta_times_the_anchor_cfm_loss():
     torch.testing.assert_close(loss, surrogate + fm * anc, rtol=1e-5, atol=1e-8)
 
 
+def test_fpo_guided_loss_is_the_cfm_loss_of_the_cfg_combined_prediction_with_the_unconditional_branch_detached():
+    """``fpo.guided_loss``: old and new losses (and the KL's predictions) are those of ``v_u + w (v_c - v_u)`` at
+    the rollouts' CFG scale, computed by hand from two plain forwards; the gradient flows only through ``v_c``
+    (``w`` times the conditional branch's), and the default is the conditional loss."""
+    from fpo_diffusion.fpo import fpo_loss
+
+    w = 3.0
+    alg, pol, ro, _ = _fpo_outside_the_loop(**{"fpo.kl_beta": 0, "fpo.fm_anchor_beta": 0, "fpo.guided_loss": True,
+                                               "sampling.guidance_scale": w})
+    prep = alg.prepare(ro, 0)
+    t, eps = prep["t"], prep["eps"]
+    b, n = t.shape
+    x0 = ro.x0.repeat_interleave(n, 0)
+    tt = t.reshape(-1, 1, 1, 1)
+    x_t, target = (1 - tt) * x0 + tt * eps.flatten(0, 1), eps.flatten(0, 1) - x0
+    c = {k: v.repeat_interleave(n, 0) for k, v in ro.cond.items()}
+    neg = {k: v.expand(b * n, *v.shape[1:]) for k, v in pol.encode_prompts([""]).items()}
+
+    def by_hand(detach):
+        v_c = pol.predict(x_t, t.flatten(), c)
+        v_u = pol.predict(x_t, t.flatten(), neg)
+        v_u = v_u.detach() if detach else v_u
+        return ((v_u + w * (v_c - v_u) - target) ** 2).reshape(b, n, -1).mean(2)
+
+    torch.testing.assert_close(prep["l_old"], by_hand(True).detach(), rtol=1e-5, atol=1e-6)
+    idx, adv = torch.arange(2), torch.tensor([1.0, -0.5])
+    params = pol.trainable_parameters()
+    loss, _ = alg.loss(ro, prep, idx, adv, iteration=0, epoch=0, step=0)
+    ref = fpo_loss(prep["l_old"], by_hand(True), adv, alg.objective)[0]
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    g, g_ref = _grads(loss, params), _grads(ref, params)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
+    # not the gradient through both branches, nor the conditional loss's
+    g_both = _grads(fpo_loss(prep["l_old"], by_hand(False), adv, alg.objective)[0], params)
+    assert float((g - g_both).norm()) > 1e-3 * float(g.norm())
+    alg0, pol0, ro0, _ = _fpo_outside_the_loop(**{"fpo.kl_beta": 0, "fpo.fm_anchor_beta": 0,
+                                                  "sampling.guidance_scale": w})
+    prep0 = alg0.prepare(ro0, 0)
+    torch.testing.assert_close(prep0["l_old"], pol0.cfm_loss(ro0.x0, ro0.cond, prep0["t"], prep0["eps"]).detach())
+    assert float((prep0["l_old"] - prep["l_old"]).abs().max()) > 1e-3
+
+
 def test_learning_bench_official_variants_keep_their_recipe(tmp_path):
     """An official-recipe variant of the race is its preset with only the budget, rate, seed and tasks changed."""
     import dataclasses

@@ -53,9 +53,15 @@ class FPO(Algorithm):
                 raise ConfigError(f"fpo.fm_anchor_samples={f.fm_anchor_samples}, fm_anchor_min_reward="
                                   f"{f.fm_anchor_min_reward}, fm_anchor_tags={f.fm_anchor_tags}: {e}") from None
 
-    def cfm(self, x0, cond, t, eps, *, return_pred=False):
+    def cfm(self, x0, cond, t, eps, *, return_pred=False, guided=False):
+        """The per-pair CFM losses; ``guided`` (``fpo.guided_loss``): of the rollouts' CFG-combined prediction."""
+        kw = {}
+        w = self.ctx.sampling.guidance_scale
+        if guided and w > 1:
+            neg = self.ctx.negative_cond
+            kw = {"guidance_scale": w, "negative_cond": None if neg is None else {k: v[:1] for k, v in neg.items()}}
         with self.ctx.autocast():
-            return self.policy.cfm_loss(x0, cond, t, eps, model=self.ctx.model, return_pred=return_pred)
+            return self.policy.cfm_loss(x0, cond, t, eps, model=self.ctx.model, return_pred=return_pred, **kw)
 
     @torch.no_grad()
     def prepare(self, ro, iteration):
@@ -66,10 +72,11 @@ class FPO(Algorithm):
         t, eps = t.to(ctx.device), eps.to(ctx.device)
         l_old, ref_pred = [], []
         for mb in batch_slices(len(ro.x0), self.ctx.train.minibatch_size):
-            l_old.append(self.cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb]).float())
+            l_old.append(self.cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb], guided=f.guided_loss).float())
             if f.kl_beta > 0:
                 with self.policy.reference():
-                    _, pred = self.cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb], return_pred=True)
+                    _, pred = self.cfm(ro.x0[mb], cond_index(ro.cond, mb), t[mb], eps[mb], return_pred=True,
+                                       guided=f.guided_loss)
                 ref_pred.append(pred)
         prep = {"t": t, "eps": eps, "l_old": torch.cat(l_old)}
         if ref_pred:
@@ -92,7 +99,8 @@ class FPO(Algorithm):
     def loss(self, ro, prep, idx, adv, *, iteration, epoch, step):
         f = self.acfg
         need_pred = "ref_pred" in prep
-        out = self.cfm(ro.x0[idx], cond_index(ro.cond, idx), prep["t"][idx], prep["eps"][idx], return_pred=need_pred)
+        out = self.cfm(ro.x0[idx], cond_index(ro.cond, idx), prep["t"][idx], prep["eps"][idx], return_pred=need_pred,
+                       guided=f.guided_loss)
         l_new, pred = out if need_pred else (out, None)
         objective = dataclasses.replace(self.objective, beta=self.beta_state.beta) if self.auto else self.objective
         loss, stats = fpo_loss(prep["l_old"][idx], l_new.float(), adv, objective)

@@ -159,11 +159,14 @@ class Policy(ABC):
     # --- the CFM loss ----------------------------------------------------------------------
     @abstractmethod
     def cfm_loss(self, x0: torch.Tensor, cond: Cond, t: torch.Tensor, eps: torch.Tensor, *,
-                 model: nn.Module | None = None, return_pred: bool = False):
+                 model: nn.Module | None = None, return_pred: bool = False, guidance_scale: float = 1.0,
+                 negative_cond: Cond | None = None):
         """Per-pair CFM loss ``[B, N]`` reduced (mean) over latent dims.
 
         ``x0 [B, *L]``, ``t [B, N]``, ``eps [B, N, *L]``; one batched forward over ``B * N``.
-        With ``return_pred`` also returns the raw model prediction ``[B, N, *L]`` (for KL).
+        With ``return_pred`` also returns the model prediction ``[B, N, *L]`` (for KL). With
+        ``guidance_scale > 1`` the loss (and prediction) is that of the CFG-combined prediction, the
+        unconditional branch (``negative_cond``, default the empty prompt) without grad.
         """
 
     # --- LoRA ------------------------------------------------------------------------------

@@ -253,10 +253,13 @@ class PipelinePolicy(Policy):
         raise NotImplementedError
 
     def cfm_loss(self, x0: torch.Tensor, cond: Cond, t: torch.Tensor, eps: torch.Tensor, *,
-                 model: nn.Module | None = None, return_pred: bool = False):
+                 model: nn.Module | None = None, return_pred: bool = False, guidance_scale: float = 1.0,
+                 negative_cond: Cond | None = None):
         """Per-pair CFM loss ``[B, N]`` (mean over latent dims; float32, float64 for float64 models).
 
-        See :class:`~fpo_diffusion.policies.base.Policy`. One batched forward over ``B * N`` rows.
+        See :class:`~fpo_diffusion.policies.base.Policy`. One batched forward over ``B * N`` rows; with
+        ``guidance_scale > 1`` one more, without grad, for the unconditional branch (``negative_cond``, one row
+        or ``B``; default the empty prompt), and the loss is that of the CFG-combined prediction.
         """
         if t.dim() != 2:
             raise ValueError(f"t must be [B, N], got {tuple(t.shape)}")
@@ -270,12 +273,27 @@ class PipelinePolicy(Policy):
         tf = t.to(dev, cdt).reshape(b * n)
         x_t, target, model_time = self._noise(x0f, tf, epsf)
         c = cond_to(cond_repeat(cond, n), dev, self.dtype)
-        pred = self._forward(model if model is not None else self.denoiser, x_t.to(self.dtype), model_time, c)
+        net = model if model is not None else self.denoiser
+        pred = self._forward(net, x_t.to(self.dtype), model_time, c)
+        if guidance_scale > 1:
+            pred = self._guided(net, pred, x_t, model_time, b, n, guidance_scale, negative_cond)
         err = (pred.to(cdt) - target) ** 2
         loss = err.reshape(b, n, -1).mean(dim=2)
         if return_pred:
             return loss, pred.reshape(b, n, *pred.shape[1:])
         return loss
+
+    def _guided(self, net, pred, x_t, model_time, b: int, n: int, scale: float, negative_cond: Cond | None):
+        """``v_u + scale * (v_c - v_u)``, the prediction the CFG sampler follows, the unconditional branch
+        ``v_u`` without grad (Flow-GRPO's official training forward since 2025-07-15)."""
+        neg = negative_cond if negative_cond is not None else self.negative_cond(1)
+        rows = next(iter(neg.values())).shape[0]
+        if rows not in (1, b):
+            raise ValueError(f"negative_cond must have 1 or {b} rows, got {rows}")
+        neg = cond_repeat(neg, b * n // rows)  # row i of the batch is rows i*n .. i*n+n-1 of x_t
+        with torch.no_grad():
+            unc = self._forward(net, x_t.to(self.dtype), model_time, cond_to(neg, self.device, self.dtype))
+        return unc + scale * (pred - unc)
 
     def predict(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond, *,
                 model: nn.Module | None = None) -> torch.Tensor:
