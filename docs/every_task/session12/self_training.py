@@ -18,7 +18,8 @@ right samples and 0 for the rest, no ratio, no clip, no KL.
 - ``data=1``: no images drawn; each prompt's ``group`` training latents are the world's own scenes for it
   (``scenes.scene_for``, encoded by the VAE): supervised fine-tuning on right data, the LoRA's capacity for the
   prompts without RL's signal;
-- ``model``: another pipeline folder (default the shipped shapes model).
+- ``model``: another pipeline folder (default the shipped shapes model);
+- ``eval_prompts``: score another prompt file (e.g. held-out prompts) instead of the training prompts.
 
 Every ``eval_every`` iterations (and at the start) every prompt is scored on ``eval_images`` images at seeds 1000+
 (the same noise each time): right by GenEval's rule, right with exact counts, objects per image. One JSON line per
@@ -42,7 +43,7 @@ from fpo_diffusion.shapes.reward import shapes_score  # noqa: E402
 from fpo_diffusion.shapes.scenes import scene_for  # noqa: E402
 
 S = dict(iterations=40, prompts_per_iteration=8, group=16, lr=1e-3, epochs=1, minibatch=64, n_mc=8, steps=10,
-         cfg=4.5, exact=1, eval_every=10, eval_images=64, seed=0, rank=8, guided_loss=0, rollout_cfg=-1.0, data=0,
+         cfg=4.5, exact=1, eval_every=10, eval_images=64, seed=0, rank=8, guided_loss=0, rollout_cfg=-1.0, data=0, eval_prompts="",
          model=str(DEFAULT_ASSET))
 metas = [json.loads(line) for line in open(sys.argv[1])]
 out = Path(sys.argv[2])
@@ -99,18 +100,22 @@ def rendered(meta, rng):
     return (z - (vae.config.get("shift_factor", None) or 0.0)) * vae.config.scaling_factor
 
 
+eval_metas = [json.loads(line) for line in open(S["eval_prompts"])] if S["eval_prompts"] else metas
+conds.update({m["prompt"]: policy.encode_prompts([m["prompt"]]) for m in eval_metas if m["prompt"] not in conds})
+
+
 def evaluate(it):
     row = {"iteration": it, "prompts": {}}
     n = S["eval_images"]
     tot = [0, 0, 0.0]
-    for m in metas:
+    for m in eval_metas:
         _, imgs = draw(m, range(1000, 1000 + n))
         ok = sum(shapes_score(im, m)[0] > 0.5 for im in imgs)
         ex = sum(shapes_score(im, m, exact_counts=True)[0] > 0.5 for im in imgs)
         objs = sum(sum(len(v) for v in det.detect(im).values()) for im in imgs) / n
         row["prompts"][m["prompt"]] = {"right": ok / n, "exact": ex / n, "objects": objs}
         tot[0] += ok; tot[1] += ex; tot[2] += objs
-    k = len(metas)
+    k = len(eval_metas)
     row.update(right=tot[0] / (n * k), exact=tot[1] / (n * k), objects=tot[2] / k, images=n * k)
     with open(out / "evals.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
