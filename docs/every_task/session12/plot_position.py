@@ -18,20 +18,17 @@ fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
 SELF = {"D2": "supervised on the world's scenes, 8 steps/it.", "D1": "the same, 2 steps/it.",
         "R1": "self-training on its right samples (RAFT), lr 1e-3, ~1 step/it.", "R7": "RAFT, lr 3e-4",
         "R3": "RAFT, guided loss, lr 1e-3", "R4": "RAFT, unguided rollouts, lr 1e-3"}
-for key, label in SELF.items():
-    if key in runs["self_training"]:
-        ev = runs["self_training"][key]["evals"]
-        a.plot([e["iteration"] for e in ev], [e["exact"] for e in ev], "o-", label=label)
-a.set_title("supervised and self-training (same 64 seeds per prompt)")
 FPO = {"E6_pos2_exact": "FPO, default recipe, 2 steps/it.", "E4_pos2_exact_ep4": "FPO, train.epochs=4, 8 steps/it.",
-       "E5_pos2_exact_crn": "FPO, fpo.group_noise", "E8_pos2_exact_g64": "FPO, 4x samples per step (group 64)",
-       "E3_hl_pos2_exact": "FPO on heavy_long", "E7_hl_pos2_exact_kl05": "FPO on heavy_long, kl_beta 0.5"}
-for key, label in FPO.items():
-    if key in runs["fpo"]:
-        ev = runs["fpo"][key]["evals"]
-        b.errorbar([e["iteration"] for e in ev], [e["position"] for e in ev], yerr=[e["se"] or 0 for e in ev],
-                   fmt="o-", capsize=2, label=label)
-b.set_title("FPO (its own evaluation seeds, exact counts)")
+       "E5_pos2_exact_crn": "FPO, fpo.group_noise", "E3_hl_pos2_exact": "FPO on heavy_long",
+       "E7_hl_pos2_exact_kl05": "FPO on heavy_long, kl_beta 0.5"}
+PANELS = [(a, "self_training", SELF, "exact", "supervised and self-training (same 64 seeds per prompt)"),
+          (b, "fpo", FPO, "position", "FPO (its own evaluation seeds, exact counts)")]
+for ax, kind, labels, score, title in PANELS:
+    for key, label in labels.items():
+        ev = runs[kind][key]["evals"]
+        ax.errorbar([e["iteration"] for e in ev], [e[score] for e in ev], yerr=[e.get("se") or 0 for e in ev],
+                    fmt="o-", capsize=2, label=label)
+    ax.set_title(title)
 for ax in (a, b):
     ax.set_xlabel("iteration")
     ax.grid(alpha=0.3)
