@@ -206,9 +206,9 @@ class FPOConfig(FPOSurrogate):
     """Compute the CFM losses of the ratio (and the KL anchor's predictions) on the CFG-combined prediction
     ``v_u + w (v_c - v_u)`` at ``sampling.guidance_scale`` ``w``, the velocity the rollouts follow, the
     unconditional branch without grad (Flow-GRPO's official training forward), instead of on the conditional
-    prediction alone. Costs one more forward (no grad) per loss; no effect when ``w <= 1``. With the conditional
-    loss, raising the likelihood of guided samples pulls the conditional model toward the guided distribution,
-    which guidance amplifies again (``docs/every_task/session12``)."""
+    prediction alone (the collapse monitor then reads the guided loss too). Costs one more forward (no grad) per
+    loss; no effect when ``w <= 1``. Measured on the shapes world's default job it learns less than the
+    conditional loss (BENCHMARKS.md, "Position: the LoRA learns it from right data")."""
     fm_anchor_beta: float = 0.0
     """Weight of a flow-matching loss on samples drawn from the base model at the start (finite, >= 0; 0: off)."""
     fm_anchor_samples: int = 16
