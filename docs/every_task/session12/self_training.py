@@ -43,8 +43,8 @@ from fpo_diffusion.shapes.reward import shapes_score  # noqa: E402
 from fpo_diffusion.shapes.scenes import scene_for  # noqa: E402
 
 S = dict(iterations=40, prompts_per_iteration=8, group=16, lr=1e-3, epochs=1, minibatch=64, n_mc=8, steps=10,
-         cfg=4.5, exact=1, eval_every=10, eval_images=64, seed=0, rank=8, guided_loss=0, rollout_cfg=-1.0, data=0, eval_prompts="",
-         model=str(DEFAULT_ASSET))
+         cfg=4.5, exact=1, eval_every=10, eval_images=64, seed=0, rank=8, guided_loss=0, rollout_cfg=-1.0, data=0,
+         eval_prompts="", model=str(DEFAULT_ASSET))
 metas = [json.loads(line) for line in open(sys.argv[1])]
 out = Path(sys.argv[2])
 for kv in sys.argv[3:]:
@@ -72,23 +72,6 @@ def draw(meta, seeds, cfg=None):
         x0 = policy.sample(cond, gens, steps=S["steps"], guidance_scale=S["cfg"] if cfg is None else cfg)
         images = to_pil(policy.decode(x0))
     return x0, images
-
-
-def guided_cfm(x0, cond, t, eps):
-    """The CFM loss of the CFG-combined velocity ``v_u + cfg (v_c - v_u)`` (the velocity the sampler follows),
-    the unconditional branch detached (official Flow-GRPO since 2025-07-15): ``[B, N]``."""
-    b, n = t.shape
-    x0f = x0.repeat_interleave(n, dim=0)
-    epsf = eps.reshape(b * n, *eps.shape[2:])
-    tf = t.reshape(b * n)
-    tt = tf.reshape(-1, 1, 1, 1)
-    x_t = (1 - tt) * x0f + tt * epsf
-    c = {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
-    v_c = policy.predict(x_t, tf, c)
-    with torch.no_grad():
-        v_u = policy.predict(x_t, tf, policy.negative_cond(b * n))
-    v = v_u + S["cfg"] * (v_c - v_u)
-    return ((v - (epsf - x0f)) ** 2).reshape(b, n, -1).mean(dim=2)
 
 
 def rendered(meta, rng):
@@ -153,8 +136,8 @@ for it in range(S["iterations"]):
                 cond = {k: torch.cat([conds[kept_c[i]][k] for i in idx.tolist()]) for k in conds[kept_c[0]]}
                 t = 0.02 + 0.96 * torch.rand(len(idx), S["n_mc"], generator=gen)
                 eps = torch.randn(len(idx), S["n_mc"], *x.shape[1:], generator=gen)
-                loss = (guided_cfm(x[idx], cond, t, eps) if S["guided_loss"] else
-                        policy.cfm_loss(x[idx], cond, t, eps)).mean()
+                w = S["cfg"] if S["guided_loss"] else 1.0  # the CFG-combined velocity, unconditional branch detached
+                loss = policy.cfm_loss(x[idx], cond, t, eps, guidance_scale=w).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
