@@ -5,6 +5,9 @@
     python launch/pretrain_shapes.py --out DIR --stage transformer --init-pipeline fpo_diffusion/assets/shapes_sd3 \
         --steps 1000 --lr 2e-4 --relation-weight 0.1           # continue pretraining with the relation objective
                                                                # (DIR/vae: a copy of the shipped VAE)
+    python launch/pretrain_shapes.py --out DIR --stage relations   # the relation-aware base: the shipped model
+                                                               # continued 4500 steps with relation captions and
+                                                               # the relation objective (about 30 minutes)
 
 Seeded and deterministic (a resumed stage is bit-for-bit the uninterrupted one on CPU). Each
 stage has a fixed number of steps; ``--minutes`` caps one call's wall-clock: the stage
@@ -49,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     from fpo_diffusion.shapes.plugin import DEFAULT_ASSET
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["all", "vae", "decoder", "transformer"], default="all",
-                    help="all (default) = vae, then transformer")
+    ap.add_argument("--stage", choices=["all", "vae", "decoder", "transformer", "relations"], default="all",
+                    help="all (default) = vae, then transformer; relations = continued pretraining of a finished "
+                         "pipeline (--init-pipeline, default the shipped model) that ties relations to words")
     ap.add_argument("--minutes", type=_positive(float), default=None,
                     help="wall-clock cap of this call (stops with a checkpoint; re-run to continue)")
     ap.add_argument("--steps", type=_positive(int), default=None, help="length of the stage (one stage only)")
@@ -70,12 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.stage == "all" and (args.steps or args.batch_size or args.lr):
         ap.error("--steps/--batch-size/--lr apply to one stage: pass --stage too")
-    if args.stage != "transformer" and (args.init_pipeline or args.relation_weight):
-        ap.error("--init-pipeline/--relation-weight apply to the transformer stage: pass --stage transformer")
+    if args.stage not in ("transformer", "relations") and args.init_pipeline:
+        ap.error("--init-pipeline applies to the transformer and relations stages: pass --stage")
+    if args.stage != "transformer" and args.relation_weight:
+        ap.error("--relation-weight applies to the transformer stage (the relations stage sets its own)")
     if not 0.0 <= args.relation_weight < float("inf"):
         ap.error(f"--relation-weight must be finite and >= 0, got {args.relation_weight}")
     if args.init_pipeline and not (Path(args.init_pipeline) / "transformer" / "config.json").is_file():
         ap.error(f"--init-pipeline {args.init_pipeline}: not a pipeline folder with a transformer")
+    if args.stage == "relations":
+        args.init_pipeline = args.init_pipeline or str(DEFAULT_ASSET)
+        if Path(args.out).resolve() == Path(args.init_pipeline).resolve():
+            print(f"error: --out {args.out}: the relations stage would overwrite the pipeline it starts from; "
+                  "pass another folder", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.parent / f".pretrain-{out.name}"
@@ -84,17 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         for stage in stages:
+            if stage == "relations" and not (out / "vae" / "config.json").is_file():
+                import shutil  # the VAE is the starting pipeline's, unchanged
+
+                shutil.copytree(Path(args.init_pipeline) / "vae", out / "vae", dirs_exist_ok=True)
             if stage != "vae" and not (out / "vae" / "config.json").is_file():
                 print(f"error: no trained VAE at {out / 'vae'}; run --stage vae first", file=sys.stderr)
                 return 2
-            cfg = {"vae": P.VAEConfig, "decoder": P.DecoderConfig, "transformer": P.TransformerConfig}[stage](seed=args.seed)
-            if stage == "transformer":
+            cfg = {"vae": P.VAEConfig, "decoder": P.DecoderConfig, "transformer": P.TransformerConfig,
+                   "relations": lambda seed: P.relations_config(args.init_pipeline, seed)}[stage](seed=args.seed)
+            if stage == "relations":
+                cfg.device = args.device
+            elif stage == "transformer":
                 cfg.device = args.device
                 cfg.init_pipeline, cfg.relation_weight = args.init_pipeline, args.relation_weight
             _apply_overrides(cfg, args)
             if deadline is not None:
                 cfg.minutes = max(0.0, (deadline - time.time()) / 60.0)
-            {"vae": P.train_vae, "decoder": P.train_decoder, "transformer": P.train_transformer}[stage](cfg, work, out)
+            {"vae": P.train_vae, "decoder": P.train_decoder, "transformer": P.train_transformer,
+             "relations": P.train_transformer}[stage](cfg, work, out)
     except P.StageIncomplete as e:
         print(f"{e} (work dir {work})")
         return 3

@@ -125,6 +125,34 @@ def test_pretraining_resumes_bit_for_bit(tmp_path):
     assert err.count("\n") == 0 and "pool_size 24" in err and "new work folder" in err, err
 
 
+def test_relations_stage_continues_the_shipped_model_and_refuses_to_overwrite_it(tmp_path):
+    """The ``relations`` stage starts from the shipped pipeline's text encoders and transformer (two steps move
+    them a little, not to a fresh model), exports a loadable pipeline, and its command line refuses an ``--out``
+    that is the pipeline it starts from (one line, exit status 2, nothing trained)."""
+    import dataclasses
+    import shutil
+    import subprocess
+    import sys
+
+    from diffusers import SD3Transformer2DModel
+
+    cfg = P.relations_config()
+    assert Path(cfg.init_pipeline) == ASSET and cfg.relation_weight > 0 and cfg.captions.p_position == 1.0
+    out = tmp_path / "pipe"
+    shutil.copytree(ASSET / "vae", out / "vae")
+    small = dataclasses.replace(cfg, steps=2, batch_size=4, pool_size=16, relation_batch=4)
+    P.train_transformer(small, tmp_path / "work", out, log=lambda *_: None)
+    ship = SD3Transformer2DModel.from_pretrained(ASSET / "transformer").state_dict()
+    new = SD3Transformer2DModel.from_pretrained(out / "transformer").state_dict()
+    moved = sum((new[k] - ship[k]).norm() ** 2 for k in ship) ** 0.5
+    size = sum(ship[k].norm() ** 2 for k in ship) ** 0.5
+    assert 0 < moved < 0.05 * size, (moved, size)
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "launch" / "pretrain_shapes.py"),
+                           "--stage", "relations", "--out", str(ASSET)], capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.count("\n") == 0 and "overwrite" in err, err
+
+
 def test_null_t5_outputs_exact_zeros():
     enc, tok = M.null_t5()
     ids = tok(["a photo of a pink star and a brown heart"], padding="max_length", max_length=16,

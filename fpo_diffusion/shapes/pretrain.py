@@ -12,6 +12,8 @@ stage is bit-for-bit the uninterrupted one on CPU), resumable (checkpoint in
   ``CLIPTextModelWithProjection`` encoders (no T5), on scenes with web-alt-text-like captions
   (``captions.CaptionStyle``: counts, positions and colour binding often left out), CFG dropout
   10 % (``CaptionStyle.p_empty``).
+* ``relations`` (optional, :func:`relations_config`): the transformer stage continued from a finished pipeline
+  with relation-stating captions and the text-side relation objective: a base model that ties relations to words.
 
 Each finished stage writes its part of a stock ``StableDiffusion3Pipeline`` folder.
 """
@@ -423,6 +425,23 @@ def relation_loss(heads, tok, te1, te2, scenes, captions: list[str], temperature
     n = len(scenes)
     pair = torch.stack([logits.diagonal(), logits[:, n:].diagonal()], 1)  # each scene: its caption vs its flip
     return F.cross_entropy(logits, torch.arange(n)) + F.cross_entropy(pair, torch.zeros(n, dtype=torch.long))
+
+
+RELATIONS_CAPTIONS = CaptionStyle(p_all_classes=1.0, p_position=1.0, p_count=0.6, kinds=(0.1, 0.5, 0.25, 0.15))
+"""The ``relations`` stage's captions: every class named, a two-object scene's relation always stated, a count
+given 60 % of the time; half the scenes two objects of different classes, a quarter 2-4 of one class."""
+
+
+def relations_config(init_pipeline: str | Path = DEFAULT_ASSET, seed: int = 0) -> TransformerConfig:
+    """Continued pretraining that ties relations (and counts) to the words: the ``relations`` stage of
+    ``launch/pretrain_shapes.py``. From the text encoders and transformer of ``init_pipeline`` (default the shipped
+    model), 4500 steps at lr 5e-4 (warm-up 200, cosine), EMA 0.99, a 10 000-scene pool captioned with
+    :data:`RELATIONS_CAPTIONS`, the text-side relation objective at weight 0.1. Why: the shipped captions state a
+    relation in 2.4 % of cases, and a base model that draws the asked relation no more often than its opposite gives
+    RL nothing relation-conditional to reinforce (BENCHMARKS.md, "Position"); this base draws it far more often
+    than the opposite, and RL then lifts position on held-out prompts."""
+    return TransformerConfig(steps=4500, lr=5e-4, captions=RELATIONS_CAPTIONS, pool_size=10000, ema_decay=0.99,
+                             init_pipeline=str(init_pipeline), relation_weight=0.1, seed=seed)
 
 
 def load_pretrained_modules(modules: torch.nn.ModuleDict, path: str | Path) -> None:
