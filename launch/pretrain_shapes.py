@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir) if args.work_dir else out.parent / f".pretrain-{out.name}"
     deadline = time.time() + args.minutes * 60 if args.minutes else None
     stages = ["vae", "transformer"] if args.stage == "all" else [args.stage]
+    stage_table = {  # stage -> (its config, its training function); "relations" is a transformer stage
+        "vae": (P.VAEConfig, P.train_vae), "decoder": (P.DecoderConfig, P.train_decoder),
+        "transformer": (P.TransformerConfig, P.train_transformer),
+        "relations": (lambda seed: P.relations_config(args.init_pipeline, seed), P.train_transformer)}
     t0 = time.time()
     try:
         for stage in stages:
@@ -103,18 +107,16 @@ def main(argv: list[str] | None = None) -> int:
             if stage != "vae" and not (out / "vae" / "config.json").is_file():
                 print(f"error: no trained VAE at {out / 'vae'}; run --stage vae first", file=sys.stderr)
                 return 2
-            cfg = {"vae": P.VAEConfig, "decoder": P.DecoderConfig, "transformer": P.TransformerConfig,
-                   "relations": lambda seed: P.relations_config(args.init_pipeline, seed)}[stage](seed=args.seed)
-            if stage == "relations":
+            make_config, train = stage_table[stage]
+            cfg = make_config(seed=args.seed)
+            if stage in ("transformer", "relations"):
                 cfg.device = args.device
-            elif stage == "transformer":
-                cfg.device = args.device
+            if stage == "transformer":
                 cfg.init_pipeline, cfg.relation_weight = args.init_pipeline, args.relation_weight
             _apply_overrides(cfg, args)
             if deadline is not None:
                 cfg.minutes = max(0.0, (deadline - time.time()) / 60.0)
-            {"vae": P.train_vae, "decoder": P.train_decoder, "transformer": P.train_transformer,
-             "relations": P.train_transformer}[stage](cfg, work, out)
+            train(cfg, work, out)
     except P.StageIncomplete as e:
         print(f"{e} (work dir {work})")
         return 3
