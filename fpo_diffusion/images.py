@@ -83,7 +83,8 @@ def labelled_grid(rows: list[list[Image.Image]], row_captions: list[str] | None 
     """One grid for every image table of the project: a row per group (e.g. one prompt's samples).
 
     ``row_captions[r]`` is drawn, word-wrapped, in a column left of row ``r``; ``tile_labels[r][c]``
-    (e.g. the reward, ``"0.75"``) in a box on the tile's top-left corner; ``tile_captions[r][c]``
+    (e.g. the reward, ``"0.75"``) in a strip above the tile, never over it (a label on the image hid the
+    top-left corner's objects, which then looked cut by the frame); ``tile_captions[r][c]``
     (optional) wrapped under the tile. Tiles are upscaled with nearest neighbour to at least
     ``min_side`` pixels (small models' pixels stay visible); rows may differ in length.
     """
@@ -101,9 +102,10 @@ def labelled_grid(rows: list[list[Image.Image]], row_captions: list[str] | None 
     cap_w = caption_width if row_captions is not None else 0
     under_lines = 3 if tile_captions is not None else 0
     under_h = under_lines * (font_size + 1) + (pad if under_lines else 0)
+    label_h = font_size + 2 if tile_labels is not None else 0
     cols = max(len(r) for r in rows)
     title_h = line_h + pad if title else 0
-    row_h = h + under_h + pad
+    row_h = label_h + h + under_h + pad
     grid = Image.new("RGB", (pad + cap_w + cols * (w + pad), title_h + pad + len(rows) * row_h), "white")
     draw = ImageDraw.Draw(grid)
     if title:
@@ -116,15 +118,12 @@ def labelled_grid(rows: list[list[Image.Image]], row_captions: list[str] | None 
                 draw.text((pad, y + k * line_h), line, fill="black", font=font)
         for c, im in enumerate(row):
             x = pad + cap_w + c * (w + pad)
-            grid.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (x, y))
             if tile_labels is not None and c < len(tile_labels[r]) and tile_labels[r][c]:
-                label = tile_labels[r][c]
-                x1, y1, x2, y2 = draw.textbbox((x + 2, y + 1), label, font=small)
-                draw.rectangle((x, y, x2 + 2, y2 + 2), fill="white")
-                draw.text((x + 2, y + 1), label, fill="black", font=small)
+                draw.text((x, y), wrap_text(tile_labels[r][c], w, small, max_lines=1)[0], fill="black", font=small)
+            grid.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (x, y + label_h))
             if tile_captions is not None and c < len(tile_captions[r]):
                 for k, line in enumerate(wrap_text(tile_captions[r][c], w, small, max_lines=under_lines)):
-                    draw.text((x, y + h + 1 + k * (font_size + 1)), line, fill="black", font=small)
+                    draw.text((x, y + label_h + h + 1 + k * (font_size + 1)), line, fill="black", font=small)
     return grid
 
 

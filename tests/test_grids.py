@@ -59,9 +59,17 @@ def test_labelled_grid_layout():
     tiles = [[Image.new("RGB", (32, 32), (40 * r, 0, 0)) for _ in range(n)] for r, n in enumerate([3, 1])]
     g = labelled_grid(tiles, ["a prompt", "another prompt"], [["0.50", "1.00", "-0.50"], ["0.25"]], min_side=64,
                       caption_width=100, pad=4)
-    assert g.size == (4 + 100 + 3 * (64 + 4), 4 + 2 * (64 + 4))
-    assert g.getpixel((4 + 100 + 32, 4 + 40)) == (0, 0, 0) and g.getpixel((4 + 100 + 32, 4 + 68 + 40)) == (40, 0, 0)
-    assert g.getpixel((4 + 100 + 68 + 32, 4 + 68 + 40)) == (255, 255, 255)  # row 2 holds one tile
+    lab = 13 + 2  # the labels' strip above each row of tiles (font size + 2)
+    assert g.size == (4 + 100 + 3 * (64 + 4), 4 + 2 * (lab + 64 + 4))
+    row2 = 4 + lab + 64 + 4 + lab
+    assert g.getpixel((4 + 100 + 32, 4 + lab + 40)) == (0, 0, 0) and g.getpixel((4 + 100 + 32, row2 + 40)) == (40, 0, 0)
+    assert g.getpixel((4 + 100 + 68 + 32, row2 + 40)) == (255, 255, 255)  # row 2 holds one tile
+    # the labels never cover the image: every pixel of every tile is its image's, the top-left corner included
+    for r, n in enumerate([3, 1]):
+        for c in range(n):
+            x0, y0 = 4 + 100 + c * 68, 4 + lab + r * (lab + 64 + 4)
+            tile = g.crop((x0, y0, x0 + 64, y0 + 64))
+            assert tile.getcolors() == [(64 * 64, (40 * r, 0, 0))], (r, c)
     plain = make_grid([Image.new("RGB", (16, 16))] * 5, ["x"] * 5, cols=4)
     assert plain.size[0] == 4 + 4 * (128 + 4)
 
